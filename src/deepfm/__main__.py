@@ -1,0 +1,3 @@
+from deepfm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""``deepfm <command>``: the command-line interface.
+
+Core commands live here; other steps of the data flow add theirs through ``register_commands``
+in the modules listed in ``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from deepfm import __version__
+from deepfm.errors import ConfigError, DeepFMError
+
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+# -- shared options ----------------------------------------------------------------------------
+
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.replace("-", ",").split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"hidden sizes like 400,400,400, not {text!r}") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError("hidden sizes must be positive integers")
+    return sizes
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from deepfm.models import ModelConfig
+
+    default = ModelConfig()
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="deepfm", help="registry name (see `deepfm models`)")
+    group.add_argument(
+        "--embed-dim",
+        type=int,
+        help="embedding size; default is the paper's: k=10 for FM/DeepFM, k+1 for DNN-family",
+    )
+    group.add_argument(
+        "--hidden",
+        type=parse_hidden,
+        default=default.hidden,
+        help="hidden layer sizes of the deep part, e.g. 400,400,400",
+    )
+    group.add_argument("--activation", default=default.activation, help="relu or tanh")
+    group.add_argument(
+        "--dropout",
+        type=float,
+        default=default.dropout,
+        help="drop rate of the deep part (the paper quotes keep probability = 1 - dropout)",
+    )
+    group.add_argument(
+        "--l2", type=float, default=default.l2, help="L2 on the FM part (rows used per batch)"
+    )
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    from deepfm.train.trainer import TrainConfig
+
+    default = TrainConfig()
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=default.epochs)
+    group.add_argument("--batch-size", type=int, default=default.batch_size)
+    group.add_argument("--lr", type=float, help="learning rate (Adam 1e-3; FTRL alpha 0.05)")
+    group.add_argument(
+        "--patience",
+        type=int,
+        default=default.patience,
+        help="stop after this many epochs without a better validation AUC",
+    )
+    group.add_argument("--seed", type=int, default=default.seed)
+    group.add_argument("--threads", type=int, help="torch CPU threads (fix for reproducibility)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_data_options(parser: argparse.ArgumentParser, *, fitting: bool) -> None:
+    from deepfm.data.formats import format_names
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", nargs="+", required=True, metavar="PATH", help="input file(s)")
+    group.add_argument("--format", default=None, choices=format_names(), help="input format")
+    group.add_argument("--schema", help="YAML schema (needed by --format csv)")
+    group.add_argument(
+        "--bad-rows",
+        choices=("error", "skip"),
+        default="error",
+        help="stop on the first malformed row (default) or skip and count malformed rows",
+    )
+    if fitting:
+        group.add_argument("--test", nargs="+", metavar="PATH", help="test file(s)")
+        group.add_argument(
+            "--split",
+            default=None,
+            help="random:0.9 (default), sequential:6/7, or none; ignored with --test",
+        )
+        group.add_argument("--valid-fraction", type=float, default=0.1)
+        group.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
+
+
+def model_config_from(args: argparse.Namespace):
+    from deepfm.models import ModelConfig, get_entry
+
+    get_entry(args.model)
+    return ModelConfig(
+        name=args.model,
+        embed_dim=args.embed_dim,
+        hidden=args.hidden,
+        activation=args.activation,
+        dropout=args.dropout,
+        l2=args.l2,
+    )
+
+
+def train_config_from(args: argparse.Namespace):
+    from deepfm.train.trainer import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+
+
+def data_format_from(args: argparse.Namespace, default: str = "criteo"):
+    from deepfm.data.formats import get_format
+    from deepfm.data.schema import load_schema
+
+    schema = load_schema(args.schema) if args.schema else None
+    return get_format(args.format or default, schema)
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=float))
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from deepfm.experiments.demo import results_table, run_demo
+    from deepfm.train.trainer import TrainConfig
+
+    config = TrainConfig(seed=args.seed, threads=args.threads, progress=not args.quiet)
+    results = run_demo(args.rows, args.seed, args.out, train_config=config)
+    rows = results["rows"]
+    print(
+        f"\nApp market: {rows['train']:,} train / {rows['valid']:,} valid / "
+        f"{rows['test']:,} test rows (seed {args.seed})\n"
+    )
+    print(results_table(results))
+    print(f"\nwrote {Path(args.out) / 'results.json'} and learning_curves.png")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deepfm.data.pipeline import load_dataset
+    from deepfm.data.reader import BadRows
+    from deepfm.data.splits import SplitSpec
+    from deepfm.serve.bundle import save_bundle
+    from deepfm.train.run import fit_and_evaluate
+
+    model_config = model_config_from(args)
+    train_config = train_config_from(args)
+    data_format = data_format_from(args)
+    if args.test and args.split not in (None, "none"):
+        raise ConfigError("give either --test or --split, not both")
+    split = SplitSpec.parse("none" if args.test else (args.split or "random:0.9"))
+    dataset = load_dataset(
+        data_format,
+        args.data,
+        split=split,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+        bad_rows=BadRows(args.bad_rows),
+        min_count=args.min_count,
+        test_paths=args.test,
+    )
+    trained = fit_and_evaluate(dataset, model_config, train_config)
+    metrics = trained.metrics
+    out = save_bundle(
+        args.out,
+        trained.model,
+        trained.config,
+        dataset.feature_map,
+        data_format=data_format.name,
+        metrics=metrics,
+        train_config=train_config.to_dict(),
+    )
+    summary = {k: metrics[k] for k in ("valid", "test", "rows") if k in metrics}
+    summary["train_samples_per_s"] = round(metrics["train_samples_per_s"])
+    print_json(summary)
+    print(f"bundle written to {out}", file=sys.stderr)
+    return 0
+
+
+def _bundle_and_rows(args: argparse.Namespace):
+    from deepfm.data.formats import get_format
+    from deepfm.data.pipeline import encode_files
+    from deepfm.data.reader import BadRows
+    from deepfm.serve.bundle import load_bundle
+
+    bundle = load_bundle(args.model)
+    if args.format and args.format != bundle.data_format:
+        print(
+            f"note: reading {args.format} data with a model trained on {bundle.data_format}",
+            file=sys.stderr,
+        )
+    data_format = get_format(args.format or bundle.data_format, bundle.feature_map.schema)
+    bad_rows = BadRows(args.bad_rows)
+    encoded = encode_files(bundle.feature_map, data_format, args.data, bad_rows)
+    return bundle, encoded, bad_rows
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from deepfm.train.trainer import Batches, evaluate
+
+    bundle, encoded, bad_rows = _bundle_and_rows(args)
+    if encoded.labels is None:
+        raise ConfigError("the data has no label column: use `deepfm predict` for unlabeled rows")
+    result = {**evaluate(bundle.model, Batches(encoded)), "rows": len(encoded)}
+    result["bad_rows"] = bad_rows.total
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"AUC {result['auc']:.5f}  Logloss {result['logloss']:.5f}  "
+            f"rows {result['rows']:,}  bad rows {result['bad_rows']:,}"
+        )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from deepfm.train.trainer import Batches, predict_proba
+
+    if len(args.data) != 1:
+        raise ConfigError("predict reads one file, so that output lines match input rows")
+    bundle, encoded, bad_rows = _bundle_and_rows(args)
+    probabilities = predict_proba(bundle.model, Batches(encoded))
+    # one output line per input row, in order; a skipped (bad) row gets "nan"
+    lines = np.union1d(encoded.lines, np.asarray(bad_rows.lines, dtype=np.int64))
+    out = np.full(len(lines), np.nan)
+    out[np.searchsorted(lines, encoded.lines)] = probabilities
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{args.out}.tmp")
+    np.savetxt(tmp, out, fmt="%.7f")
+    tmp.replace(args.out)
+    print(
+        f"wrote {len(out):,} probabilities to {args.out} (bad rows: {bad_rows.total})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepfm", description="CTR prediction with DeepFM (Guo et al.) and its baselines"
+    )
+    parser.add_argument("--version", action="version", version=f"deepfm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    demo = sub.add_parser("demo", help="LR, FM and DeepFM-D on the simulated app market")
+    demo.add_argument("--rows", type=int, default=200_000, help="generated impressions")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--threads", type=int)
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(handler=cmd_demo)
+
+    train = sub.add_parser("train", help="train a model and write a bundle")
+    add_data_options(train, fitting=True)
+    add_model_options(train)
+    add_train_options(train)
+    train.add_argument("--out", required=True, help="bundle directory to write")
+    train.set_defaults(handler=cmd_train)
+
+    for name, handler, text in (
+        ("evaluate", cmd_evaluate, "AUC and Logloss of a bundle on labeled data"),
+        ("predict", cmd_predict, "one click probability per input row"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--model", required=True, help="bundle directory")
+        add_data_options(command, fitting=False)
+        if name == "evaluate":
+            command.add_argument("--json", action="store_true", help="print one JSON object")
+        else:
+            command.add_argument("--out", required=True, help="output file")
+        command.set_defaults(handler=handler)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except DeepFMError as exc:
+        print(f"deepfm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deepfm {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,158 @@
+"""Fields of a CTR record: what each raw column is and how it becomes feature ids.
+
+A field is
+
+* ``categorical``: one raw value, one id (unknown or rare values share the field's OOV id);
+* ``numeric``: a number, either bucketised into ids (``numeric: bucket``, the Criteo practice) or
+  kept as a value multiplying one embedding (``numeric: value``, standardised on the training rows);
+* ``multi``: a bag of values in one column, split on ``separator``; the bag's embeddings are
+  summed or averaged (the paper's ``e_i = V_field_i · x_field_i`` with a multi-hot ``x``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from deepfm.errors import ConfigError
+
+FieldKind = Literal["categorical", "numeric", "multi"]
+NumericMode = Literal["bucket", "value"]
+Pooling = Literal["sum", "mean"]
+
+FIELD_KINDS: tuple[str, ...] = ("categorical", "numeric", "multi")
+#: Bags longer than this are truncated when the length is fitted from data (the count is reported).
+MAX_BAG_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One input field.
+
+    ``min_count`` overrides the schema's default: values seen fewer times in the training rows map
+    to the field's OOV id. ``max_len`` (multi only) is the number of slots of the bag; 0 means
+    "the longest bag seen in the training rows", capped at ``MAX_BAG_LENGTH``.
+    """
+
+    name: str
+    kind: FieldKind = "categorical"
+    numeric: NumericMode = "bucket"
+    separator: str = "|"
+    pooling: Pooling = "sum"
+    max_len: int = 0
+    min_count: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("a field needs a non-empty name")
+        if self.kind not in FIELD_KINDS:
+            raise ConfigError(
+                f"field {self.name!r}: kind {self.kind!r} is not one of {', '.join(FIELD_KINDS)}"
+            )
+        if self.numeric not in ("bucket", "value"):
+            raise ConfigError(f"field {self.name!r}: numeric must be 'bucket' or 'value'")
+        if self.pooling not in ("sum", "mean"):
+            raise ConfigError(f"field {self.name!r}: pooling must be 'sum' or 'mean'")
+        if self.max_len < 0 or (self.min_count is not None and self.min_count < 1):
+            raise ConfigError(f"field {self.name!r}: max_len must be >= 0 and min_count >= 1")
+
+    @property
+    def is_value(self) -> bool:
+        """True for a numeric field kept as a value (its sample value is not 1)."""
+        return self.kind == "numeric" and self.numeric == "value"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The fields of a dataset, the label column and the default minimum count."""
+
+    fields: tuple[FieldSpec, ...]
+    label: str | None = "label"
+    min_count: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.fields]
+        if not names:
+            raise ConfigError("a schema needs at least one field")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"schema names these fields twice: {', '.join(duplicates)}")
+        if self.label is not None and self.label in names:
+            raise ConfigError(f"the label column {self.label!r} is also declared as a field")
+        if self.min_count < 1:
+            raise ConfigError("min_count must be at least 1")
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def min_count_of(self, spec: FieldSpec) -> int:
+        return spec.min_count if spec.min_count is not None else self.min_count
+
+    def with_min_count(self, min_count: int | None) -> Schema:
+        if min_count is None:
+            return self
+        return Schema(self.fields, self.label, min_count, dict(self.extra))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "min_count": self.min_count,
+            "fields": [asdict(f) for f in self.fields],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "schema") -> Schema:
+        if not isinstance(data, dict) or "fields" not in data:
+            raise ConfigError(f"{source}: expected a mapping with a 'fields' list")
+        raw_fields = data["fields"]
+        if not isinstance(raw_fields, list):
+            raise ConfigError(f"{source}: 'fields' must be a list")
+        known = set(FieldSpec.__dataclass_fields__)
+        specs = []
+        for i, raw in enumerate(raw_fields):
+            if isinstance(raw, str):
+                raw = {"name": raw}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{source}: fields[{i}] must be a name or a mapping")
+            unknown = set(raw) - known
+            if unknown:
+                raise ConfigError(
+                    f"{source}: fields[{i}] has unknown keys {sorted(unknown)}; "
+                    f"known keys are {sorted(known)}"
+                )
+            try:
+                specs.append(FieldSpec(**raw))
+            except TypeError as exc:
+                raise ConfigError(f"{source}: fields[{i}]: {exc}") from None
+        return cls(
+            tuple(specs),
+            label=data.get("label", "label"),
+            min_count=int(data.get("min_count", 1)),
+            extra={k: v for k, v in data.items() if k not in ("fields", "label", "min_count")},
+        )
+
+
+def load_schema(path: str | Path) -> Schema:
+    """Read a YAML schema::
+
+    label: click
+    min_count: 2
+    fields:
+      - {name: user, kind: categorical}
+      - {name: price, kind: numeric, numeric: value}
+      - {name: tags, kind: multi, separator: "|", pooling: mean}
+    ignore: [id]
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"schema file {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"schema file {path} is not valid YAML: {exc}") from None
+    return Schema.from_dict(data, source=str(path))

@@ -1,0 +1,267 @@
+"""A simulated app market whose click model is known: the embedded default data.
+
+The market has apps (id, category, cumulative downloads with a heavy-tailed law), users (id,
+gender, age group, a hidden type, a download history of apps of the type's favourite categories)
+and a context (hour of day, weekday). The true click probability of an impression is
+``sigmoid(logit)`` with
+
+* order-1 effects: an app's quality and popularity, a user's activity, the hour of day;
+* order-2 interactions: app category × hour (food-delivery apps at meal times, news in the
+  morning, games at night: the paper's example) and download history × category (users click
+  apps like the ones they already have);
+* order-3 interactions: gender × age group × category (male teenagers and shooting/RPG games:
+  the paper's example; young women and social/shopping apps);
+* a low-rank random user × app term, so the task is not trivially separable.
+
+Every row carries ``p_true``, so the oracle AUC and Logloss on any split can be computed: the best
+any model can reach. Generation streams in fixed chunks seeded by ``(seed, chunk index)``, so the
+same seed gives the same rows whatever the number of rows, without holding them all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+from deepfm.data.schema import FieldSpec, Schema
+
+CATEGORIES = (
+    "food_delivery",
+    "shooting",
+    "rpg",
+    "social",
+    "shopping",
+    "news",
+    "music",
+    "education",
+    "travel",
+    "finance",
+    "tools",
+    "puzzle",
+)
+GENDERS = ("M", "F")
+AGE_GROUPS = ("teen", "young", "adult", "senior")
+#: Each user type favours two categories; its history is drawn from them.
+TYPE_CATEGORIES = ((1, 2), (3, 4), (5, 9), (6, 11), (7, 8), (0, 10))
+CHUNK_ROWS = 65_536
+HISTORY_LENGTH = 5
+
+APP_MARKET_SCHEMA = Schema(
+    fields=(
+        FieldSpec("user_id"),
+        FieldSpec("gender"),
+        FieldSpec("age"),
+        FieldSpec("history", kind="multi", separator="|", pooling="mean", max_len=HISTORY_LENGTH),
+        FieldSpec("app_id"),
+        FieldSpec("category"),
+        FieldSpec("downloads", kind="numeric"),
+        FieldSpec("hour"),
+        FieldSpec("weekday"),
+    ),
+    label="label",
+    min_count=1,
+)
+USER_FIELDS = ("user_id", "gender", "age", "history")
+APP_FIELDS = ("app_id", "category", "downloads")
+CONTEXT_FIELDS = ("hour", "weekday")
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclass(frozen=True)
+class MarketConfig:
+    """Size and strength of the simulated market (defaults: the demo's market)."""
+
+    n_apps: int = 400
+    n_users: int = 3000
+    n_types: int = len(TYPE_CATEGORIES)
+    latent_dim: int = 4
+    bias: float = -2.6
+    history_weight: float = 2.2
+    triple_weight: float = 2.4
+    meal_weight: float = 2.0
+    latent_scale: float = 0.35
+
+
+class AppMarket:
+    """Users, apps and the true click model, fixed by ``seed``."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        config: MarketConfig | None = None,
+        user_types: np.ndarray | None = None,
+    ) -> None:
+        self.config = config = config or MarketConfig()
+        rng = np.random.default_rng([seed, 0xA99])
+        n_apps = config.n_apps
+        self.app_category = rng.integers(0, len(CATEGORIES), n_apps)
+        self.app_downloads = np.floor(1000 * (rng.pareto(1.1, n_apps) + 1)).astype(np.int64)
+        log_downloads = np.log(self.app_downloads)
+        self.app_popularity = (log_downloads - log_downloads.mean()) / log_downloads.std()
+        self.app_quality = rng.normal(0.0, 0.3, n_apps)
+        self.app_latent = rng.normal(0.0, 1.0, (n_apps, config.latent_dim))
+
+        if user_types is None:
+            user_types = rng.integers(0, config.n_types, config.n_users)
+        self.user_type = np.asarray(user_types, dtype=np.int64)
+        n_users = len(self.user_type)
+        self.user_gender = rng.integers(0, len(GENDERS), n_users)
+        self.user_age = rng.choice(len(AGE_GROUPS), n_users, p=[0.25, 0.35, 0.28, 0.12])
+        self.user_activity = rng.normal(0.0, 0.3, n_users)
+        self.user_latent = rng.normal(0.0, 1.0, (n_users, config.latent_dim))
+        self.user_history = self._draw_histories(rng)
+        # share of each user's history in each category: [users, categories]
+        onehot = np.eye(len(CATEGORIES))[self.app_category[self.user_history]]
+        self.history_share = onehot.mean(axis=1)
+        self.exposure = np.exp(0.6 * self.app_popularity)
+        self.exposure /= self.exposure.sum()
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_type)
+
+    @property
+    def n_apps(self) -> int:
+        return len(self.app_category)
+
+    def _draw_histories(self, rng: np.random.Generator) -> np.ndarray:
+        """Each user downloaded HISTORY_LENGTH distinct apps of the type's favourite categories."""
+        histories = np.empty((self.n_users, HISTORY_LENGTH), dtype=np.int64)
+        weight = np.exp(0.5 * self.app_popularity)
+        for kind, categories in enumerate(TYPE_CATEGORIES[: self.config.n_types]):
+            members = np.flatnonzero(self.user_type == kind)
+            pool = np.flatnonzero(np.isin(self.app_category, categories))
+            p = weight[pool] / weight[pool].sum()
+            for user in members:
+                histories[user] = rng.choice(pool, HISTORY_LENGTH, replace=False, p=p)
+        return histories
+
+    # -- the true click model ------------------------------------------------------------------
+
+    def logit(
+        self, user: np.ndarray, app: np.ndarray, hour: np.ndarray, weekday: np.ndarray
+    ) -> np.ndarray:
+        """True logit of impressions (all arguments broadcast to one shape)."""
+        c = self.config
+        category = self.app_category[app]
+        order1 = (
+            self.app_quality[app]
+            + 0.35 * self.app_popularity[app]
+            + self.user_activity[user]
+            + 0.25 * np.sin((hour - 8) / 24 * 2 * np.pi)
+            + 0.1 * (weekday >= 5)
+        )
+        meal = np.isin(hour, (11, 12, 13, 18, 19, 20))
+        morning = (hour >= 6) & (hour <= 9)
+        night = (hour >= 21) | (hour <= 1)
+        gaming = np.isin(category, (1, 2, 11))
+        order2 = (
+            np.where(category == 0, np.where(meal, c.meal_weight, -0.8), 0.0)
+            + np.where((category == 5) & morning, 1.2, 0.0)
+            + np.where(gaming & night, 0.8, 0.0)
+            + c.history_weight * (self.history_share[user, category] - 0.3)
+        )
+        male, teen = self.user_gender[user] == 0, self.user_age[user] == 0
+        young_female = (self.user_gender[user] == 1) & (self.user_age[user] == 1)
+        order3 = c.triple_weight * (
+            (male & teen & np.isin(category, (1, 2))) * 1.0
+            - (~male & teen & np.isin(category, (1, 2))) * 0.4
+            + (young_female & np.isin(category, (3, 4))) * 0.7
+            - (self.user_age[user] == 3) * (category == 1) * 0.8
+        )
+        latent = c.latent_scale * np.einsum(
+            "...d,...d->...", self.user_latent[user], self.app_latent[app]
+        )
+        return c.bias + order1 + order2 + order3 + latent
+
+    def click_probability(self, user, app, hour, weekday) -> np.ndarray:
+        return sigmoid(self.logit(np.asarray(user), np.asarray(app), hour, weekday))
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def impressions(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+        """Random impressions: users uniform, apps by exposure (popular apps shown more)."""
+        hour_profile = 1.0 + 0.6 * np.sin((np.arange(24) - 8) / 24 * 2 * np.pi)
+        return {
+            "user": rng.integers(0, self.n_users, n),
+            "app": rng.choice(self.n_apps, n, p=self.exposure),
+            "hour": rng.choice(24, n, p=hour_profile / hour_profile.sum()),
+            "weekday": rng.integers(0, 7, n),
+        }
+
+    def table(
+        self,
+        user: np.ndarray,
+        app: np.ndarray,
+        hour: np.ndarray,
+        weekday: np.ndarray,
+        rng: np.random.Generator | None = None,
+    ) -> pa.Table:
+        """Raw records of impressions with ``p_true``, and a drawn ``label`` if ``rng`` is given."""
+        p = self.click_probability(user, app, hour, weekday)
+        history_text = np.array(["|".join(f"a{a}" for a in h) for h in self.user_history])
+        columns = {
+            "user_id": _strings("u", user),
+            "gender": _dictionary(GENDERS, self.user_gender[user]),
+            "age": _dictionary(AGE_GROUPS, self.user_age[user]),
+            "history": pa.array(history_text[user]),
+            "app_id": _strings("a", app),
+            "category": _dictionary(CATEGORIES, self.app_category[app]),
+            "downloads": pa.array(self.app_downloads[app].astype(np.float64)),
+            "hour": _strings("h", hour),
+            "weekday": _strings("d", weekday),
+            "user_type": pa.array(self.user_type[user]),
+            "p_true": pa.array(p),
+        }
+        if rng is not None:
+            columns["label"] = pa.array((rng.random(len(p)) < p).astype(np.float32))
+        return pa.table(columns)
+
+    def generate(self, rows: int, seed: int = 0) -> Iterator[pa.Table]:
+        """``rows`` labeled impressions in chunks of at most CHUNK_ROWS rows."""
+        for index, start in enumerate(range(0, rows, CHUNK_ROWS)):
+            rng = np.random.default_rng([seed, 0x515, index])
+            draw = self.impressions(rng, min(CHUNK_ROWS, rows - start))
+            yield self.table(draw["user"], draw["app"], draw["hour"], draw["weekday"], rng)
+
+
+def _strings(prefix: str, ids: np.ndarray) -> pa.Array:
+    """Ids as dictionary-encoded strings ``prefix<id>`` (one string per distinct id)."""
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    dictionary = pa.array([f"{prefix}{i}" for i in distinct])
+    return pa.DictionaryArray.from_arrays(pa.array(inverse.astype(np.int32)), dictionary)
+
+
+def _dictionary(names: tuple[str, ...], codes: np.ndarray) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(names))
+
+
+def write_csv(path: str | Path, rows: int, seed: int = 0, market_seed: int | None = None) -> Path:
+    """Write ``rows`` generated impressions as CSV (the ``appmarket`` format), streaming."""
+    market = AppMarket(seed if market_seed is None else market_seed)
+    path = Path(path)
+    writer = None
+    try:
+        for table in market.generate(rows, seed):
+            table = table.select([*APP_MARKET_SCHEMA.names, "label", "p_true"])
+            table = pa.table(
+                {
+                    n: c.cast(c.type.value_type) if pa.types.is_dictionary(c.type) else c
+                    for n, c in zip(table.column_names, table.columns, strict=True)
+                }
+            )
+            if writer is None:
+                writer = pa_csv.CSVWriter(str(path), table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return path

@@ -1,0 +1,42 @@
+"""Errors a user can cause. Each message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class DeepFMError(Exception):
+    """Base class of every error the project raises on purpose."""
+
+
+class ConfigError(DeepFMError):
+    """A bad option, config file or schema."""
+
+
+class DataError(DeepFMError):
+    """Bad input data, located as precisely as the reader knows (file, line, field)."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.path = path
+        self.line = line
+        self.field = field
+        where = ":".join(str(p) for p in (path, line) if p is not None)
+        parts = [where] if where else []
+        if field is not None:
+            parts.append(f"field {field!r}")
+        prefix = ", ".join(parts)
+        message = f"{prefix}: {reason}" if prefix else reason
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class BundleError(DeepFMError):
+    """A model bundle that is missing, incomplete, tampered with or of another version."""

@@ -1,0 +1,137 @@
+"""Models by name: each entry builds an ``nn.Module`` mapping ``(ids, values)`` to logits ``[B]``.
+
+A model knows nothing about training; the trainer reads the entry's ``optimizer`` (Adam, or FTRL
+for LR) and calls the entry's ``pretrain`` hook if it has one (FNN's FM pre-training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from torch import nn
+
+from deepfm.errors import ConfigError
+from deepfm.nn import InputLayout
+
+#: The paper's embedding size k for FM and DeepFM models; DNN-family models use k + 1 (Sec. III-C).
+BASE_EMBED_DIM = 10
+
+EmbedRule = Literal["k", "k+1", "none"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters shared by every model (a model ignores the ones it has no use for).
+
+    ``embed_dim`` None means the paper's default for the model (k or k + 1, with k = 10).
+    ``dropout`` is the drop rate of the deep component (the paper's "dropout" is the keep
+    probability: keep 0.5 ⇔ dropout 0.5, keep 0.9 ⇔ dropout 0.1). ``l2`` regularises the FM
+    component (order-1 weights and FM embeddings) on the rows each batch uses.
+    """
+
+    name: str = "deepfm"
+    embed_dim: int | None = None
+    hidden: tuple[int, ...] = (400, 400, 400)
+    activation: str = "relu"
+    dropout: float = 0.5
+    l2: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if any(h <= 0 for h in self.hidden):
+            raise ConfigError(f"hidden layer sizes must be positive, got {self.hidden}")
+        if self.embed_dim is not None and self.embed_dim <= 0:
+            raise ConfigError(f"embed_dim must be positive, got {self.embed_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout is a drop rate in [0, 1), got {self.dropout}")
+        if self.l2 < 0:
+            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["hidden"] = list(self.hidden)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown model settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return replace(self, **changes)
+
+
+Builder = Callable[[InputLayout, ModelConfig], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Builder
+    description: str
+    embed: EmbedRule = "k"
+    optimizer: Literal["adam", "ftrl"] = "adam"
+    pretrain: Callable | None = None
+
+    def embed_dim(self, config: ModelConfig) -> int:
+        if config.embed_dim is not None:
+            return config.embed_dim
+        return BASE_EMBED_DIM + 1 if self.embed == "k+1" else BASE_EMBED_DIM
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(
+    name: str,
+    description: str,
+    *,
+    embed: EmbedRule = "k",
+    optimizer: Literal["adam", "ftrl"] = "adam",
+) -> Callable[[Builder], Builder]:
+    """Class decorator: ``@register("fm", "factorization machine")``."""
+
+    def wrap(builder: Builder) -> Builder:
+        _REGISTRY[name] = ModelEntry(name, builder, description, embed, optimizer)
+        return builder
+
+    return wrap
+
+
+def set_pretrain(name: str, hook: Callable) -> None:
+    """Attach a pre-training hook (called by the trainer before the main training)."""
+    _REGISTRY[name] = replace(get_entry(name), pretrain=hook)
+
+
+def model_names() -> list[str]:
+    _load_models()
+    return list(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    _load_models()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+
+
+def build_model(layout: InputLayout, config: ModelConfig) -> nn.Module:
+    """The model ``config.name`` with the embedding size the paper prescribes unless overridden."""
+    entry = get_entry(config.name)
+    return entry.builder(layout, config.replace(embed_dim=entry.embed_dim(config)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _load_models() -> None:
+    """Import the model modules so that their ``@register`` decorators run."""
+    import deepfm.models.zoo  # noqa: F401

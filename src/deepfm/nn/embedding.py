@@ -1,0 +1,114 @@
+"""The shared input of every model: one embedding table over all features, pooled per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """What a model needs to know about its input: table size and slots per field.
+
+    Built from a fitted feature map (``InputLayout.of(feature_map)``); a field with more than one
+    slot is a multi-valued bag whose slot embeddings are pooled into one field embedding.
+    """
+
+    num_features: int
+    field_slots: tuple[int, ...]
+
+    @classmethod
+    def of(cls, feature_map) -> InputLayout:
+        return cls(int(feature_map.num_features), tuple(int(s) for s in feature_map.field_slots))
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.field_slots)
+
+    @property
+    def num_slots(self) -> int:
+        return sum(self.field_slots)
+
+
+class Regularized(nn.Module):
+    """A block whose training forward leaves an L2 ``penalty`` (a scalar tensor) behind.
+
+    The penalty is ``l2 · Σ ||row||² / batch`` over the table rows the batch used, so only
+    features present in the batch are regularised (the usual practice for sparse CTR tables;
+    a dense weight decay would shrink every row at every step).
+    """
+
+    def __init__(self, l2: float) -> None:
+        super().__init__()
+        self.l2 = float(l2)
+        self.penalty: torch.Tensor | None = None
+
+    def _record(self, rows: torch.Tensor, batch: int) -> None:
+        if self.training and self.l2 > 0:
+            self.penalty = self.l2 * rows.pow(2).sum() / batch
+        else:
+            self.penalty = None
+
+
+def regularization(model: nn.Module) -> torch.Tensor | float:
+    """Sum of the penalties left by the last training forward of ``model``'s blocks."""
+    total: torch.Tensor | float = 0.0
+    for module in model.modules():
+        if isinstance(module, Regularized) and module.penalty is not None:
+            total = total + module.penalty
+    return total
+
+
+class FieldEmbedding(Regularized):
+    """``e_i = Σ_{s ∈ field i} V[id_s] · x_s``: the paper's ``e_i = V_field_i · x_field_i``.
+
+    ``forward(ids [B, S] int, values [B, S] float or None) -> [B, F, dim]``.
+    """
+
+    def __init__(
+        self, layout: InputLayout, dim: int, *, l2: float = 0.0, init_std: float = 0.01
+    ) -> None:
+        super().__init__(l2)
+        self.layout = layout
+        self.dim = dim
+        self.table = nn.Embedding(layout.num_features, dim)
+        nn.init.normal_(self.table.weight, std=init_std)
+        self.pooled = layout.num_slots != layout.num_fields
+        if self.pooled:
+            slot_field = torch.repeat_interleave(
+                torch.arange(layout.num_fields), torch.tensor(layout.field_slots)
+            )
+            self.register_buffer("slot_field", slot_field, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.weight
+
+    def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
+        rows = self.table(ids)  # [B, S, dim]
+        self._record(rows, ids.shape[0])
+        if values is not None:
+            rows = rows * values.unsqueeze(-1)
+        if not self.pooled:
+            return rows
+        fields = rows.new_zeros(ids.shape[0], self.layout.num_fields, self.dim)
+        return fields.index_add(1, self.slot_field, rows)
+
+
+class FeatureLinear(Regularized):
+    """Order-1 term ``<w, x> + b``: ``forward(ids [B, S], values [B, S] or None) -> [B]``."""
+
+    def __init__(self, layout: InputLayout, *, l2: float = 0.0) -> None:
+        super().__init__(l2)
+        self.weight = nn.Embedding(layout.num_features, 1)
+        nn.init.zeros_(self.weight.weight)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
+        w = self.weight(ids).squeeze(-1)  # [B, S]
+        self._record(w, ids.shape[0])
+        if values is not None:
+            w = w * values
+        return w.sum(dim=1) + self.bias

@@ -1,0 +1,169 @@
+"""Model bundles: a directory holding everything needed to score raw records, and nothing pickled.
+
+::
+
+    bundle/
+      model.safetensors   weights (safetensors: loading never executes code)
+      feature_map.json    vocabularies, so serving encodes exactly as training did
+      model.json          registry name, model config, input format, training config
+      metrics.json        validation / test metrics of the training run
+      bundle.json         deepfm version, creation time, sha256 of every file above
+
+A bundle is written into a temporary sibling directory and renamed into place, so a reader
+never sees a half-written bundle; loading checks every hash before using a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deepfm import __version__
+from deepfm.data.featuremap import FeatureMap
+from deepfm.errors import BundleError, DeepFMError
+from deepfm.models.registry import ModelConfig, build_model
+from deepfm.nn import InputLayout
+
+WEIGHTS = "model.safetensors"
+FEATURE_MAP = "feature_map.json"
+MODEL = "model.json"
+METRICS = "metrics.json"
+MANIFEST = "bundle.json"
+HASHED = (WEIGHTS, FEATURE_MAP, MODEL, METRICS)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target`` atomically, replacing an existing ``target`` directory."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model in eval mode, its feature map and its metadata."""
+
+    model: nn.Module
+    config: ModelConfig
+    feature_map: FeatureMap
+    data_format: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def save_bundle(
+    directory: str | Path,
+    model: nn.Module,
+    config: ModelConfig,
+    feature_map: FeatureMap,
+    *,
+    data_format: str,
+    metrics: dict[str, Any] | None = None,
+    train_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle atomically to ``directory`` (replacing an existing bundle there)."""
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        feature_map.save(tmp / FEATURE_MAP)
+        write_json(
+            tmp / MODEL,
+            {"model": config.to_dict(), "format": data_format, "train": train_config or {}},
+        )
+        write_json(tmp / METRICS, metrics or {})
+        manifest = {
+            "deepfm_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": config.name,
+            "feature_map_sha256": feature_map.digest(),
+            "files": {name: sha256_file(tmp / name) for name in HASHED},
+        }
+        write_json(tmp / MANIFEST, manifest)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
+    """Rewrite ``metrics.json`` of a bundle and its hash (written to a temp file, then renamed)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    tmp = directory / f".{METRICS}.tmp"
+    write_json(tmp, metrics)
+    manifest["files"][METRICS] = sha256_file(tmp)
+    os.replace(tmp, directory / METRICS)
+    tmp_manifest = directory / f".{MANIFEST}.tmp"
+    write_json(tmp_manifest, manifest)
+    os.replace(tmp_manifest, directory / MANIFEST)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise BundleError(f"{directory} is not a model bundle directory")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(
+            f"{directory} has no {MANIFEST}: not a bundle, or one that was never completed"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is corrupt: {exc}") from None
+
+
+def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
+    """Load and verify a bundle. Raises :class:`BundleError` if anything is missing or altered."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name in HASHED:
+        path = directory / name
+        if not path.exists():
+            raise BundleError(f"{directory} lacks {name}")
+        expected = manifest.get("files", {}).get(name)
+        if expected != sha256_file(path):
+            raise BundleError(f"{path} does not match the sha256 recorded in {MANIFEST}")
+    try:
+        meta = json.loads((directory / MODEL).read_text())
+        config = ModelConfig.from_dict(meta["model"])
+        feature_map = FeatureMap.load(directory / FEATURE_MAP)
+        model = build_model(InputLayout.of(feature_map), config)
+        state = load_file(str(directory / WEIGHTS), device=str(device))
+        model.load_state_dict(state)
+        metrics = json.loads((directory / METRICS).read_text())
+    except (DeepFMError, KeyError, RuntimeError, ValueError) as exc:
+        raise BundleError(f"{directory}: cannot load the model: {exc}") from None
+    model.to(device).eval()
+    return Bundle(model, config, feature_map, meta.get("format", ""), metrics, manifest, directory)

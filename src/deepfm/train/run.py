@@ -1,0 +1,51 @@
+"""One training run on a prepared dataset: build the model, fit, evaluate every split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from deepfm.data.pipeline import Dataset
+from deepfm.models.registry import ModelConfig, ModelEntry, build_model, get_entry
+from deepfm.nn import InputLayout
+from deepfm.train.trainer import Batches, FitResult, TrainConfig, Trainer, evaluate
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module
+    entry: ModelEntry
+    config: ModelConfig
+    fit: FitResult
+    metrics: dict[str, Any]
+
+
+def fit_and_evaluate(
+    dataset: Dataset, model_config: ModelConfig, train_config: TrainConfig
+) -> TrainedModel:
+    """Train ``model_config`` on ``dataset.train`` (early stopping on ``valid``), evaluate all.
+
+    ``metrics`` holds ``valid`` and ``test`` AUC/Logloss, the row counts, training time and
+    ``train_samples_per_s`` (over the training steps only, evaluation excluded).
+    """
+    entry = get_entry(model_config.name)
+    model = build_model(InputLayout.of(dataset.feature_map), model_config)
+    fit = Trainer(train_config).fit(model, entry, dataset.train, dataset.valid)
+    batch = train_config.eval_batch_size
+    metrics: dict[str, Any] = {"model": model_config.name}
+    if len(dataset.valid):
+        metrics["valid"] = evaluate(model, Batches(dataset.valid), batch)
+    if dataset.test is not None and len(dataset.test):
+        metrics["test"] = evaluate(model, Batches(dataset.test), batch)
+    metrics.update(
+        rows=dataset.rows(),
+        bad_rows=dataset.bad_rows.to_dict(),
+        best_epoch=fit.best_epoch,
+        epochs_run=len(fit.history),
+        train_seconds=fit.train_seconds,
+        train_samples_per_s=fit.train_samples_per_s,
+        history=fit.history,
+    )
+    return TrainedModel(model, entry, model_config, fit, metrics)
