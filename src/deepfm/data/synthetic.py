@@ -80,14 +80,14 @@ class MarketConfig:
     """Size and strength of the simulated market (defaults: the demo's market)."""
 
     n_apps: int = 400
-    n_users: int = 3000
+    n_users: int = 2000
     n_types: int = len(TYPE_CATEGORIES)
     latent_dim: int = 4
     bias: float = -2.6
-    history_weight: float = 2.2
-    triple_weight: float = 2.4
+    history_weight: float = 3.0
+    triple_weight: float = 3.0
     meal_weight: float = 2.0
-    latent_scale: float = 0.35
+    latent_scale: float = 0.15
 
 
 class AppMarket:
