@@ -17,7 +17,9 @@ from typing import Any
 from deepfm import __version__
 from deepfm.errors import ConfigError, DeepFMError
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    # one module per line; each defines register_commands(subparsers)
+)
 
 
 # -- shared options ----------------------------------------------------------------------------
