@@ -1,14 +1,15 @@
 """Models by name: each entry builds an ``nn.Module`` mapping ``(ids, values)`` to logits ``[B]``.
 
 A model knows nothing about training; the trainer reads the entry's ``optimizer`` (Adam, or FTRL
-for LR) and calls the entry's ``pretrain`` hook if it has one (FNN's FM pre-training).
+for LR) and its ``pretrain`` field: the registry name of a model to train first, whose weights then
+initialise this one (FNN: ``pretrain="fm"``; see :func:`build_pretrain_model`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from torch import nn
 
@@ -77,7 +78,8 @@ class ModelEntry:
     description: str
     embed: EmbedRule = "k"
     optimizer: Literal["adam", "ftrl"] = "adam"
-    pretrain: Callable | None = None
+    #: registry name of a model trained before this one to initialise it (FNN: "fm")
+    pretrain: str | None = None
 
     def embed_dim(self, config: ModelConfig) -> int:
         if config.embed_dim is not None:
@@ -94,19 +96,40 @@ def register(
     *,
     embed: EmbedRule = "k",
     optimizer: Literal["adam", "ftrl"] = "adam",
+    pretrain: str | None = None,
 ) -> Callable[[Builder], Builder]:
     """Class decorator: ``@register("fm", "factorization machine")``."""
 
     def wrap(builder: Builder) -> Builder:
-        _REGISTRY[name] = ModelEntry(name, builder, description, embed, optimizer)
+        _REGISTRY[name] = ModelEntry(name, builder, description, embed, optimizer, pretrain)
         return builder
 
     return wrap
 
 
-def set_pretrain(name: str, hook: Callable) -> None:
-    """Attach a pre-training hook (called by the trainer before the main training)."""
-    _REGISTRY[name] = replace(get_entry(name), pretrain=hook)
+class Pretrained(Protocol):
+    """What a model whose entry names ``pretrain`` provides (FNN)."""
+
+    layout: InputLayout
+
+    def pretrain_config(self, name: str) -> ModelConfig:
+        """Config of the model ``name`` to train first, sized to initialise this one."""
+        ...
+
+    def init_from_pretrained(self, teacher: nn.Module) -> None:
+        """Copy the trained ``teacher``'s weights into this model."""
+        ...
+
+
+def build_pretrain_model(model: nn.Module, entry: ModelEntry) -> tuple[nn.Module, ModelEntry]:
+    """The untrained model that ``entry.pretrain`` names, shaped to initialise ``model``.
+
+    The trainer fits it first, then calls ``model.init_from_pretrained(teacher)``.
+    """
+    assert entry.pretrain is not None, f"{entry.name} has no pre-training"
+    teacher_entry = get_entry(entry.pretrain)
+    config = model.pretrain_config(entry.pretrain)  # type: ignore[operator]
+    return build_model(model.layout, config), teacher_entry  # type: ignore[arg-type]
 
 
 def model_names() -> list[str]:

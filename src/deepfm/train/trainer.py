@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from deepfm.data.encoded import EncodedArrays
 from deepfm.errors import ConfigError
-from deepfm.models.registry import ModelEntry
+from deepfm.models.registry import ModelEntry, build_pretrain_model
 from deepfm.nn import regularization
 from deepfm.train.metrics import auc_logloss
 from deepfm.train.optim import FTRL
@@ -159,10 +159,15 @@ class Trainer:
         valid_data = Batches(valid) if valid is not None and len(valid) else None
         result = FitResult()
         if entry.pretrain is not None:
+            # FNN: fit the model the entry names (an FM) first and initialise from it; the
+            # pre-training counts in this model's training time and samples
+            teacher, teacher_entry = build_pretrain_model(model, entry)
+            pre = Trainer(config).fit(teacher, teacher_entry, train, valid)
             started = time.perf_counter()
-            entry.pretrain(model, train, valid, config)
-            result.train_seconds += time.perf_counter() - started
-            result.train_samples += len(train)
+            model.init_from_pretrained(teacher)
+            result.train_seconds += pre.train_seconds + time.perf_counter() - started
+            result.train_samples += pre.train_samples
+            torch.manual_seed(config.seed)
 
         optimizer = make_optimizer(model, entry, config)
         sums_loss = getattr(optimizer, "sums_loss", False)
