@@ -1,31 +1,46 @@
-"""DeepFM-D: ``ŷ = sigmoid(y_FM + y_DNN)``, the FM and the DNN reading one embedding (Eq. 1).
+"""DeepFM: ``ŷ = sigmoid(y_FM + y_Deep)``, the FM and the deep part reading one embedding (Eq. 1).
 
-``y_FM = <w, x> + Σ_{i<j} <e_i, e_j>`` and ``y_DNN = MLP([e_1, ..., e_m])`` with
-``e_i = V_field_i · x_field_i``. L2 regularises the FM component, dropout the deep one.
+``y_FM = <w, x> + Σ_{i<j} <e_i, e_j>`` with ``e_i = V_field_i · x_field_i``. DeepFM-D: the deep
+part is a DNN over ``[e_1, ..., e_m]``. DeepFM-P: it is a PNN over ``[z, p]`` with inner
+(DeepFM-IP), outer (DeepFM-OP) or both products (DeepFM-*P). Embedding size k; L2 regularises the
+FM component (order-1 weights and the shared ``V``), dropout the deep one.
 """
 
 from torch import nn
 
+from deepfm.models.common import deep_mlp
 from deepfm.models.registry import ModelConfig, register
-from deepfm.nn import MLP, FeatureLinear, FieldEmbedding, FMInteraction, InputLayout
+from deepfm.nn import FeatureLinear, FieldEmbedding, FMInteraction, InputLayout, ProductLayer
 
 
 @register("deepfm", "DeepFM-D: FM + DNN sharing one embedding")
 class DeepFM(nn.Module):
+    products: tuple[str, ...] = ()  # none: the deep part reads z = [e_1, ..., e_m] only
+
     def __init__(self, layout: InputLayout, config: ModelConfig) -> None:
         super().__init__()
         self.linear = FeatureLinear(layout, l2=config.l2)
         self.embedding = FieldEmbedding(layout, config.embed_dim, l2=config.l2)
         self.fm = FMInteraction()
-        self.dnn = MLP(
-            layout.num_fields * config.embed_dim,
-            config.hidden,
-            activation_name=config.activation,
-            dropout=config.dropout,
-        )
+        self.product = ProductLayer(layout.num_fields, config.embed_dim, self.products)
+        self.dnn = deep_mlp(self.product.out_dim, config)
 
     def forward(self, ids, values):
-        e = self.embedding(ids, values)  # [B, F, k]
+        e = self.embedding(ids, values)  # [B, F, k], shared by both components
         y_fm = self.linear(ids, values) + self.fm(e)
-        y_dnn = self.dnn(e.flatten(1)).squeeze(-1)
-        return y_fm + y_dnn
+        return y_fm + self.dnn(self.product(e)).squeeze(-1)
+
+
+@register("deepfm_ip", "DeepFM-IP: FM + IPNN sharing one embedding")
+class DeepFMInner(DeepFM):
+    products = ("inner",)
+
+
+@register("deepfm_op", "DeepFM-OP: FM + OPNN sharing one embedding")
+class DeepFMOuter(DeepFM):
+    products = ("outer",)
+
+
+@register("deepfm_star", "DeepFM-*P: FM + PNN* sharing one embedding")
+class DeepFMStar(DeepFM):
+    products = ("inner", "outer")

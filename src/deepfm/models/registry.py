@@ -133,8 +133,16 @@ def build_pretrain_model(model: nn.Module, entry: ModelEntry) -> tuple[nn.Module
 
 
 def model_names() -> list[str]:
+    """Registered names, in the order of ``zoo.MODULES`` (then of registration in a module)."""
+    from deepfm.models.zoo import MODULES
+
     _load_models()
-    return list(_REGISTRY)
+    rank = {module.__name__: i for i, module in enumerate(MODULES)}
+    position = {name: i for i, name in enumerate(_REGISTRY)}
+    return sorted(
+        _REGISTRY,
+        key=lambda n: (rank.get(_REGISTRY[n].builder.__module__, len(rank)), position[n]),
+    )
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -142,7 +150,8 @@ def get_entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+        known = ", ".join(model_names())
+        raise ConfigError(f"unknown model {name!r}; known models: {known}") from None
 
 
 def build_model(layout: InputLayout, config: ModelConfig) -> nn.Module:

@@ -1,3 +1,5 @@
-"""Imports every model module, in the order ``deepfm models`` lists them."""
+"""Imports every model module; ``deepfm models`` lists them in this order (the paper's Table IV)."""
 
-from deepfm.models import deepfm, fm, lr  # noqa: F401
+from deepfm.models import deepfm, dnn, fm, lr, pnn, wide_deep
+
+MODULES = (lr, fm, dnn, pnn, wide_deep, deepfm)

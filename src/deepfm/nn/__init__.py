@@ -9,13 +9,17 @@ from deepfm.nn.embedding import (
 )
 from deepfm.nn.interaction import FMInteraction
 from deepfm.nn.mlp import MLP, activation
+from deepfm.nn.product import InnerProduct, OuterProduct, ProductLayer
 
 __all__ = [
     "MLP",
     "FMInteraction",
     "FeatureLinear",
     "FieldEmbedding",
+    "InnerProduct",
     "InputLayout",
+    "OuterProduct",
+    "ProductLayer",
     "Regularized",
     "activation",
     "regularization",
