@@ -19,6 +19,7 @@ from deepfm.errors import ConfigError, DeepFMError
 
 COMMAND_MODULES: tuple[str, ...] = (
     # one module per line; each defines register_commands(subparsers)
+    "deepfm.models.commands",
 )
 
 
@@ -36,11 +37,18 @@ def parse_hidden(text: str) -> tuple[int, ...]:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Model flags. Their defaults are None so that ``model_config_from`` can tell a flag given
+    on the command line (it wins) from a preset's value; read them through that function."""
     from deepfm.models import ModelConfig
 
     default = ModelConfig()
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="deepfm", help="registry name (see `deepfm models`)")
+    group.add_argument(
+        "--preset",
+        help="model settings of the paper's Table III: criteo-random or criteo-sequential "
+        "(or a YAML file); flags given explicitly override it",
+    )
     group.add_argument(
         "--embed-dim",
         type=int,
@@ -49,18 +57,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--hidden",
         type=parse_hidden,
-        default=default.hidden,
-        help="hidden layer sizes of the deep part, e.g. 400,400,400",
+        help="hidden layer sizes of the deep part, e.g. 400,400,400 (default "
+        f"{','.join(map(str, default.hidden))})",
     )
-    group.add_argument("--activation", default=default.activation, help="relu or tanh")
+    group.add_argument("--activation", help=f"relu or tanh (default {default.activation})")
     group.add_argument(
         "--dropout",
         type=float,
-        default=default.dropout,
-        help="drop rate of the deep part (the paper quotes keep probability = 1 - dropout)",
+        help="drop rate of the deep part (the paper quotes keep probability = 1 - dropout; "
+        f"default {default.dropout})",
     )
     group.add_argument(
-        "--l2", type=float, default=default.l2, help="L2 on the FM part (rows used per batch)"
+        "--l2", type=float, help=f"L2 on the FM part (rows used per batch; default {default.l2})"
     )
 
 
@@ -108,11 +116,14 @@ def add_data_options(parser: argparse.ArgumentParser, *, fitting: bool) -> None:
 
 
 def model_config_from(args: argparse.Namespace):
-    from deepfm.models import ModelConfig, get_entry
+    """The model config: ModelConfig defaults < ``--preset`` values < flags given explicitly."""
+    from deepfm.models.presets import Preset, load_preset
 
-    get_entry(args.model)
-    return ModelConfig(
-        name=args.model,
+    preset = load_preset(args.preset) if getattr(args, "preset", None) else Preset("none")
+    if preset.assumed:
+        print(f"note: preset {preset.name}: {preset.description}", file=sys.stderr)
+    return preset.model_config(
+        args.model,
         embed_dim=args.embed_dim,
         hidden=args.hidden,
         activation=args.activation,

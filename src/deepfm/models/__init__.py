@@ -8,6 +8,7 @@ from deepfm.models.registry import (
     count_parameters,
     get_entry,
     model_names,
+    parameter_count,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "count_parameters",
     "get_entry",
     "model_names",
+    "parameter_count",
 ]

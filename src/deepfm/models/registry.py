@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
+import torch
 from torch import nn
 
 from deepfm.errors import ConfigError
@@ -162,6 +163,13 @@ def build_model(layout: InputLayout, config: ModelConfig) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_count(layout: InputLayout, config: ModelConfig) -> int:
+    """Parameters of the model ``config`` names, built on the meta device: no memory is
+    allocated, so a full-size Criteo map (tens of millions of rows) costs nothing."""
+    with torch.device("meta"):
+        return count_parameters(build_model(layout, config))
 
 
 def _load_models() -> None:

@@ -77,8 +77,11 @@ class FieldEmbedding(Regularized):
         nn.init.normal_(self.table.weight, std=init_std)
         self.pooled = layout.num_slots != layout.num_fields
         if self.pooled:
+            # output_size: also buildable on the meta device (parameter counts without memory)
             slot_field = torch.repeat_interleave(
-                torch.arange(layout.num_fields), torch.tensor(layout.field_slots)
+                torch.arange(layout.num_fields),
+                torch.tensor(layout.field_slots),
+                output_size=layout.num_slots,
             )
             self.register_buffer("slot_field", slot_field, persistent=False)
 
