@@ -20,6 +20,7 @@ from deepfm.errors import ConfigError, DeepFMError
 COMMAND_MODULES: tuple[str, ...] = (
     # one module per line; each defines register_commands(subparsers)
     "deepfm.models.commands",
+    "deepfm.experiments.online_commands",
 )
 
 

@@ -1,0 +1,344 @@
+"""``deepfm abtest``: a simulated online A/B test of DeepFM-D against LR (Sec. IV-D1–D2, Fig. 15).
+
+The users of the simulated market are split into two arms of equal size (half of every user type
+in each). Before day 1 both models learn from logs of the market's existing exposure policy (apps
+shown at random, popular ones more often). Then, every day:
+
+1. each user visits with probability ``visit_rate`` at an hour drawn from the market's daily
+   profile (the weekday is the day's); a visitor is shown the top-L list of the arm's model for
+   that context (L impressions), and downloads each app with its *true* click probability;
+2. per arm: CTR = downloads / impressions, CVR = downloads / users of the arm, and the relative
+   lift of DeepFM-D over LR (``treatment / control - 1``);
+3. the day's impressions join the logs, and both models retrain on all logs so far.
+
+Retraining: the feature map is fitted once, on the logs before day 1 (the market is closed: every
+user and app is already in them, and a value never seen would map to OOV). DeepFM-D continues from
+yesterday's weights (``warm_start``, a few epochs over all logs); LR is refitted from zero every
+day, because FTRL's per-coordinate state is part of the model and the trainer starts a fresh
+optimiser. With ``warm_start=False`` both are refitted from zero (slower). Deterministic by seed
+at a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pyarrow as pa
+from torch import nn
+
+from deepfm.data.encoded import EncodedArrays
+from deepfm.data.featuremap import FeatureMap
+from deepfm.data.formats import table_chunk
+from deepfm.data.splits import TRAIN, VALID, SplitSpec, assign
+from deepfm.data.synthetic import AppMarket
+from deepfm.errors import ConfigError
+from deepfm.experiments.recsys_metrics import top_l
+from deepfm.experiments.simulate import (
+    MODEL_LABELS,
+    ONLINE_MODEL,
+    TrainConfigs,
+    check_population,
+    config_for,
+    default_train_config,
+    log_dataset,
+    score_matrix,
+    simulation_market,
+)
+from deepfm.models.registry import ModelConfig, build_model, get_entry
+from deepfm.nn import InputLayout
+from deepfm.train.trainer import TrainConfig, Trainer
+
+CONTROL, TREATMENT = "lr", "deepfm"
+ARMS = (CONTROL, TREATMENT)
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ABTestConfig:
+    """The population, the logs before day 1, the daily traffic and the retraining."""
+
+    days: int = 7
+    n_types: int = 6
+    users_per_type: int = 100
+    initial_rows: int = 60_000
+    list_size: int = 10
+    visit_rate: float = 0.8
+    warm_start: bool = True
+    daily_epochs: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_population(self.n_types, self.users_per_type)
+        if self.days < 1:
+            raise ConfigError(f"the test lasts at least one day, got {self.days}")
+        if self.initial_rows < 1000:
+            raise ConfigError(f"the logs before day 1 need >= 1000 rows, got {self.initial_rows}")
+        if self.list_size < 1:
+            raise ConfigError(f"the list size must be positive, got {self.list_size}")
+        if not 0 < self.visit_rate <= 1:
+            raise ConfigError(f"visit_rate must be in (0, 1], got {self.visit_rate}")
+        if self.daily_epochs < 1:
+            raise ConfigError(f"daily_epochs must be at least 1, got {self.daily_epochs}")
+
+
+def assign_arms(user_type: np.ndarray, seed: int) -> np.ndarray:
+    """0 (control) or 1 (treatment) per user: a seeded shuffle within each type, alternating,
+    so both arms hold half of every type (±1)."""
+    keys = np.random.default_rng([seed, 0xAB]).random(len(user_type))
+    order = np.lexsort((keys, user_type))
+    arm = np.empty(len(user_type), dtype=np.int64)
+    arm[order] = np.arange(len(user_type)) % 2
+    return arm
+
+
+def daily_visits(
+    market: AppMarket, day: int, visit_rate: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Who visits on ``day`` (1-based), at which hour and weekday: three ``[visitors]`` arrays."""
+    visitors = np.flatnonzero(rng.random(market.n_users) < visit_rate)
+    hour_profile = 1.0 + 0.6 * np.sin((np.arange(24) - 8) / 24 * 2 * np.pi)
+    hours = rng.choice(24, len(visitors), p=hour_profile / hour_profile.sum())
+    weekdays = np.full(len(visitors), (day - 1) % 7)
+    return visitors, hours, weekdays
+
+
+def serve_lists(
+    model: nn.Module,
+    feature_map: FeatureMap,
+    market: AppMarket,
+    users: np.ndarray,
+    hours: np.ndarray,
+    weekdays: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+) -> pa.Table:
+    """Show each user their top-``size`` list; the impressions with drawn downloads (``label``)."""
+    lists = top_l(score_matrix(model, feature_map, market, users, hours, weekdays), size)
+    return market.table(
+        np.repeat(users, size),
+        lists.ravel(),
+        np.repeat(hours, size),
+        np.repeat(weekdays, size),
+        rng,
+    )
+
+
+def split_logs(logs: EncodedArrays, seed: int) -> tuple[EncodedArrays, EncodedArrays]:
+    """A seeded 10% of the logged rows for early stopping, the rest for training."""
+    codes = assign(SplitSpec.parse("none"), np.arange(len(logs)), valid_fraction=0.1, seed=seed)
+    return logs.take(codes == TRAIN), logs.take(codes == VALID)
+
+
+class Arm:
+    """One model of the test: its weights persist across days when warm-started."""
+
+    def __init__(
+        self,
+        name: str,
+        layout: InputLayout,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        daily_epochs: int,
+    ) -> None:
+        self.name = name
+        self.entry = get_entry(name)
+        self.layout = layout
+        self.config = model_config.replace(name=name)
+        self.full = train_config
+        # a warm-started day: a few epochs, stop at the first epoch without a better AUC
+        self.daily = replace(train_config, epochs=daily_epochs, patience=1)
+        self.model: nn.Module | None = None
+
+    def retrain(
+        self, train: EncodedArrays, valid: EncodedArrays, warm_start: bool
+    ) -> dict[str, float]:
+        """Fit on all logs so far; returns the best validation AUC/Logloss."""
+        # FTRL keeps its model in its optimiser state, which a fresh trainer does not carry over
+        warm = warm_start and self.model is not None and self.entry.optimizer != "ftrl"
+        if not warm:
+            self.model = build_model(self.layout, self.config)
+        assert self.model is not None
+        fit = Trainer(self.daily if warm else self.full).fit(self.model, self.entry, train, valid)
+        return fit.best_valid
+
+
+def run_abtest(
+    config: ABTestConfig | None = None,
+    *,
+    train_config: TrainConfigs | None = None,
+    model_config: ModelConfig | None = None,
+    log: Log = _quiet,
+) -> dict[str, Any]:
+    """Run the test; returns what abtest.json holds (``days``, ``total``, ``setup``)."""
+    config = config or ABTestConfig()
+    train_config = train_config or default_train_config(config.seed)
+    model_config = model_config or ONLINE_MODEL
+    market = simulation_market(config.n_types, config.users_per_type, config.seed)
+    if config.list_size > market.n_apps:
+        raise ConfigError(f"lists longer than the {market.n_apps} apps of the market")
+    arm_of = assign_arms(market.user_type, config.seed)
+    initial = log_dataset(
+        list(market.generate(config.initial_rows, config.seed)), split="none", seed=config.seed
+    )
+    feature_map = initial.feature_map
+    logs = EncodedArrays.concat(
+        [initial.train, initial.valid], feature_map.num_slots, feature_map.needs_values
+    )
+    layout = InputLayout.of(feature_map)
+    arms = {
+        name: Arm(name, layout, model_config, config_for(train_config, name), config.daily_epochs)
+        for name in ARMS
+    }
+    days: list[dict[str, Any]] = []
+    log(
+        f"A/B test: {market.n_users} users ({np.sum(arm_of == 0)} see LR, "
+        f"{np.sum(arm_of == 1)} see DeepFM-D), {config.days} days, top-{config.list_size} lists"
+    )
+    for day in range(1, config.days + 1):
+        train, valid = split_logs(logs, config.seed + day)
+        valid_metrics = {}
+        for name, arm in arms.items():
+            valid_metrics[name] = arm.retrain(train, valid, config.warm_start)
+        rng = np.random.default_rng([config.seed, 0xDA7, day])
+        users, hours, weekdays = daily_visits(market, day, config.visit_rate, rng)
+        record: dict[str, Any] = {"day": day, "log_rows": len(logs)}
+        shown = []
+        for index, (name, arm) in enumerate(arms.items()):
+            mine = arm_of[users] == index
+            assert arm.model is not None
+            table = serve_lists(
+                arm.model,
+                feature_map,
+                market,
+                users[mine],
+                hours[mine],
+                weekdays[mine],
+                config.list_size,
+                rng,
+            )
+            downloads = float(np.sum(table.column("label").to_numpy()))
+            impressions = table.num_rows
+            record[name] = {
+                "ctr": downloads / impressions if impressions else float("nan"),
+                "cvr": downloads / int(np.sum(arm_of == index)),
+                "users": int(np.sum(arm_of == index)),
+                "impressions": impressions,
+                "downloads": int(downloads),
+                "visitors": int(mine.sum()),
+                "expected_ctr": float(table.column("p_true").to_numpy().mean()),
+                "valid_auc": valid_metrics[name].get("auc", float("nan")),
+            }
+            shown.append(table)
+        record.update(lifts(record[CONTROL], record[TREATMENT]))
+        days.append(record)
+        log(
+            f"day {day}/{config.days}: CTR LR {record[CONTROL]['ctr']:.4f}, "
+            f"DeepFM-D {record[TREATMENT]['ctr']:.4f} ({100 * record['ctr_lift']:+.1f}%)"
+        )
+        new = [feature_map.encode(table_chunk(t, f"<day {day}>")) for t in shown]
+        logs = EncodedArrays.concat([logs, *new], feature_map.num_slots, feature_map.needs_values)
+    return {
+        "days": days,
+        "total": _total(days),
+        "setup": {
+            "config": asdict(config),
+            "model": model_config.to_dict(),
+            "train": {name: arm.full.to_dict() for name, arm in arms.items()},
+            "users": {name: int(np.sum(arm_of == i)) for i, name in enumerate(ARMS)},
+        },
+    }
+
+
+def lifts(control: dict[str, float], treatment: dict[str, float]) -> dict[str, float]:
+    """Relative improvement of the treatment over the control: ``t / c - 1`` for CTR and CVR."""
+    return {f"{k}_lift": treatment[k] / control[k] - 1.0 for k in ("ctr", "cvr")}
+
+
+def _total(days: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole test pooled: downloads / impressions, and downloads per user per day."""
+    out: dict[str, Any] = {}
+    for name in ARMS:
+        downloads = sum(d[name]["downloads"] for d in days)
+        impressions = sum(d[name]["impressions"] for d in days)
+        user_days = sum(d[name]["users"] for d in days)
+        out[name] = {
+            "ctr": downloads / impressions,
+            "cvr": downloads / user_days,
+            "downloads": downloads,
+            "impressions": impressions,
+        }
+    out.update(lifts(out[CONTROL], out[TREATMENT]))
+    return out
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def abtest_table(results: dict[str, Any]) -> str:
+    """A Markdown table: per day and in total, each arm's CTR and CVR and DeepFM-D's lift."""
+    lines = [
+        "| day | LR CTR | DeepFM-D CTR | CTR lift | LR CVR | DeepFM-D CVR | CVR lift |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [(str(d["day"]), d) for d in results["days"]] + [("all", results["total"])]
+    for label, r in rows:
+        c, t = r[CONTROL], r[TREATMENT]
+        lines.append(
+            f"| {label} | {c['ctr']:.4f} | {t['ctr']:.4f} | {100 * r['ctr_lift']:+.1f}% | "
+            f"{c['cvr']:.3f} | {t['cvr']:.3f} | {100 * r['cvr_lift']:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def plot_abtest(results: dict[str, Any], path: str | Path) -> Path:
+    """Like the paper's Fig. 15: daily CTR of each arm, and DeepFM-D's daily lift in %."""
+    days = [d["day"] for d in results["days"]]
+    x = np.arange(len(days))
+    fig, (ax_ctr, ax_lift) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, name in enumerate(ARMS):
+        ctr = [d[name]["ctr"] for d in results["days"]]
+        ax_ctr.bar(x + (i - 0.5) * 0.4, ctr, 0.4, label=MODEL_LABELS[name])
+    ax_ctr.set_xticks(x, [f"day {d}" for d in days])
+    ax_ctr.set(ylabel="CTR (downloads / impressions)", title="Daily CTR per arm")
+    top = max(d[name]["ctr"] for d in results["days"] for name in ARMS)
+    ax_ctr.set_ylim(0, 1.25 * top if top > 0 else 1.0)  # headroom for the legend
+    ax_ctr.legend(loc="upper center", ncol=2)
+    for i, key in enumerate(("ctr_lift", "cvr_lift")):
+        lift = [100 * d[key] for d in results["days"]]
+        bars = ax_lift.bar(x + (i - 0.5) * 0.4, lift, 0.4, label=key.split("_")[0].upper())
+        ax_lift.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    ax_lift.axhline(0, color="black", linewidth=0.8)
+    ax_lift.set_xticks(x, [f"day {d}" for d in days])
+    ax_lift.set(ylabel="lift of DeepFM-D over LR (%)", title="Relative improvement")
+    lift_top = max(100 * d[k] for d in results["days"] for k in ("ctr_lift", "cvr_lift"))
+    lift_low = min(100 * d[k] for d in results["days"] for k in ("ctr_lift", "cvr_lift"))
+    ax_lift.set_ylim(min(0.0, 1.25 * lift_low), max(1.0, 1.3 * lift_top))
+    ax_lift.legend(loc="upper center", ncol=2)
+    for ax in (ax_ctr, ax_lift):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_abtest(results: dict[str, Any], out: str | Path) -> list[Path]:
+    """abtest.json, abtest.md and abtest.png under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "abtest.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "abtest.md").write_text(abtest_table(results) + "\n")
+    return [out / "abtest.json", out / "abtest.md", plot_abtest(results, out / "abtest.png")]

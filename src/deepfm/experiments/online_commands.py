@@ -1,0 +1,153 @@
+"""``deepfm simulate`` and ``deepfm abtest``: the paper's online experiments on the simulator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deepfm.errors import ConfigError
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"list sizes like 5,10,20, not {text!r}") from None
+    if not sizes:
+        raise ConfigError("give at least one list size, e.g. --lists 5,10,20")
+    return sizes
+
+
+def _hidden(text: str | None):
+    from deepfm.experiments.simulate import ONLINE_MODEL
+
+    if text is None:
+        return ONLINE_MODEL
+    try:
+        sizes = tuple(int(s) for s in text.replace("-", ",").split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"hidden sizes like 200,200,200, not {text!r}") from None
+    if not sizes:
+        raise ConfigError("give at least one hidden layer size")
+    return ONLINE_MODEL.replace(hidden=sizes)
+
+
+def _train_config(args: argparse.Namespace):
+    from deepfm.experiments.simulate import default_train_config
+
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    return default_train_config(
+        args.seed, threads=args.threads, progress=not args.quiet, epochs=args.epochs
+    )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from deepfm.experiments.simulate import (
+        SimulationConfig,
+        run_simulation,
+        simulation_table,
+        test_metrics_table,
+        write_simulation,
+    )
+
+    config = SimulationConfig(
+        n_types=args.types,
+        users_per_type=args.users_per_type,
+        rows=args.rows,
+        list_sizes=_sizes(args.lists),
+        hour=args.hour,
+        weekday=args.weekday,
+        seed=args.seed,
+    )
+    result = run_simulation(
+        config,
+        train_config=_train_config(args),
+        model_config=_hidden(args.hidden),
+        log=_log,
+    )
+    paths = write_simulation(result, args.out)
+    print("\n" + simulation_table(result.metrics) + "\n")
+    print(test_metrics_table(result.metrics) + "\n")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_abtest(args: argparse.Namespace) -> int:
+    from deepfm.experiments.abtest import ABTestConfig, abtest_table, run_abtest, write_abtest
+
+    config = ABTestConfig(
+        days=args.days,
+        n_types=args.types,
+        users_per_type=args.users_per_type,
+        initial_rows=args.initial_rows,
+        list_size=args.list_size,
+        visit_rate=args.visit_rate,
+        warm_start=not args.cold_start,
+        daily_epochs=args.daily_epochs,
+        seed=args.seed,
+    )
+    results = run_abtest(
+        config, train_config=_train_config(args), model_config=_hidden(args.hidden), log=_log
+    )
+    paths = write_abtest(results, args.out)
+    print("\n" + abtest_table(results) + "\n")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--out", default=out, help=f"output directory (default {out})")
+    parser.add_argument("--seed", type=int, default=0, help="market, logs, training and traffic")
+    parser.add_argument("--types", type=int, default=6, help="user types t (at most 6)")
+    parser.add_argument("--users-per-type", type=int, default=100, help="users per type n")
+    parser.add_argument(
+        "--hidden", help="DeepFM-D's deep part, e.g. 400,400,400 (default 200,200,200)"
+    )
+    parser.add_argument("--epochs", type=int, default=10, help="most epochs of a full training")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (results depend on it)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no training progress")
+
+
+def register_commands(subparsers) -> None:
+    simulate = subparsers.add_parser(
+        "simulate",
+        help="top-L lists of LR and DeepFM-D in the simulated app market (Fig. 16-18)",
+        description="Train LR and DeepFM-D on the simulated market's logs and measure every "
+        "user's top-L list: personalization@L, coverage@L, popularity@L.",
+    )
+    _common(simulate, "runs/simulate")
+    simulate.add_argument("--rows", type=int, default=150_000, help="logged impressions")
+    simulate.add_argument("--lists", default="5,10,20", help="list sizes L, e.g. 5,10,20")
+    simulate.add_argument("--hour", type=int, default=15, help="hour of every list request")
+    simulate.add_argument("--weekday", type=int, default=2, help="weekday (0-6) of the requests")
+    simulate.set_defaults(handler=cmd_simulate)
+
+    abtest = subparsers.add_parser(
+        "abtest",
+        help="simulated A/B test of DeepFM-D against LR, retrained daily (Fig. 15)",
+        description="Two arms of users see the top-L lists of LR or DeepFM-D; downloads follow "
+        "the true click model; both models retrain every day on all logs so far.",
+    )
+    _common(abtest, "runs/abtest")
+    abtest.add_argument("--days", type=int, default=7, help="days of the test")
+    abtest.add_argument(
+        "--initial-rows", type=int, default=60_000, help="logged impressions before day 1"
+    )
+    abtest.add_argument("--list-size", type=int, default=10, help="L: apps shown per visit")
+    abtest.add_argument(
+        "--visit-rate", type=float, default=0.8, help="chance that a user visits on a day"
+    )
+    abtest.add_argument(
+        "--daily-epochs", type=int, default=3, help="epochs of a warm-started daily retraining"
+    )
+    abtest.add_argument(
+        "--cold-start", action="store_true", help="retrain DeepFM-D from zero every day too"
+    )
+    abtest.set_defaults(handler=cmd_abtest)
