@@ -109,6 +109,7 @@ def daily_visits(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Who visits on ``day`` (1-based), at which hour and weekday: three ``[visitors]`` arrays."""
     visitors = np.flatnonzero(rng.random(market.n_users) < visit_rate)
+    # the same daily profile as the market's logged impressions (AppMarket.impressions)
     hour_profile = 1.0 + 0.6 * np.sin((np.arange(24) - 8) / 24 * 2 * np.pi)
     hours = rng.choice(24, len(visitors), p=hour_profile / hour_profile.sum())
     weekdays = np.full(len(visitors), (day - 1) % 7)

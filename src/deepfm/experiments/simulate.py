@@ -8,6 +8,9 @@ personalization@L, coverage@L and popularity@L (Eq. 14–18, :mod:`recsys_metric
 Fig. 16–18. Because the simulator knows every true click probability, each list's expected CTR
 is reported too, beside the *oracle* lists (ranked by the true CTR): the best reachable.
 
+``simulate.json`` holds ``{"lr": {"5": {metrics}, "10": ..., "20": ...}, "deepfm": ...,
+"oracle": ..., "setup": {config, row counts, test AUC/Logloss of each model}}``.
+
 Scoring is batched: the raw records of a block of users × all apps are built at once, encoded
 with the fitted feature map and scored in one forward pass per block.
 """
@@ -183,8 +186,8 @@ def list_metrics(
 
 
 #: The online experiments' models: the paper's DeepFM-D with a 200-200-200 deep part (its offline
-#: benchmarks use 400-400-400; this is 2-3x faster on CPU and, on the simulator, lists differ by a
-#: few hundredths of personalization only).
+#: benchmarks use 400-400-400). On the default simulation 200³ trains 2-3x faster on CPU and gave
+#: test AUC 0.803 vs 0.808 and personalization@10 0.635 vs 0.646 (seed 0).
 ONLINE_MODEL = ModelConfig(hidden=(200, 200, 200))
 
 
