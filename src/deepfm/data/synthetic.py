@@ -53,7 +53,7 @@ HISTORY_LENGTH = 5
 
 APP_MARKET_SCHEMA = Schema(
     fields=(
-        FieldSpec("user_id"),
+        FieldSpec("user_id", min_count=20),
         FieldSpec("gender"),
         FieldSpec("age"),
         FieldSpec("history", kind="multi", separator="|", pooling="mean", max_len=HISTORY_LENGTH),
@@ -80,7 +80,7 @@ class MarketConfig:
     """Size and strength of the simulated market (defaults: the demo's market)."""
 
     n_apps: int = 400
-    n_users: int = 2000
+    n_users: int = 20000
     n_types: int = len(TYPE_CATEGORIES)
     latent_dim: int = 4
     bias: float = -2.6
@@ -169,13 +169,21 @@ class AppMarket:
             + np.where(gaming & night, 0.8, 0.0)
             + c.history_weight * (self.history_share[user, category] - 0.3)
         )
-        male, teen = self.user_gender[user] == 0, self.user_age[user] == 0
-        young_female = (self.user_gender[user] == 1) & (self.user_age[user] == 1)
-        order3 = c.triple_weight * (
-            (male & teen & np.isin(category, (1, 2))) * 1.0
-            - (~male & teen & np.isin(category, (1, 2))) * 0.4
-            + (young_female & np.isin(category, (3, 4))) * 0.7
-            - (self.user_age[user] == 3) * (category == 1) * 0.8
+        male = self.user_gender[user] == 0
+        age = self.user_age[user]
+        games, social = np.isin(category, (1, 2)), np.isin(category, (3, 4))
+        # signs flip with gender inside an age group, so every pairwise marginal (gender ×
+        # category, age × category) nearly cancels: only a model of the triple conjunction
+        # (the deep component) can use it. Male teenagers and shooting/RPG games is the
+        # paper's example.
+        flip = np.where(male, 1.0, -1.0)
+        order3 = (
+            c.triple_weight
+            * flip
+            * (
+                games * np.select([age == 0, age == 2], [1.0, -0.6], 0.0)
+                + social * np.select([age == 1, age == 3], [-0.7, 0.5], 0.0)
+            )
         )
         latent = c.latent_scale * np.einsum(
             "...d,...d->...", self.user_latent[user], self.app_latent[app]
