@@ -199,6 +199,23 @@ class FeatureMapBuilder:
                 else:
                     counts.add_tokens(pa.array(bucketize(x)))
 
+    def merge_counts(
+        self,
+        name: str,
+        values: pa.Array,
+        counts: np.ndarray,
+        *,
+        longest_bag: int = 0,
+        moments: tuple[float, float, float] | None = None,
+    ) -> None:
+        """Add statistics of field ``name`` counted elsewhere (the streaming store counts
+        provisional ids): distinct ``values`` with their training ``counts``, the longest bag,
+        and ``(n, sum, sum of squares)`` of a value field. ``rows`` is set by the caller."""
+        self._counts[name].add(values, np.asarray(counts))
+        self._longest[name] = max(self._longest[name], int(longest_bag))
+        if moments is not None:
+            self._moments[name] += np.asarray(moments, dtype=np.float64)
+
     def build(self) -> FeatureMap:
         if self.rows == 0:
             raise DataError("no training rows to fit the feature map on")

@@ -62,6 +62,13 @@ def uniform_hash(seed: int, ordinals: np.ndarray, stream: int = 0) -> np.ndarray
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def sequential_bounds(spec: SplitSpec, total: int, valid_fraction: float) -> tuple[int, int]:
+    """``(valid_start, cut)`` of a sequential split of ``total`` rows: ordinals below
+    ``valid_start`` train, ``[valid_start, cut)`` validate, ``cut`` and above test."""
+    cut = int(total * spec.train)
+    return cut - round(cut * valid_fraction), cut
+
+
 def assign(
     spec: SplitSpec,
     ordinals: np.ndarray,
@@ -78,8 +85,7 @@ def assign(
     if spec.kind == "sequential":
         if total is None:
             raise ConfigError("a sequential split needs the total number of rows")
-        cut = int(total * spec.train)
-        valid_start = cut - round(cut * valid_fraction)
+        valid_start, cut = sequential_bounds(spec, total, valid_fraction)
         codes[ordinals >= valid_start] = VALID
         codes[ordinals >= cut] = TEST
         return codes

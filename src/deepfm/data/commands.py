@@ -1,0 +1,85 @@
+"""``deepfm prepare``: stream raw files into an encoded store (see :mod:`deepfm.data.prepare`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register_commands(subparsers) -> None:
+    from deepfm.data.formats import format_descriptions
+
+    formats = format_descriptions()
+    parser = subparsers.add_parser(
+        "prepare",
+        help="stream raw files into an encoded store (bounded memory)",
+        description="Read raw files once, fit the feature map on the training rows, and write "
+        "the encoded splits as memory-mapped arrays plus a JSON manifest. Formats: "
+        + "; ".join(f"{k}: {v}" for k, v in formats.items()),
+    )
+    parser.add_argument("--format", default="criteo", choices=sorted(formats))
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help="input file(s)")
+    parser.add_argument("--out", required=True, metavar="STORE", help="store directory to write")
+    parser.add_argument(
+        "--split", default="random:0.9", help="random:0.9 (default), sequential:6/7, or none"
+    )
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.1,
+        help="share of the training part kept for validation (sequential: its last rows)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    parser.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
+    parser.add_argument("--schema", help="YAML schema (needed by --format csv and parquet)")
+    parser.add_argument(
+        "--bad-rows",
+        choices=("error", "skip"),
+        default="error",
+        help="stop on the first malformed row (default) or skip and count malformed rows",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("--ratings", help="movielens-100k: ratings file name (default u.data)")
+    parser.add_argument("--featindex", help="ipinyou: feature dictionary (default: beside data)")
+    parser.add_argument("--block-mb", type=int, default=16, help="bytes parsed per block (MiB)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    parser.set_defaults(handler=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from deepfm.data.formats import get_format
+    from deepfm.data.prepare import prepare_store, print_summary
+    from deepfm.data.reader import BadRows
+    from deepfm.data.schema import load_schema
+    from deepfm.data.splits import SplitSpec
+    from deepfm.errors import ConfigError
+
+    if args.block_mb < 1:
+        raise ConfigError("--block-mb must be at least 1")
+    schema = load_schema(args.schema) if args.schema else None
+    data_format = get_format(args.format, schema, ratings=args.ratings, featindex=args.featindex)
+    split = SplitSpec.parse(args.split)
+    say = None if args.quiet else (lambda text: print(text, file=sys.stderr))
+    result = prepare_store(
+        data_format,
+        args.input,
+        args.out,
+        split=split,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+        min_count=args.min_count,
+        bad_rows=BadRows(args.bad_rows),
+        overwrite=args.overwrite,
+        block_bytes=args.block_mb << 20,
+        progress=say,
+    )
+    manifest = result.manifest
+    if args.json:
+        keys = ("rows", "bad_rows", "rows_per_s", "seconds", "num_features", "field_cardinalities")
+        print(json.dumps({k: manifest[k] for k in keys} | {"store": str(result.path)}))
+    else:
+        print_summary(manifest)
+        print(f"store written to {result.path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,358 @@
+"""The encoded store: a directory of raw little-endian arrays plus a JSON manifest.
+
+Layout of a store ``STORE/``::
+
+    manifest.json            feature map, cardinalities, split sizes, row and bad-row counts,
+                             source files with their sha256, rows_per_s, and every array below
+    train/ids.i32            int32   [rows, slots]   global feature ids (field offset + local id)
+    train/values.f32         float32 [rows, slots]   only when the feature map ``needs_values``
+    train/labels.f32         float32 [rows]          absent for unlabeled input
+    train/lines.i64          int64   [rows]          1-based line (row) of the source file
+    train/ordinals.i64       int64   [rows]          ordinal of the row among all input rows
+    valid/...  test/...      the same per split; each split is contiguous in its own files
+
+Arrays are plain C-ordered binary files, opened as :class:`numpy.memmap` (copy-on-write, so
+PyTorch can wrap them without copying). Writing is atomic: everything goes into a hidden
+temporary sibling ``.STORE.partial-<pid>-<random>``, the manifest is written last, and the
+directory is renamed into place; an interrupted ``prepare`` therefore leaves no directory that
+looks like a store. Replacing an existing store needs ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepfm.data.encoded import EncodedArrays
+from deepfm.data.featuremap import FeatureMap
+from deepfm.data.pipeline import Dataset
+from deepfm.data.reader import BadRows
+from deepfm.errors import ConfigError, DataError
+
+MANIFEST = "manifest.json"
+STORE_FORMAT = "deepfm-store"
+STORE_VERSION = 1
+SPLITS = ("train", "valid", "test")
+#: array name → (file suffix, dtype); ``ids``/``values`` are 2-D ``[rows, slots]``
+ARRAYS: dict[str, tuple[str, str]] = {
+    "ids": ("i32", "<i4"),
+    "values": ("f32", "<f4"),
+    "labels": ("f32", "<f4"),
+    "lines": ("i64", "<i8"),
+    "ordinals": ("i64", "<i8"),
+}
+_PARTIAL = ".partial-"
+
+
+def array_file(split: str, name: str) -> str:
+    return f"{split}/{name}.{ARRAYS[name][0]}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, separators=(",", ":"))
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def is_store(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class StoreWriter:
+    """Writes a store into a temporary sibling directory; :meth:`commit` moves it into place.
+
+    Use as a context manager: leaving the block with an exception removes the partial
+    directory. Arrays are appended block by block with :meth:`append`, or written at offsets
+    with :meth:`open_array` (pre-sized files for parallel writers).
+    """
+
+    def __init__(self, out: str | Path, *, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        if self.out.exists():
+            if not (self.out.is_dir() and (is_store(self.out) or not any(self.out.iterdir()))):
+                raise ConfigError(
+                    f"{self.out} exists and is not a store: choose another --out "
+                    "(a store is only ever written to a new or store directory)"
+                )
+            if is_store(self.out) and not overwrite:
+                raise ConfigError(
+                    f"store {self.out} already exists: pass --overwrite to replace it"
+                )
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_partials()
+        self.tmp = (
+            self.out.parent / f".{self.out.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+        )
+        self.tmp.mkdir()
+        self._handles: dict[str, Any] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.committed = False
+
+    def _remove_stale_partials(self) -> None:
+        """Remove partial stores left by killed runs (their process no longer exists)."""
+        for partial in self.out.parent.glob(f".{self.out.name}{_PARTIAL}*"):
+            pid_text = partial.name.rsplit(_PARTIAL, 1)[1].split("-", 1)[0]
+            try:
+                os.kill(int(pid_text), 0)
+            except (ValueError, ProcessLookupError):
+                shutil.rmtree(partial, ignore_errors=True)
+            except PermissionError:  # another user's live process
+                continue
+
+    def path(self, relative: str) -> Path:
+        return self.tmp / relative
+
+    def append(self, relative: str, array: np.ndarray) -> None:
+        """Append the raw bytes of ``array`` (C order) to the file ``relative``.
+
+        The write happens in a background thread (file writes release the GIL), in call order;
+        ``array`` must not be modified afterwards. Errors surface on the next call.
+        """
+        self._raise_write_error()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_loop, daemon=True)
+            self._thread.start()
+        self._queue.put((relative, np.ascontiguousarray(array)))
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            relative, array = item
+            if self._error is not None:
+                continue
+            try:
+                handle = self._handles.get(relative)
+                if handle is None:
+                    target = self.path(relative)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    handle = self._handles[relative] = open(target, "ab")  # noqa: SIM115
+                array.tofile(handle)
+            except BaseException as exc:  # surfaced by the caller's next call
+                self._error = exc
+
+    def _raise_write_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, OSError):
+                raise DataError(f"writing the store failed: {error}", path=str(self.out)) from error
+            raise error
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def close_files(self) -> None:
+        """Wait for pending writes, then flush, fsync and close every appended file."""
+        self._stop_thread()
+        for handle in self._handles.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        self._handles.clear()
+        self._raise_write_error()
+
+    def remove(self, relative: str) -> None:
+        self.close_files()
+        handle = self._handles.pop(relative, None)
+        if handle is not None:
+            handle.close()
+        target = self.path(relative)
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        """fsync every file, write the manifest last, then rename the directory into place."""
+        self.close_files()
+        for root, _, files in os.walk(self.tmp):
+            for name in files:
+                with open(Path(root) / name, "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_dir(Path(root))
+        write_json_atomic(self.tmp / MANIFEST, manifest)
+        _fsync_dir(self.tmp)
+        if self.out.exists():
+            # swap: move the old store aside (still complete), move the new one in, drop the old
+            trash = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            self.out.rename(trash)
+            self.tmp.rename(self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            self.tmp.rename(self.out)
+        _fsync_dir(self.out.parent)
+        self.committed = True
+        return self.out
+
+    def abort(self) -> None:
+        self._stop_thread()
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``world`` reads the contiguous rows ``[start, stop)`` of a split."""
+
+    rank: int = 0
+    world: int = 1
+
+    def bounds(self, rows: int) -> tuple[int, int]:
+        return rows * self.rank // self.world, rows * (self.rank + 1) // self.world
+
+
+class Store:
+    """A prepared store, read-only. ``Store.open(path)`` validates the manifest and the files."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._feature_map: FeatureMap | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            partial = any(path.parent.glob(f".{path.name}{_PARTIAL}*"))
+            hint = " (a partial, interrupted prepare exists: run it again)" if partial else ""
+            raise DataError(f"not a store: {MANIFEST} is missing{hint}", path=str(path))
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(
+                f"the store manifest is not valid JSON: {exc}", path=str(path)
+            ) from None
+        if manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
+            raise DataError(
+                f"unsupported store (format {manifest.get('format')!r}, version "
+                f"{manifest.get('version')!r}; this version reads {STORE_FORMAT} {STORE_VERSION})",
+                path=str(path),
+            )
+        store = cls(path, manifest)
+        for split, arrays in manifest["arrays"].items():
+            for name, meta in arrays.items():
+                expected = int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
+                file = path / meta["file"]
+                actual = file.stat().st_size if file.exists() else -1
+                if actual != expected:
+                    raise DataError(
+                        f"store array {split}/{name} has {actual} bytes, the manifest says "
+                        f"{expected}: the store is damaged, prepare it again",
+                        path=str(file),
+                    )
+        return store
+
+    @property
+    def feature_map(self) -> FeatureMap:
+        if self._feature_map is None:
+            self._feature_map = FeatureMap.from_dict(self.manifest["feature_map"])
+        return self._feature_map
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.manifest.get("labeled", True))
+
+    def rows(self, split: str) -> int:
+        return int(self.manifest["rows"].get(split, 0))
+
+    def _array(self, split: str, name: str, start: int, stop: int) -> np.ndarray | None:
+        meta = self.manifest["arrays"].get(split, {}).get(name)
+        if meta is None:
+            return None
+        shape = tuple(meta["shape"])
+        if shape[0] == 0:
+            return np.zeros((0, *shape[1:]), dtype=meta["dtype"])
+        full = np.memmap(self.path / meta["file"], dtype=meta["dtype"], mode="c", shape=shape)
+        return full[start:stop]
+
+    def split(self, split: str, shard: Shard | None = None) -> EncodedArrays:
+        """Split ``split`` (or a rank's contiguous shard of it) as memory-mapped arrays."""
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; a store has {', '.join(SPLITS)}")
+        rows = self.rows(split)
+        start, stop = (shard or Shard()).bounds(rows)
+        slots = self.feature_map.num_slots
+        ids = self._array(split, "ids", start, stop)
+        if ids is None:
+            ids = np.zeros((0, slots), np.int32)
+        values = self._array(split, "values", start, stop)
+        if values is None and self.feature_map.needs_values:
+            values = np.zeros((0, slots), np.float32)
+        labels = self._array(split, "labels", start, stop)
+        if labels is None and self.labeled:
+            labels = np.zeros(0, np.float32)
+        lines = self._array(split, "lines", start, stop)
+        return EncodedArrays(
+            ids, values, labels, lines if lines is not None else np.zeros(0, np.int64)
+        )
+
+    def ordinals(self, split: str) -> np.ndarray:
+        out = self._array(split, "ordinals", 0, self.rows(split))
+        return out if out is not None else np.zeros(0, np.int64)
+
+    def bad_rows(self) -> BadRows:
+        """The bad-row tally recorded at preparation (counts and examples)."""
+        recorded = self.manifest.get("bad_rows", {})
+        tally = BadRows("skip")
+        tally.by_reason.update(recorded.get("by_reason", {}))
+        tally.examples = list(recorded.get("examples", []))
+        return tally
+
+    def dataset(self, shard: Shard | None = None) -> Dataset:
+        """The splits as a :class:`~deepfm.data.pipeline.Dataset` of memory-mapped arrays (the
+        trainer reads them like in-memory arrays; pages load on first use)."""
+        test = self.split("test", shard) if self.rows("test") else None
+        return Dataset(
+            self.feature_map,
+            self.split("train", shard),
+            self.split("valid", shard),
+            test,
+            self.bad_rows(),
+        )
+
+    def iter_splits(self) -> Iterator[tuple[str, EncodedArrays]]:
+        for split in SPLITS:
+            if self.rows(split):
+                yield split, self.split(split)
+
+
+def open_store(path: str | Path) -> Store:
+    return Store.open(path)

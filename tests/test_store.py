@@ -1,0 +1,349 @@
+"""The streaming store: identical to the in-memory path, splits proven, atomic, validated."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import REPO, criteo_line, shared_file
+from deepfm.cli import main
+from deepfm.data.formats import DataFormat, get_format, table_chunk
+from deepfm.data.pipeline import load_dataset
+from deepfm.data.prepare import DistinctValues, KeyTable, prepare_store, string_keys
+from deepfm.data.reader import BadRows
+from deepfm.data.schema import FieldSpec, Schema
+from deepfm.data.splits import SplitSpec
+from deepfm.data.store import SPLITS, Store, is_store
+from deepfm.errors import ConfigError, DataError
+
+REAL = {
+    "criteo": ("criteo", "criteo_train_sample.txt"),
+    "criteo-csv": ("criteo", "criteo_sample_deepctr.txt"),
+    "avazu": ("avazu", "avazu_train_sample.csv"),
+    "frappe": ("frappe", "frappe.validation.libfm"),
+    "ipinyou": ("ipinyou", "train.fm.txt"),
+    "movielens-100k": ("movielens_100k",),
+}
+
+
+def prepared(tmp_path: Path, fmt: str, paths, split="random:0.9", **options):
+    return prepare_store(
+        get_format(fmt),
+        [str(p) for p in paths],
+        tmp_path / "store",
+        split=SplitSpec.parse(split),
+        valid_fraction=0.1,
+        seed=3,
+        **options,
+    )
+
+
+def assert_same(store: Store, dataset) -> None:
+    assert store.feature_map.to_dict() == dataset.feature_map.to_dict()
+    for split in SPLITS:
+        a, b = store.split(split), getattr(dataset, split)
+        assert isinstance(a.ids, np.memmap) or len(a) == 0
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.lines, b.lines)
+        if b.values is None:
+            assert a.values is None
+        else:
+            np.testing.assert_array_equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("split", ["random:0.9", "sequential:6/7"])
+@pytest.mark.parametrize("fmt", sorted(REAL))
+def test_store_encodes_every_real_sample_exactly_as_the_in_memory_path(tmp_path, fmt, split):
+    path = shared_file(*REAL[fmt])
+    result = prepared(tmp_path, fmt, [path], split)
+    dataset = load_dataset(
+        get_format(fmt), [str(path)], split=SplitSpec.parse(split), valid_fraction=0.1, seed=3
+    )
+    store = Store.open(result.path)
+    assert_same(store, dataset)
+    rows = result.manifest["rows"]
+    assert rows["train"] + rows["valid"] + rows["test"] == rows["total"] > 0
+    assert rows["bad"] == 0 and result.manifest["rows_per_s"] > 0
+
+
+def test_manifest_records_sources_cardinalities_and_counts(tmp_path, criteo_train):
+    manifest = prepared(tmp_path, "criteo", [criteo_train]).manifest
+    on_disk = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert on_disk == manifest
+    (source,) = manifest["sources"]
+    assert source["sha256"] == hashlib.sha256(criteo_train.read_bytes()).hexdigest()
+    assert source["rows"] == 11212 and source["bytes"] == criteo_train.stat().st_size
+    sizes = manifest["field_cardinalities"]
+    assert list(sizes) == [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    assert sum(sizes.values()) == manifest["num_features"]
+    assert manifest["split"]["spec"] == "random:9/10" and manifest["labeled"] is True
+    store = Store.open(tmp_path / "store")
+    assert store.split("train").ids.dtype == np.int32 and store.split("train").values is None
+
+
+def test_random_split_is_disjoint_complete_and_seeded(tmp_path, criteo_train):
+    store = Store.open(prepared(tmp_path, "criteo", [criteo_train]).path)
+    ordinals = [store.ordinals(s) for s in SPLITS]
+    joined = np.concatenate(ordinals)
+    # complete: every input row once; disjoint: no ordinal twice
+    np.testing.assert_array_equal(np.sort(joined), np.arange(11212))
+    for part in ordinals:  # each split keeps file order
+        assert np.all(np.diff(part) > 0)
+    # 1,112 test rows of 11,212: Bernoulli(0.1) std 32 rows, so ±160 is 5 sigma
+    assert abs(len(ordinals[2]) - 1121) < 160
+    again = prepare_store(
+        get_format("criteo"),
+        [str(criteo_train)],
+        tmp_path / "other",
+        split=SplitSpec.parse("random:0.9"),
+        seed=4,
+    )
+    other = Store.open(again.path).ordinals("test")
+    assert len(np.intersect1d(other, ordinals[2])) < 0.3 * len(other)
+
+
+def test_sequential_split_puts_every_test_row_after_every_training_row(tmp_path, criteo_train):
+    store = Store.open(prepared(tmp_path, "criteo", [criteo_train], "sequential:6/7").path)
+    train, valid, test = (store.ordinals(s) for s in SPLITS)
+    assert train.max() < valid.min() and valid.max() < test.min()
+    cut = 11212 * 6 // 7
+    assert len(test) == 11212 - cut and len(train) + len(valid) == cut
+    np.testing.assert_array_equal(np.concatenate([train, valid, test]), np.arange(11212))
+    lines = np.concatenate([store.split(s).lines for s in SPLITS])
+    assert np.all(np.diff(lines) > 0)  # file order
+
+
+def test_sequential_split_with_skipped_rows_counts_good_rows_only(tmp_path):
+    lines = [criteo_line(i % 2) for i in range(70)]
+    lines[10] = "broken\n"
+    path = tmp_path / "data.txt"
+    path.write_text("".join(lines))
+    result = prepared(tmp_path, "criteo", [path], "sequential:6/7", bad_rows=BadRows("skip"))
+    rows = result.manifest["rows"]
+    assert rows["total"] == 69 and rows["bad"] == 1 and rows["test"] == 69 - 69 * 6 // 7
+    assert result.manifest["bad_rows"]["by_reason"] == {"wrong_column_count": 1}
+    store = Store.open(result.path)
+    assert 11 not in np.concatenate([store.split(s).lines for s in SPLITS])
+
+
+def test_existing_store_needs_overwrite_and_other_directories_are_refused(tmp_path, criteo_train):
+    prepared(tmp_path, "criteo", [criteo_train])
+    with pytest.raises(ConfigError, match="--overwrite"):
+        prepared(tmp_path, "criteo", [criteo_train])
+    prepared(tmp_path, "criteo", [criteo_train], "sequential:6/7", overwrite=True)
+    assert Store.open(tmp_path / "store").manifest["split"]["spec"] == "sequential:6/7"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a store"):
+        prepare_store(
+            get_format("criteo"),
+            [str(criteo_train)],
+            tmp_path / "mine",
+            split=SplitSpec.parse("none"),
+            overwrite=True,
+        )
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "store"]  # no partial left
+
+
+class _FailingFormat(DataFormat):
+    """Yields real chunks, then fails (a crash in the middle of a prepare)."""
+
+    name = "failing"
+
+    def read_file(self, path, bad_rows, *, block_bytes, digests=None):
+        table = pa.table({"x": pa.array(["a", "b"] * 50), "label": pa.array([0.0, 1.0] * 50)})
+        yield table_chunk(table, str(path))
+        raise DataError("disk went away", path=str(path))
+
+
+def test_a_failed_prepare_leaves_nothing_that_looks_like_a_store(tmp_path):
+    fmt = _FailingFormat(Schema((FieldSpec("x"),)))
+    with pytest.raises(DataError, match="disk went away"):
+        prepare_store(fmt, ["in"], tmp_path / "store", split=SplitSpec.parse("none"))
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED = textwrap.dedent(
+    """
+    import sys, time, pyarrow as pa
+    from deepfm.data.formats import DataFormat, table_chunk
+    from deepfm.data.prepare import prepare_store
+    from deepfm.data.schema import FieldSpec, Schema
+    from deepfm.data.splits import SplitSpec
+
+    class Stalling(DataFormat):
+        name = "stalling"
+        def read_file(self, path, bad_rows, *, block_bytes, digests=None):
+            table = pa.table({"x": ["a", "b"] * 5000, "label": [0.0, 1.0] * 5000})
+            yield table_chunk(table, str(path))
+            yield table_chunk(table, str(path))
+            open(sys.argv[2], "w").close()  # the store's files are being written: kill me now
+            time.sleep(60)
+
+    prepare_store(Stalling(Schema((FieldSpec("x"),))), ["in"], sys.argv[1],
+                  split=SplitSpec.parse("random:0.9"))
+    """
+)
+
+
+def written(folder: Path) -> bool:
+    return any(p.is_file() and p.stat().st_size for p in folder.glob(".store.partial-*/**/*"))
+
+
+def test_kill_9_mid_prepare_leaves_no_store_and_the_rerun_cleans_up(tmp_path, criteo_train):
+    store, ready = tmp_path / "store", tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    child = subprocess.Popen([sys.executable, "-c", KILLED, str(store), str(ready)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (ready.exists() and written(tmp_path)):  # killed while writing its files
+            assert child.poll() is None and time.monotonic() < deadline, "child never got ready"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not store.exists() and not is_store(store)
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".store.partial-")]
+    assert len(partial) == 1
+    with pytest.raises(DataError, match="interrupted prepare"):
+        Store.open(store)
+    prepared(tmp_path, "criteo", [criteo_train])
+    assert is_store(store)
+    assert not any(p.name.startswith(".store.partial-") for p in tmp_path.iterdir())
+
+
+def test_a_damaged_store_is_refused(tmp_path, criteo_train):
+    path = prepared(tmp_path, "criteo", [criteo_train]).path
+    ids = path / "train" / "ids.i32"
+    ids.write_bytes(ids.read_bytes()[:-4])
+    with pytest.raises(DataError, match="damaged"):
+        Store.open(path)
+    with pytest.raises(DataError, match="not a store"):
+        Store.open(tmp_path)
+
+
+def test_unlabeled_input_makes_an_unlabeled_store(tmp_path, criteo_test_unlabeled):
+    result = prepared(tmp_path, "criteo", [criteo_test_unlabeled], "none")
+    store = Store.open(result.path)
+    assert not store.labeled and store.split("train").labels is None
+    assert result.manifest["rows"]["train"] + result.manifest["rows"]["valid"] == 9999
+    assert not (result.path / "train" / "labels.f32").exists()
+
+
+def test_mixing_labeled_and_unlabeled_files_is_refused(
+    tmp_path, criteo_train, criteo_test_unlabeled
+):
+    with pytest.raises(ConfigError, match="label column"):
+        prepared(tmp_path, "criteo", [criteo_train, criteo_test_unlabeled])
+
+
+def test_several_input_files_keep_their_own_line_numbers(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(criteo_line(i % 2) for i in range(30)))
+    b.write_text("".join(criteo_line(i % 2) for i in range(20)))
+    result = prepared(tmp_path, "criteo", [a, b], "sequential:4/5")
+    store = Store.open(result.path)
+    lines = np.concatenate([store.split(s).lines for s in SPLITS])
+    np.testing.assert_array_equal(lines, np.r_[1:31, 1:21])
+    assert [s["rows"] for s in result.manifest["sources"]] == [30, 20]
+
+
+BAGS = Schema(
+    (
+        FieldSpec("tags", kind="multi", separator="|", pooling="mean", max_len=2),
+        FieldSpec("price", kind="numeric", numeric="value"),
+        FieldSpec("shop"),
+    ),
+    min_count=1,
+)
+
+
+def test_bags_value_fields_and_truncation_match_the_in_memory_encoder(tmp_path):
+    path = tmp_path / "data.csv"
+    rows = ["label,tags,price,shop"]
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        tags = "|".join(f"t{t}" for t in rng.integers(0, 40, rng.integers(0, 5)))
+        price = "" if i % 17 == 0 else f"{rng.normal(5, 2):.3f}"
+        rows.append(f"{i % 2},{tags},{price},s{rng.integers(0, 30)}")
+    path.write_text("\n".join(rows) + "\n")
+    fmt = get_format("csv", BAGS)
+    for split in ("random:0.8", "sequential:3/4"):
+        spec = SplitSpec.parse(split)
+        result = prepare_store(
+            fmt, [str(path)], tmp_path / split.replace(":", "_").replace("/", "_"), split=spec
+        )
+        dataset = load_dataset(fmt, [str(path)], split=spec)
+        store = Store.open(result.path)
+        assert store.feature_map.num_slots == 4 and store.feature_map.needs_values
+        assert_same(store, dataset)
+        # bags longer than max_len 2 among the training rows are counted
+        assert result.manifest["truncated_bags"]["tags"] > 0
+
+
+def test_string_keys_and_distinct_values_are_exact():
+    words = pa.array(["", "a", "ab", "abcdefgh", "abcdefghi", "é", "abcdefgh" * 3, "a\x00"])
+    keys, lengths = string_keys(words)
+    assert len(set(keys.tolist())) == len(words) and lengths.tolist()[:3] == [0, 1, 2]
+    np.testing.assert_array_equal(string_keys(words.slice(3, 2))[0], keys[3:5])  # offsets
+    distinct = DistinctValues("f", "string")
+    first = distinct.ids_of(pa.array(["x", "y", "x", "zzzzzzzzzz"]))
+    assert first.tolist() == [1, 2, 1, 3]
+    assert distinct.ids_of(pa.array(["zzzzzzzzzz", "new", "y"])).tolist() == [3, 4, 2]
+    assert distinct.values.to_pylist() == ["x", "y", "zzzzzzzzzz", "new"]
+    table = KeyTable(bits=4)  # grows from 16 slots while inserting
+    keys = np.random.default_rng(1).integers(0, 2**63, 5000).astype(np.uint64)
+    keys = np.unique(keys)
+    table.insert(keys[:4000], np.arange(1, 4001, dtype=np.int32))
+    found = table.lookup(keys)
+    np.testing.assert_array_equal(found[:4000], np.arange(1, 4001))
+    assert not found[4000:].any()
+
+
+def test_cli_prepare_then_train_from_store_then_predict_unlabeled(
+    tmp_path, capsys, criteo_train, criteo_test_unlabeled
+):
+    store, bundle = tmp_path / "store", tmp_path / "bundle"
+    assert main(["prepare", "--input", str(criteo_train), "--out", str(store), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "train" in printed and "rows_per_s" in printed
+    assert main(["prepare", "--input", str(criteo_train), "--out", str(store)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    fast = ["--epochs", "1", "--hidden", "16", "--quiet", "--batch-size", "512"]
+    assert main(["train", "--store", str(store), "--out", str(bundle), *fast]) == 0
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert metrics["rows"]["train"] == manifest["rows"]["train"]
+    assert 0.5 < metrics["test"]["auc"] <= 1
+    assert main(["train", "--store", str(store), "--data", "x", "--out", "b", *fast]) == 2
+    assert "cannot be combined with --store" in capsys.readouterr().err
+    out = tmp_path / "p.txt"
+    assert main(["predict", "--model", str(bundle), "--data", str(criteo_test_unlabeled),
+                 "--out", str(out)]) == 0  # fmt: skip
+    p = np.loadtxt(out)
+    assert len(p) == 9999 and np.all((p > 0) & (p < 1))
+
+
+def test_prepare_command_starts_without_torch(tmp_path, criteo_csv):
+    code = (
+        "import sys; from deepfm.cli import main; "
+        f"rc = main(['prepare', '--format', 'criteo-csv', '--input', {str(criteo_csv)!r}, "
+        f"'--out', {str(tmp_path / 's')!r}, '--quiet']); "
+        "assert 'torch' not in sys.modules, 'prepare imported torch'; sys.exit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
