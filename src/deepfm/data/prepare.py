@@ -23,11 +23,9 @@ the same feature map, the same ids, values and splits.
 from __future__ import annotations
 
 import os
-import queue
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +57,7 @@ from deepfm.data.store import (
     StoreWriter,
     array_file,
 )
+from deepfm.data.threads import Background
 from deepfm.errors import ConfigError, DataError
 
 _WORK = "_work"
@@ -318,50 +317,6 @@ def _item_positions(lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:
     selected = lengths[rows]
     first = np.repeat(starts[rows] - (np.cumsum(selected) - selected), selected)
     return first + np.arange(int(selected.sum()))
-
-
-class _Background:
-    """Runs an iterator in a thread, ``depth`` items ahead; errors surface in the consumer."""
-
-    _DONE = object()
-
-    def __init__(self, items: Iterable[Any], depth: int = 2) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iter(items),), daemon=True)
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put((True, item)):
-                    return
-        except BaseException as exc:  # re-raised in the consumer
-            self._put((False, exc))
-            return
-        self._put((True, self._DONE))
-
-    def __iter__(self) -> Iterator[Any]:
-        try:
-            while True:
-                ok, item = self._queue.get()
-                if not ok:
-                    raise item
-                if item is self._DONE:
-                    return
-                yield item
-        finally:
-            self._stop.set()
-            self._thread.join()
 
 
 def _read(path: Path, dtype: str, start: int, count: int) -> np.ndarray:
@@ -781,7 +736,7 @@ def prepare_store(
     with StoreWriter(out, overwrite=overwrite) as writer:
         preparer = _Preparer(schema, writer, split, valid_fraction, seed)
         chunks = data_format.read(paths, bad_rows, **read_options)
-        for chunk in _Background(chunks, depth=1):
+        for chunk in Background(chunks, depth=1):
             preparer.add(chunk)
         if preparer.rows == 0:
             raise DataError("the input holds no usable rows", path=str(paths[0]) if paths else None)
