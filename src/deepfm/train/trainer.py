@@ -25,12 +25,15 @@ from deepfm.nn import regularization
 from deepfm.train.metrics import auc_logloss
 from deepfm.train.optim import FTRL
 
-DEFAULT_LR = {"adam": 1e-3, "ftrl": 0.05}
+# Adam 3e-3 rather than the usual 1e-3: measured on the 10k-row Criteo sample and the app market
+# (README, "How the defaults were chosen"), 1e-3 often stalls on the LR-like plateau and stops
+# early on small data, while decay on plateau brings the rate down where more data allows.
+DEFAULT_LR = {"adam": 3e-3, "ftrl": 0.05}
 
 
 @dataclass
 class TrainConfig:
-    """How to train. ``lr`` None means the optimiser's default (Adam 1e-3, FTRL α = 0.05).
+    """How to train. ``lr`` None means the optimiser's default (Adam 3e-3, FTRL α = 0.05).
 
     Early stopping watches validation AUC: training stops after ``patience`` epochs without a
     new best, and the best epoch's weights are restored. The learning rate is multiplied by
