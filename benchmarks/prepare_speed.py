@@ -70,12 +70,13 @@ def parse_only(path: str) -> None:
     print(sum(batch.num_rows for batch in reader))
 
 
-def generate(path: Path, rows: int, seed: int) -> float:
+def generate(path: Path, rows: int, seed: int, cap: int) -> float:
     if path.exists() and path.stat().st_size > rows * 200:
         return 0.0
     started = time.perf_counter()
     command = [sys.executable, str(HERE / "make_criteo.py"), str(path), "--rows", str(rows)]
-    subprocess.run([*command, "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
+    command += ["--seed", str(seed), "--vocab-cap", str(cap)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--small-rows", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-cap", type=int, default=200_000, help="see make_criteo.py")
     parser.add_argument("--workdir", default="/tmp/deepfm-bench")
     parser.add_argument("--keep", action="store_true", help="keep generated files")
     parser.add_argument("--json", default="benchmarks/results/prepare_speed.json")
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
     }
     for rows in sorted({args.small_rows, args.rows}):
-        data = work / f"criteo_{rows}_{args.seed}.txt"
-        generated = generate(data, rows, args.seed)
+        data = work / f"criteo_{rows}_{args.seed}_cap{args.vocab_cap}.txt"
+        generated = generate(data, rows, args.seed, args.vocab_cap)
         store = work / f"store_{rows}"
         entry: dict = {"rows": rows, "bytes": data.stat().st_size}
         if generated:
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows_per_s_in_manifest": summary["rows_per_s"],
             "splits": {k: summary["rows"][k] for k in ("train", "valid", "test")},
             "num_features": summary["num_features"],
+            "distinct_values": sum(summary["distinct_values"].values()),
         }
         entry["store_bytes"] = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         shutil.rmtree(store)

@@ -301,16 +301,31 @@ def test_string_keys_and_distinct_values_are_exact():
     np.testing.assert_array_equal(string_keys(words.slice(3, 2))[0], keys[3:5])  # offsets
     distinct = DistinctValues("f", "string")
     first = distinct.ids_of(pa.array(["x", "y", "x", "zzzzzzzzzz"]))
-    assert first.tolist() == [1, 2, 1, 3]
-    assert distinct.ids_of(pa.array(["zzzzzzzzzz", "new", "y"])).tolist() == [3, 4, 2]
-    assert distinct.values.to_pylist() == ["x", "y", "zzzzzzzzzz", "new"]
+    assert first[0] == first[2] and len({*first.tolist()}) == 3 and sorted({*first}) == [1, 2, 3]
+    again = distinct.ids_of(pa.array(["zzzzzzzzzz", "new", "y"]))
+    assert again[0] == first[3] and again[2] == first[1] and again[1] == 4
+    stored = distinct.values.to_pylist()
+    assert [stored[i - 1] for i in [*first, *again]] == [
+        "x",
+        "y",
+        "x",
+        "zzzzzzzzzz",
+        "zzzzzzzzzz",
+        "new",
+        "y",
+    ]
     table = KeyTable(bits=4)  # grows from 16 slots while inserting
-    keys = np.random.default_rng(1).integers(0, 2**63, 5000).astype(np.uint64)
-    keys = np.unique(keys)
-    table.insert(keys[:4000], np.arange(1, 4001, dtype=np.int32))
+    keys = np.unique(np.random.default_rng(1).integers(0, 2**63, 5000).astype(np.uint64))
+    ids, inserted = table.get_or_insert(np.concatenate([keys[:4000], keys[:10]]))
+    assert sorted(ids[:4000].tolist()) == list(range(1, 4001))  # distinct keys, distinct ids
+    np.testing.assert_array_equal(ids[4000:], ids[:10])  # repeated keys share their id
+    assert len(inserted) == 4000 and np.array_equal(ids[inserted], np.arange(1, 4001))
     found = table.lookup(keys)
-    np.testing.assert_array_equal(found[:4000], np.arange(1, 4001))
+    np.testing.assert_array_equal(found[:4000], ids[:4000])
     assert not found[4000:].any()
+    again, inserted = table.get_or_insert(keys)
+    np.testing.assert_array_equal(again[:4000], ids[:4000])
+    assert sorted(again[4000:].tolist()) == list(range(4001, 4001 + len(keys) - 4000))
 
 
 def test_cli_prepare_then_train_from_store_then_predict_unlabeled(

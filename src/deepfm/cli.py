@@ -91,6 +91,31 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=default.seed)
     group.add_argument("--threads", type=int, help="torch CPU threads (fix for reproducibility)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+    speed = parser.add_argument_group("speed, scale and checkpoints")
+    speed.add_argument("--device", default=default.device, help="auto, cpu, cuda or cuda:N")
+    speed.add_argument(
+        "--precision", choices=("fp32", "bf16"), default=default.precision, help="bf16: CUDA only"
+    )
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument(
+        "--embedding-updates",
+        choices=("auto", "dense", "sparse"),
+        default=default.embedding_updates,
+        help="Adam on whole tables, or on the rows a batch uses (auto: per device)",
+    )
+    speed.add_argument(
+        "--sync-loading", action="store_true", help="prepare each batch when it is needed"
+    )
+    speed.add_argument(
+        "--lr-scaling",
+        choices=("none", "sqrt", "linear"),
+        default=default.lr_scaling,
+        help="with N processes (torchrun), multiply the learning rate by sqrt(N) or N",
+    )
+    speed.add_argument(
+        "--checkpoint-every", type=int, default=0, metavar="STEPS", help="0: no checkpoints"
+    )
+    speed.add_argument("--resume", metavar="DIR", help="continue from the checkpoints in DIR")
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, fitting: bool) -> None:
@@ -150,7 +175,20 @@ def train_config_from(args: argparse.Namespace):
         seed=args.seed,
         threads=args.threads,
         progress=not args.quiet,
+        **speed_options_from(args),
     )
+
+
+def speed_options_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields of add_train_options' speed group; checkpoints go to
+    ``<--out>/checkpoints`` (or back into the ``--resume`` directory)."""
+    names = ("device", "precision", "compile", "embedding_updates", "sync_loading", "lr_scaling")
+    names += ("checkpoint_every", "resume")
+    options: dict[str, Any] = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    out = getattr(args, "out", None)
+    if options.get("checkpoint_every") and not options.get("resume") and out:
+        options["checkpoint_dir"] = str(Path(out) / "checkpoints")
+    return options
 
 
 def data_format_from(args: argparse.Namespace, default: str = "criteo"):
@@ -185,14 +223,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from deepfm.train.distributed import Distributed, shutdown
+
+    model_config = model_config_from(args)
+    train_config = train_config_from(args)
+    context = Distributed.from_env(train_config.device)  # torchrun: join the process group
+    try:
+        return _train(args, model_config, train_config, context)
+    finally:
+        shutdown()
+
+
+def _train(args, model_config, train_config, context) -> int:
     from deepfm.data.pipeline import load_dataset
     from deepfm.data.reader import BadRows
     from deepfm.data.splits import SplitSpec
     from deepfm.serve.bundle import save_bundle
     from deepfm.train.run import fit_and_evaluate
 
-    model_config = model_config_from(args)
-    train_config = train_config_from(args)
     if args.store:
         dataset, format_name = _store_dataset(args)
     else:
@@ -215,6 +263,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     trained = fit_and_evaluate(dataset, model_config, train_config)
     metrics = trained.metrics
+    if not context.is_main:
+        return 0  # rank 0 writes the bundle and the metrics
     out = save_bundle(
         args.out,
         trained.model,

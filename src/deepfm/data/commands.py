@@ -77,7 +77,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     manifest = result.manifest
     if args.json:
-        keys = ("rows", "bad_rows", "rows_per_s", "seconds", "num_features", "field_cardinalities")
+        keys = ("rows", "bad_rows", "rows_per_s", "seconds", "num_features", "distinct_values")
         print(json.dumps({k: manifest[k] for k in keys} | {"store": str(result.path)}))
     else:
         print_summary(manifest)

@@ -42,10 +42,11 @@ def _rows(array: np.ndarray | None, index: slice | np.ndarray) -> np.ndarray | N
 class BatchLoader:
     """Iterates ``data`` in batches of ``batch_size`` rows.
 
-    ``order``: row order (a permutation, e.g. one per epoch), or None for file order (slices).
-    Rows of a shuffled batch are gathered in increasing row order (sequential reads of the
-    memory map; the batch holds the same rows). ``device``: where batches go. ``depth``:
-    batches prepared ahead in asynchronous mode.
+    ``order``: the rows to read, in order (e.g. a permutation per epoch, or part of one), or
+    None for every row in file order (slices).
+    With ``sort_rows`` the rows of a shuffled batch are gathered in increasing row order
+    (sequential reads of the memory map; the batch holds the same rows, in another order).
+    ``device``: where batches go. ``depth``: batches prepared ahead in asynchronous mode.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class BatchLoader:
         asynchronous: bool = True,
         depth: int = 2,
         drop_last: bool = False,
+        sort_rows: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -68,20 +70,27 @@ class BatchLoader:
         self.asynchronous = asynchronous
         self.depth = depth
         self.drop_last = drop_last
+        self.sort_rows = sort_rows
         self.pin = self.device.type == "cuda" and torch.cuda.is_available()
 
+    @property
+    def rows(self) -> int:
+        """Rows per pass: those of ``order``, or all."""
+        return len(self.data) if self.order is None else len(self.order)
+
     def __len__(self) -> int:
-        rows = len(self.data)
+        rows = self.rows
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
     def _indices(self) -> Iterator[slice | np.ndarray]:
-        rows = len(self.data)
+        rows = self.rows
         for step in range(len(self)):
             start, stop = step * self.batch_size, min(rows, (step + 1) * self.batch_size)
             if self.order is None:
                 yield slice(start, stop)
             else:
-                yield np.sort(self.order[start:stop])
+                chosen = self.order[start:stop]
+                yield np.sort(chosen) if self.sort_rows else chosen
 
     def prepare(self, index: slice | np.ndarray) -> Batch:
         """Gather, convert, pin and start moving one batch."""

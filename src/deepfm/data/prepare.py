@@ -1,23 +1,26 @@
-"""Streaming preparation: raw files → encoded store, in bounded memory, on every core.
+"""Streaming preparation: raw files → encoded store, in bounded memory, on both cores.
 
 The input is parsed once:
 
-1. **Provisional pass.** A background thread reads and parses blocks (PyArrow releases the GIL,
-   so parsing overlaps with the main thread's work); the main thread gives every value a
-   *provisional id*, its rank of first appearance in its field (0 = missing), by hashing each
-   block's distinct values (vectorised) into a growing sorted table, and appends the provisional
-   rows to temporary files, one per split (random split: by the hash of the row's ordinal, as
-   :func:`deepfm.data.splits.assign`), or one in file order (sequential split, whose boundaries
-   need the total: they are fixed after the pass, from the exact count of good rows).
+1. **Provisional pass.** Blocks of the file are parsed by PyArrow in two worker threads (it
+   releases the GIL) and checked by a reader thread (bad rows: stop or skip-and-count), while the
+   main thread gives every value a *provisional id*, its rank of first appearance in its field
+   (0 = missing): each block's distinct values are hashed (vectorised) and looked up in a growing
+   open-addressing table (:class:`KeyTable`). Provisional rows are appended (by a writer thread)
+   to temporary files: one per split for a random split (by the seeded hash of the row's
+   ordinal, exactly :func:`deepfm.data.splits.assign`), one in file order for a sequential split,
+   whose boundaries need the total and are fixed after the pass from the exact count of good rows
+   (:func:`~deepfm.data.splits.sequential_bounds`, no separate line count).
 2. **Counting** on the training rows only: ``bincount`` of their provisional ids. The vocabulary
-   is then fitted exactly as :class:`~deepfm.data.featuremap.FeatureMapBuilder` does (it builds it).
-3. **Encoding pass.** Provisional ids are mapped to final feature ids through one lookup table per
-   field, block by block, by two threads writing at disjoint offsets of the final arrays.
+   is then fitted by :class:`~deepfm.data.featuremap.FeatureMapBuilder` itself, fed with these
+   counts, so both paths apply the same rules (min count, order, bag length, moments).
+3. **Encoding pass.** Provisional ids become final feature ids through one lookup table per field,
+   piece by piece, in two threads writing at disjoint offsets of the final arrays.
 
-Memory holds one parsed block per thread, the distinct values of every field (their hashes,
-provisional ids, the strings, counts) and one encoding block per thread: it does not grow with
-the number of rows. The store is identical to what the in-memory path (``train --data``) encodes:
-the same feature map, the same ids, values and splits.
+Memory holds the blocks in flight (two parsing, one checked, one encoded), the distinct values
+of every field (hash table, strings, counts) and one encoding piece per thread: it grows with the
+vocabularies, not with the number of rows. The store is identical to what the in-memory path
+(``train --data``) encodes: the same feature map, ids, values, labels and splits.
 """
 
 from __future__ import annotations
@@ -116,22 +119,49 @@ def string_keys(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 class KeyTable:
-    """uint64 key → int32 id (ids ≥ 1), an open-addressing hash table with vectorised probes.
+    """uint64 key → id (1, 2, ... in order of insertion), an open-addressing hash table whose
+    probes run for all pending keys at once (vectorised), one slot further per round.
 
-    Linear probing at load ≤ 1/2; slots hold the key and the id (0 = empty). Lookups and
-    inserts probe all pending keys at once, one slot further per round.
+    Slots hold ids only (int32, 0 = empty; load ≤ 1/2); each id's key is kept in a dense array,
+    so a distinct value costs 8 bytes of key plus 8 to 16 bytes of slots.
     """
 
     _FIB = np.uint64(0x9E3779B97F4A7C15)
 
     def __init__(self, bits: int = 12) -> None:
         self.bits = bits
-        self.keys = np.zeros(1 << bits, np.uint64)
-        self.ids = np.zeros(1 << bits, np.int32)
+        self.slots = np.zeros(1 << bits, np.int32)
+        self._owner = np.full(1 << bits, -1, np.int32)  # scratch: who claims a free slot
+        self._keys = np.zeros(1 << 10, np.uint64)  # key of id i at [i]; [0] unused
         self.count = 0
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         return ((keys * self._FIB) >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def _grow(self, extra: int) -> None:
+        if 2 * (self.count + extra) > len(self.slots):
+            while 2 * (self.count + extra) > (1 << self.bits):
+                self.bits += 1
+            self.slots = np.zeros(1 << self.bits, np.int32)
+            self._owner = np.full(1 << self.bits, -1, np.int32)
+            ids = np.arange(1, self.count + 1, dtype=np.int32)
+            self._place(self._keys[1 : self.count + 1], ids)
+        if self.count + extra + 1 > len(self._keys):
+            keys = np.zeros(max(2 * len(self._keys), self.count + extra + 1), np.uint64)
+            keys[: len(self._keys)] = self._keys
+            self._keys = keys
+
+    def _place(self, keys: np.ndarray, ids: np.ndarray) -> None:
+        """Put distinct, absent keys with their ids into free slots."""
+        mask = (1 << self.bits) - 1
+        slot = self._home(keys)
+        while len(ids):
+            free = self.slots[slot] == 0
+            candidates = np.flatnonzero(free)
+            self.slots[slot[candidates]] = ids[candidates]  # the last writer of a slot wins
+            won = np.zeros(len(ids), bool)
+            won[candidates] = self.slots[slot[candidates]] == ids[candidates]
+            keys, ids, slot = keys[~won], ids[~won], (slot[~won] + 1) & mask
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Id of each key, 0 where absent."""
@@ -139,43 +169,55 @@ class KeyTable:
         out = np.zeros(len(keys), np.int32)
         pending, slot = np.arange(len(keys)), self._home(keys)
         while len(pending):
-            ids = self.ids[slot]
-            hit = (ids != 0) & (self.keys[slot] == keys)
+            ids = self.slots[slot]
+            hit = (ids != 0) & (self._keys[ids] == keys)
             out[pending[hit]] = ids[hit]
             go_on = (ids != 0) & ~hit
             pending, slot, keys = pending[go_on], (slot[go_on] + 1) & mask, keys[go_on]
         return out
 
-    def insert(self, keys: np.ndarray, ids: np.ndarray) -> None:
-        """Insert distinct keys that are absent."""
-        if 2 * (self.count + len(keys)) > len(self.ids):
-            used = self.ids != 0
-            old_keys, old_ids = self.keys[used], self.ids[used]
-            while 2 * (self.count + len(keys)) > (1 << self.bits):
-                self.bits += 1
-            self.keys = np.zeros(1 << self.bits, np.uint64)
-            self.ids = np.zeros(1 << self.bits, np.int32)
-            self.count = 0
-            self.insert(old_keys, old_ids)
+    def get_or_insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(id of each key, positions of the keys that were inserted, in id order). Absent keys
+        get the next ids; equal keys in one call share one id."""
+        self._grow(len(keys))
         mask = (1 << self.bits) - 1
-        slot = self._home(keys)
-        self.count += len(keys)
-        while len(keys):
-            empty = np.flatnonzero(self.ids[slot] == 0)
-            _, first = np.unique(slot[empty], return_index=True)  # one winner per free slot
-            won = empty[first]
-            self.keys[slot[won]], self.ids[slot[won]] = keys[won], ids[won]
-            lost = np.ones(len(keys), bool)
-            lost[won] = False
-            keys, ids, slot = keys[lost], ids[lost], (slot[lost] + 1) & mask
+        out = np.zeros(len(keys), np.int32)
+        inserted: list[np.ndarray] = []
+        pending, slot, pending_keys = np.arange(len(keys)), self._home(keys), keys
+        while len(pending):
+            ids = self.slots[slot]
+            hit = (ids != 0) & (self._keys[ids] == pending_keys)
+            out[pending[hit]] = ids[hit]
+            free = np.flatnonzero(ids == 0)
+            if len(free):
+                # claim free slots: one winner per slot (the last writer), who gets a new id;
+                # a loser with the winner's key is a duplicate and shares its id
+                claimed = slot[free]
+                self._owner[claimed] = free
+                winners = free[self._owner[claimed] == free]
+                self._owner[claimed] = -1
+                new_ids = np.arange(self.count + 1, self.count + 1 + len(winners), dtype=np.int32)
+                self.slots[slot[winners]] = new_ids
+                self._keys[new_ids] = pending_keys[winners]
+                self.count += len(winners)
+                out[pending[winners]] = new_ids
+                inserted.append(pending[winners])
+                ids = self.slots[slot]
+                hit |= (self._keys[ids] == pending_keys) & (ids != 0)
+                out[pending[hit]] = ids[hit]
+            go_on = ~hit
+            pending, slot = pending[go_on], (slot[go_on] + 1) & mask
+            pending_keys = pending_keys[go_on]
+        positions = np.concatenate(inserted) if inserted else np.zeros(0, np.int64)
+        return out, positions
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.ids.nbytes
+        return self.slots.nbytes + self._owner.nbytes + self._keys.nbytes
 
 
 class DistinctValues:
-    """Distinct values of one field in order of first appearance: provisional id = 1 + rank.
+    """Distinct values of one field: provisional id = 1 + rank of insertion (as first met).
 
     Values are found by a 64-bit key in a :class:`KeyTable`. Equal keys of strings of at most
     8 bytes with equal lengths are equal strings; longer strings are compared with the stored
@@ -188,8 +230,11 @@ class DistinctValues:
         self.name = name
         self.kind = kind
         self._table = KeyTable()
-        self._lengths = np.zeros(1, np.int64)  # byte length per provisional id (strings)
+        # byte length per provisional id, clipped at 255: only lengths <= 8 are compared
+        self._lengths = np.zeros(1, np.uint8)
+        self._chunks: list[pa.Array] = []
         self._values: pa.Array = pa.array([], pa.string() if kind == "string" else pa.int64())
+        self._stored = 0  # values in _values (the rest are in _chunks)
         self.size = 0
 
     def ids_of(self, values: pa.Array) -> np.ndarray:
@@ -201,32 +246,24 @@ class DistinctValues:
             if not pa.types.is_string(values.type):
                 values = values.cast(pa.string())
             keys, lengths = string_keys(values)
-        out = self._table.lookup(keys)
-        new = np.flatnonzero(out == 0)
-        if len(new):
-            unique, first, inverse = np.unique(keys[new], return_index=True, return_inverse=True)
-            appearance = np.argsort(first)  # new values get ids in order of first appearance
-            new_ids = np.empty(len(unique), np.int32)
-            new_ids[appearance] = np.arange(self.size + 1, self.size + 1 + len(unique))
-            out[new] = new_ids[inverse]
-            self._table.insert(unique, new_ids)
-            firsts = new[first[appearance]]
-            taken = values.take(pa.array(firsts))
-            self._values = pa.concat_arrays([self._values, taken.cast(self._values.type)])
+        out, inserted = self._table.get_or_insert(keys)
+        if len(inserted):
+            taken = values.take(pa.array(inserted))
+            self._chunks.append(taken.cast(self._values.type))
             if lengths is not None:
-                self._lengths = np.concatenate([self._lengths, lengths[firsts]])
-            self.size += len(unique)
+                clipped = np.minimum(lengths[inserted], 255).astype(np.uint8)
+                self._lengths = np.concatenate([self._lengths, clipped])
+            self.size += len(inserted)
         if lengths is not None:
             self._check(values, lengths, out)
         return out
 
     def _check(self, values: pa.Array, lengths: np.ndarray, ids: np.ndarray) -> None:
         """Equal keys must be equal strings (exact; see the class docs)."""
-        stored_lengths = self._lengths[ids]
+        same = (self._lengths[ids] == np.minimum(lengths, 255)).all()
         long = np.flatnonzero(lengths > 8)
-        same = (stored_lengths == lengths).all()
         if same and len(long):
-            stored = self._values.take(pa.array(ids[long] - 1))
+            stored = self.values.take(pa.array(ids[long] - 1))
             same = pc.all(pc.equal(values.take(pa.array(long)), stored)).as_py() is not False
         if not same:
             raise DataError(
@@ -238,11 +275,15 @@ class DistinctValues:
     @property
     def values(self) -> pa.Array:
         """Every distinct value; ``values[i]`` has provisional id ``i + 1``."""
+        if self._chunks:
+            self._values = pa.concat_arrays([self._values, *self._chunks])
+            self._chunks = []
         return self._values
 
     @property
     def nbytes(self) -> int:
-        return self._table.nbytes + self._lengths.nbytes + self._values.nbytes
+        chunks = sum(c.nbytes for c in self._chunks)
+        return self._table.nbytes + self._lengths.nbytes + self._values.nbytes + chunks
 
 
 # -- field layout of the provisional rows ---------------------------------------------------------
@@ -740,6 +781,7 @@ def prepare_store(
             preparer.add(chunk)
         if preparer.rows == 0:
             raise DataError("the input holds no usable rows", path=str(paths[0]) if paths else None)
+        pa.default_memory_pool().release_unused()  # the parse buffers: peak memory, not rows
         parsed = time.perf_counter()
         say(f"read {preparer.rows:,} rows in {parsed - started:.1f} s; fitting the feature map")
         feature_map, stats = preparer.fit()
@@ -796,6 +838,10 @@ def _manifest(
         "num_features": feature_map.num_features,
         "num_slots": feature_map.num_slots,
         "field_cardinalities": {info.name: info.size for info in feature_map.fields},
+        # distinct values met in all rows (vocabulary candidates, before min_count)
+        "distinct_values": {
+            f.spec.name: f.distinct.size for f in preparer.fields if f.distinct is not None
+        },
         "truncated_bags": stats["truncated_bags"],
         "arrays": arrays,
         "seconds": round(seconds, 3),

@@ -1,15 +1,30 @@
 """The trainer: fits any registered model on encoded arrays, evaluates, stops early.
 
-The model maps a batch to logits and knows nothing else; everything about training lives here.
+The model maps a batch to logits and knows nothing else; everything about training lives here:
+
+* **Batches.** A split that fits in the device's memory is moved there once and batches are cut
+  by index on the device (no per-batch host work); otherwise (and always on CPU) the batch loader
+  gathers rows from the (memory-mapped) arrays, pins them and copies them without blocking,
+  one batch ahead in a thread (``sync_loading`` turns that off). No per-sample Python anywhere.
+* **Precision.** ``bf16`` autocasts on CUDA (TF32 matmuls are always on there); CPU runs fp32.
+* **Embedding updates.** ``auto`` picks per device: dense (fused) Adam on CUDA, where updating
+  the whole table costs little; on CPU, sparse row updates (lazy Adam: only the rows a batch
+  uses) when the table has more rows than 4x the ids in a batch, because a dense Adam step
+  touches every row of the table at every step (see BENCHMARKS.md, "Training speed").
+* **Metrics** accumulate on the device; they are synchronised once per epoch and evaluation.
+* **Data parallelism** (DDP, ``torchrun``): each rank trains on its own shard, gradients are
+  averaged, the learning rate is scaled (``lr_scaling``), evaluation gathers the ranks' logits.
+* **Checkpoints** every ``checkpoint_every`` steps (model, optimiser, RNG states, data position,
+  best-so-far), atomic; ``resume`` continues from the newest intact one, bit for bit on CPU.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,9 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deepfm.data.encoded import EncodedArrays
+from deepfm.data.loader import Batch, BatchLoader
 from deepfm.errors import ConfigError
 from deepfm.models.registry import ModelEntry, build_pretrain_model
 from deepfm.nn import regularization
+from deepfm.train import checkpoint as ckpt
+from deepfm.train.distributed import Distributed, lr_scale
 from deepfm.train.metrics import auc_logloss
 from deepfm.train.optim import FTRL
 
@@ -29,6 +47,10 @@ from deepfm.train.optim import FTRL
 # (README, "How the defaults were chosen"), 1e-3 often stalls on the LR-like plateau and stops
 # early on small data, while decay on plateau brings the rate down where more data allows.
 DEFAULT_LR = {"adam": 3e-3, "ftrl": 0.05}
+PRECISIONS = ("fp32", "bf16")
+EMBEDDING_UPDATES = ("auto", "dense", "sparse")
+#: a split is kept on a CUDA device when it needs at most this share of the free memory
+RESIDENT_SHARE = 0.5
 
 
 @dataclass
@@ -38,6 +60,7 @@ class TrainConfig:
     Early stopping watches validation AUC: training stops after ``patience`` epochs without a
     new best, and the best epoch's weights are restored. The learning rate is multiplied by
     ``lr_decay`` after ``decay_patience`` epochs without a new best (Adam only).
+    ``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``.
     """
 
     epochs: int = 30
@@ -53,6 +76,15 @@ class TrainConfig:
     ftrl_l1: float = 1.0
     ftrl_l2: float = 1.0
     progress: bool = True
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    embedding_updates: str = "auto"
+    sync_loading: bool = False
+    lr_scaling: str = "none"
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -62,6 +94,15 @@ class TrainConfig:
             raise ConfigError(f"the learning rate must be positive, got {self.lr}")
         if self.patience < 0 or not 0 < self.lr_decay <= 1:
             raise ConfigError("patience must be >= 0 and lr_decay in (0, 1]")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.embedding_updates not in EMBEDDING_UPDATES:
+            raise ConfigError(f"embedding updates must be one of {', '.join(EMBEDDING_UPDATES)}")
+        lr_scale(self.lr_scaling, 1)  # validates the name
+        if self.checkpoint_every < 0:
+            raise ConfigError("checkpoint_every must be >= 0")
+        if self.checkpoint_every and not (self.checkpoint_dir or self.resume):
+            raise ConfigError("checkpoints need a directory (checkpoint_dir)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,14 +117,18 @@ class FitResult:
     best_valid: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     train_samples: int = 0
+    setup: dict[str, Any] = field(default_factory=dict)
 
     @property
     def train_samples_per_s(self) -> float:
         return self.train_samples / self.train_seconds if self.train_seconds > 0 else math.nan
 
 
+# -- batches ------------------------------------------------------------------------------------
+
+
 class Batches:
-    """An encoded split as tensors, cut into batches by index slicing (no per-sample Python)."""
+    """An encoded split as tensors on ``device``, cut into batches by index (no host work)."""
 
     def __init__(self, data: EncodedArrays, device: torch.device | str = "cpu") -> None:
         self.ids = torch.from_numpy(np.ascontiguousarray(data.ids)).to(device)
@@ -98,50 +143,230 @@ class Batches:
         labels = None if self.labels is None else self.labels[index]
         return self.ids[index], values, labels
 
+    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator[Batch]:
+        order = order.to(self.ids.device)
+        for begin in range(start * batch_size, len(order), batch_size):
+            yield Batch(*self.batch(order[begin : begin + batch_size]))
 
-def make_optimizer(model: nn.Module, entry: ModelEntry, config: TrainConfig):
-    lr = config.lr if config.lr is not None else DEFAULT_LR[entry.optimizer]
-    if entry.optimizer == "ftrl":
-        return FTRL(
-            model.parameters(),
-            alpha=lr,
-            beta=config.ftrl_beta,
-            l1=config.ftrl_l1,
-            l2=config.ftrl_l2,
+
+def split_bytes(data: EncodedArrays) -> int:
+    return sum(a.nbytes for a in (data.ids, data.values, data.labels) if a is not None)
+
+
+def fits_on(device: torch.device, data: EncodedArrays) -> bool:
+    """Whether ``data`` is kept on ``device`` (CUDA, with room to spare) rather than streamed."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return split_bytes(data) <= RESIDENT_SHARE * free
+
+
+class StreamedBatches:
+    """A split left in host memory (or a memory map): the loader prepares each batch."""
+
+    def __init__(self, data: EncodedArrays, device: torch.device, asynchronous: bool) -> None:
+        self.data, self.device, self.asynchronous = data, device, asynchronous
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self, order: torch.Tensor, batch_size: int, start: int = 0) -> Iterator[Batch]:
+        loader = BatchLoader(
+            self.data,
+            batch_size,
+            order=order[start * batch_size :].numpy(),
+            device=self.device,
+            asynchronous=self.asynchronous,
+            sort_rows=False,  # the rows in permutation order, exactly as on the device path
         )
-    return torch.optim.Adam(model.parameters(), lr=lr)
+        return iter(loader)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -- prediction and evaluation -------------------------------------------------------------------
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, data: Batches, batch_size: int = 65536) -> np.ndarray:
-    """Logits of every row, in order, evaluated in large batches."""
+def predict_logits(
+    model: nn.Module,
+    data: Batches | EncodedArrays,
+    batch_size: int = 65536,
+    *,
+    precision: str = "fp32",
+    as_tensor: bool = False,
+) -> np.ndarray | torch.Tensor:
+    """Logits of every row, in order, in large batches on the model's device. Results stay on
+    the device until the end (one transfer; ``as_tensor`` keeps them there)."""
+    device = _device_of(model)
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(data), batch_size):
-        ids, values, _ = data.batch(slice(start, start + batch_size))
-        out.append(model(ids, values).float())
+    if isinstance(data, Batches):
+        batches = (
+            Batch(*data.batch(slice(s, s + batch_size))) for s in range(0, len(data), batch_size)
+        )
+    else:
+        batches = iter(
+            BatchLoader(data, batch_size, device=device, asynchronous=len(data) > batch_size)
+        )
+    with autocast(device, precision):
+        for batch in batches:
+            out.append(
+                model(
+                    batch.ids.to(device), None if batch.values is None else batch.values.to(device)
+                ).float()
+            )
     model.train(was_training)
-    if not out:
-        return np.zeros(0, dtype=np.float32)
-    return torch.cat(out).cpu().numpy()
+    logits = torch.cat(out) if out else torch.zeros(0, device=device)
+    return logits if as_tensor else logits.cpu().numpy()
 
 
-def predict_proba(model: nn.Module, data: Batches, batch_size: int = 65536) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-predict_logits(model, data, batch_size).astype(np.float64)))
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
-def evaluate(model: nn.Module, data: Batches, batch_size: int = 65536) -> dict[str, float]:
-    if data.labels is None:
+def predict_proba(
+    model: nn.Module, data: Batches | EncodedArrays, batch_size: int = 65536
+) -> np.ndarray:
+    return sigmoid(predict_logits(model, data, batch_size))
+
+
+def _labels(data: Batches | EncodedArrays) -> np.ndarray | None:
+    if isinstance(data, Batches):
+        return None if data.labels is None else data.labels.cpu().numpy()
+    return None if data.labels is None else np.asarray(data.labels)
+
+
+def evaluate(
+    model: nn.Module, data: Batches | EncodedArrays, batch_size: int = 65536
+) -> dict[str, float]:
+    labels = _labels(data)
+    if labels is None:
         raise ConfigError("evaluation needs labeled data")
-    return auc_logloss(data.labels.cpu().numpy(), predict_proba(model, data, batch_size))
+    return auc_logloss(labels, predict_proba(model, data, batch_size))
+
+
+# -- optimisers ---------------------------------------------------------------------------------
+
+
+class Optimizers:
+    """One or two optimisers stepped together: Adam (or FTRL) for dense parameters and, with
+    sparse embedding updates, SparseAdam for the embedding tables."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        self.primary = optimizers[0]
+        self.sums_loss = getattr(self.primary, "sums_loss", False)
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    @property
+    def lr(self) -> float:
+        group = self.primary.param_groups[0]
+        return group.get("lr", group.get("alpha"))
+
+    def follow_primary_lr(self) -> None:
+        """After the plateau scheduler changed the primary's rate, the others follow."""
+        for optimizer in self.optimizers[1:]:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+
+    def state_dict(self) -> list[dict]:
+        return [o.state_dict() for o in self.optimizers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
+
+
+def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
+    return [m for m in model.modules() if isinstance(m, nn.Embedding)]
+
+
+def use_sparse_updates(
+    model: nn.Module, entry: ModelEntry, config: TrainConfig, device: torch.device, slots: int
+) -> bool:
+    """The embedding update rule for this run (see the module docs)."""
+    if entry.optimizer != "adam" or not embedding_tables(model):
+        return False
+    if config.embedding_updates != "auto":
+        return config.embedding_updates == "sparse"
+    if device.type == "cuda":
+        return False
+    rows = sum(t.num_embeddings for t in embedding_tables(model))
+    return rows > 4 * config.batch_size * slots
+
+
+def make_optimizer(
+    model: nn.Module,
+    entry: ModelEntry,
+    config: TrainConfig,
+    *,
+    sparse: bool = False,
+    scale: float = 1.0,
+) -> Optimizers:
+    lr = (config.lr if config.lr is not None else DEFAULT_LR[entry.optimizer]) * scale
+    if entry.optimizer == "ftrl":
+        return Optimizers(
+            [
+                FTRL(
+                    model.parameters(),
+                    alpha=lr,
+                    beta=config.ftrl_beta,
+                    l1=config.ftrl_l1,
+                    l2=config.ftrl_l2,
+                )
+            ]
+        )
+    tables = embedding_tables(model) if sparse else []
+    for table in embedding_tables(model):
+        table.sparse = sparse
+    sparse_ids = {id(t.weight) for t in tables}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    fused = _device_of(model).type == "cuda"
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, fused=fused or None)]
+    if tables:
+        optimizers.append(torch.optim.SparseAdam([t.weight for t in tables], lr=lr))
+    return Optimizers(optimizers)
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """Where training stands; saved in checkpoints."""
+
+    epoch: int = 1
+    step: int = 0  # steps done in this epoch
+    global_step: int = 0
+    loss_sum: float = 0.0
+    best_auc: float = -math.inf
+    stale: int = 0
+    epoch_generator: torch.Tensor | None = None
 
 
 class Trainer:
     """``Trainer(config).fit(model, entry, train, valid)`` trains ``model`` in place."""
 
-    def __init__(self, config: TrainConfig | None = None) -> None:
+    def __init__(self, config: TrainConfig | None = None, dist: Distributed | None = None) -> None:
         self.config = config or TrainConfig()
+        self.dist = dist or Distributed.current()
 
     def fit(
         self,
@@ -151,89 +376,149 @@ class Trainer:
         valid: EncodedArrays | None = None,
         *,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> FitResult:
-        config = self.config
+        config, dist = self.config, self.dist
         if config.threads:
             torch.set_num_threads(config.threads)
+        device = dist.device(config.device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(config.seed)
         if train.labels is None or len(train) == 0:
             raise ConfigError("training needs labeled rows")
-        train_data = Batches(train)
-        valid_data = Batches(valid) if valid is not None and len(valid) else None
+        resumed = ckpt.load_latest(config.resume) if config.resume else None
+        model.to(device)
         result = FitResult()
-        if entry.pretrain is not None:
+        if entry.pretrain is not None and resumed is None:
             # FNN: fit the model the entry names (an FM) first and initialise from it; the
             # pre-training counts in this model's training time and samples
             teacher, teacher_entry = build_pretrain_model(model, entry)
-            pre = Trainer(config).fit(teacher, teacher_entry, train, valid)
+            pre_config = replace(config, checkpoint_every=0, checkpoint_dir=None, resume=None)
+            pre = Trainer(pre_config, dist).fit(teacher, teacher_entry, train, valid)
             started = time.perf_counter()
-            model.init_from_pretrained(teacher)
+            model.init_from_pretrained(teacher.to(device))
             result.train_seconds += pre.train_seconds + time.perf_counter() - started
             result.train_samples += pre.train_samples
             torch.manual_seed(config.seed)
 
-        optimizer = make_optimizer(model, entry, config)
-        sums_loss = getattr(optimizer, "sums_loss", False)
+        shard = dist.shard(train)
+        sparse = use_sparse_updates(model, entry, config, device, int(train.ids.shape[1]))
+        optimizer = make_optimizer(
+            model, entry, config, sparse=sparse, scale=lr_scale(config.lr_scaling, dist.world)
+        )
         scheduler = None
-        if entry.optimizer == "adam" and config.lr_decay < 1 and valid_data is not None:
+        if entry.optimizer == "adam" and config.lr_decay < 1 and valid is not None and len(valid):
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=config.lr_decay, patience=config.decay_patience
+                optimizer.primary,
+                mode="max",
+                factor=config.lr_decay,
+                patience=config.decay_patience,
             )
+        resident = fits_on(device, shard)
+        valid_data: Batches | EncodedArrays | None = None
+        if valid is not None and len(valid):
+            valid_shard = dist.shard(valid)
+            keep = device.type == "cpu" or fits_on(device, valid_shard)
+            valid_data = Batches(valid_shard, device) if keep else valid_shard
+        data = (
+            Batches(shard, device)
+            if resident
+            else StreamedBatches(shard, device, not config.sync_loading)
+        )
+        result.setup = {
+            "device": str(device),
+            "embedding_updates": "sparse" if sparse else "dense",
+            "batches": "device-resident"
+            if resident
+            else ("synchronous" if config.sync_loading else "asynchronous"),
+            "precision": config.precision if device.type == "cuda" else "fp32",
+            "world": dist.world,
+            "lr": optimizer.lr,
+        }
+        net: nn.Module = model
+        if dist.enabled:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if config.compile:
+            net = torch.compile(net)
+
         generator = torch.Generator().manual_seed(config.seed)
-        best_auc, best_state, stale = -math.inf, None, 0
-        steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-        for epoch in range(1, config.epochs + 1):
+        progress = _Progress()
+        best_state = None
+        if resumed is not None:
+            best_state = self._restore(
+                resumed, model, optimizer, scheduler, generator, progress, result
+            )
+        rows = dist.rows_per_rank(len(shard))
+        steps_per_epoch = math.ceil(rows / config.batch_size)
+        for epoch in range(progress.epoch, config.epochs + 1):
+            if progress.epoch_generator is not None and progress.epoch == epoch:
+                generator.set_state(progress.epoch_generator)  # resume: the same permutation
+            progress.epoch, progress.epoch_generator = epoch, generator.get_state()
             model.train()
             started = time.perf_counter()
-            order = torch.randperm(len(train_data), generator=generator)
-            loss_sum = torch.zeros(())
+            order = torch.randperm(len(shard), generator=generator)[:rows]
+            loss_sum = torch.zeros((), device=device) + progress.loss_sum
             bar = tqdm(
-                range(steps_per_epoch),
+                total=steps_per_epoch,
+                initial=progress.step,
                 desc=f"epoch {epoch}/{config.epochs}",
-                disable=not config.progress,
+                disable=not (config.progress and dist.is_main),
                 leave=False,
                 mininterval=0.5,
             )
-            for step in bar:
-                ids, values, labels = train_data.batch(
-                    order[step * config.batch_size : (step + 1) * config.batch_size]
-                )
-                logits = model(ids, values)
-                loss = F.binary_cross_entropy_with_logits(logits, labels)
-                objective = loss * len(labels) if sums_loss else loss
+            for batch in data.batches(order, config.batch_size, progress.step):
+                with autocast(device, config.precision):
+                    logits = net(batch.ids, batch.values)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
+                objective = loss * len(batch) if optimizer.sums_loss else loss
                 objective = objective + regularization(model)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 objective.backward()
                 optimizer.step()
-                loss_sum += loss.detach() * len(labels)
-                if config.progress and step % 50 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                loss_sum += loss.detach() * len(batch)
+                progress.step += 1
+                progress.global_step += 1
+                bar.update()
+                if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
+                    progress.loss_sum = float(loss_sum)
+                    self._save(model, optimizer, scheduler, generator, progress, result, best_state)
+                if on_step is not None:
+                    on_step(progress.global_step)
             bar.close()
+            epoch_loss = float(loss_sum)  # the one synchronisation of the epoch
             seconds = time.perf_counter() - started
             result.train_seconds += seconds
-            result.train_samples += len(train_data)
+            result.train_samples += rows * dist.world
             record: dict[str, float] = {
                 "epoch": epoch,
-                "train_loss": float(loss_sum) / len(train_data),
-                "lr": optimizer.param_groups[0].get("lr", optimizer.param_groups[0].get("alpha")),
+                "train_loss": epoch_loss / rows,
+                "lr": optimizer.lr,
                 "seconds": seconds,
             }
+            stop = False
             if valid_data is not None:
-                metrics = evaluate(model, valid_data, config.eval_batch_size)
+                assert valid is not None
+                metrics = self._evaluate(model, valid_data, valid)
                 record.update({f"valid_{k}": v for k, v in metrics.items()})
                 auc = metrics["auc"] if not math.isnan(metrics["auc"]) else -metrics["logloss"]
-                if auc > best_auc:
-                    best_auc, stale = auc, 0
-                    best_state = copy.deepcopy(model.state_dict())
+                if auc > progress.best_auc:
+                    progress.best_auc, progress.stale = auc, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     result.best_epoch, result.best_valid = epoch, metrics
                 else:
-                    stale += 1
+                    progress.stale += 1
                 if scheduler is not None:
                     scheduler.step(auc)
+                    optimizer.follow_primary_lr()
+                stop = progress.stale >= config.patience
             result.history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
-            if config.progress:
+            if config.progress and dist.is_main:
                 shown = {k: round(v, 5) for k, v in record.items() if k != "epoch"}
                 tqdm.write(f"[{entry.name}] epoch {epoch}: {shown}")
             if not math.isfinite(record["train_loss"]):
@@ -241,10 +526,113 @@ class Trainer:
                     f"training diverged at epoch {epoch} (loss {record['train_loss']}); "
                     "lower the learning rate"
                 )
-            if valid_data is not None and stale >= config.patience:
+            progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
+            progress.epoch_generator = None
+            if stop:
                 break
+        for table in embedding_tables(model):
+            table.sparse = False  # a trained model is an ordinary module again
         if best_state is not None:
             model.load_state_dict(best_state)
         else:
             result.best_epoch = len(result.history)
         return result
+
+    # -- evaluation across ranks ---------------------------------------------------------------
+
+    def _evaluate(
+        self, model: nn.Module, shard: Batches | EncodedArrays, valid: EncodedArrays
+    ) -> dict[str, float]:
+        """Each rank scores its ``shard`` of ``valid``; the logits are gathered, every rank
+        computes the same AUC and Logloss (and so takes the same early-stopping decisions)."""
+        dist = self.dist
+        local = predict_logits(
+            model,
+            shard,
+            self.config.eval_batch_size,
+            precision=self.config.precision,
+            as_tensor=True,
+        )
+        logits = dist.gather_rows(local, len(valid)).cpu().numpy()
+        return auc_logloss(np.asarray(valid.labels), sigmoid(logits))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _save(self, model, optimizer, scheduler, generator, progress, result, best_state) -> None:
+        directory = self.config.checkpoint_dir or self.config.resume
+        assert directory is not None
+        folder = ckpt.staging(directory, progress.global_step)
+        ckpt.write_rng(folder, self.dist.rank, ckpt.rng_state(generator))
+        self.dist.barrier()
+        if self.dist.is_main:
+            state = {
+                "progress": {
+                    "epoch": progress.epoch,
+                    "step": progress.step,
+                    "global_step": progress.global_step,
+                    "loss_sum": progress.loss_sum,
+                    "best_auc": progress.best_auc,
+                    "stale": progress.stale,
+                },
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "result": {
+                    "history": result.history,
+                    "best_epoch": result.best_epoch,
+                    "best_valid": result.best_valid,
+                    "train_seconds": result.train_seconds,
+                    "train_samples": result.train_samples,
+                },
+                "world": self.dist.world,
+                "config": self.config.to_dict(),
+            }
+            tree = {
+                "optimizer": optimizer.state_dict(),
+                "epoch_generator": progress.epoch_generator,
+            }
+            ckpt.commit(
+                directory,
+                progress.global_step,
+                model=model.state_dict(),
+                best=best_state,
+                optimizer=tree,
+                state=state,
+            )
+        self.dist.barrier()
+
+    def _restore(self, resumed, model, optimizer, scheduler, generator, progress, result):
+        state = resumed.state
+        if state.get("world", 1) != self.dist.world:
+            raise ConfigError(
+                f"the checkpoint was written by {state['world']} processes, this run has "
+                f"{self.dist.world}: resume with the same number"
+            )
+        try:
+            model.load_state_dict(resumed.model)
+            optimizer.load_state_dict(resumed.optimizer["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"--resume {resumed.path}: the checkpoint does not fit this model: {exc}"
+            ) from None
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+            optimizer.follow_primary_lr()
+        rng = resumed.rng(self.dist.rank)
+        if rng is None:
+            raise ConfigError(f"--resume {resumed.path}: no RNG state for rank {self.dist.rank}")
+        ckpt.restore_rng(rng, generator)
+        saved = state["progress"]
+        progress.epoch, progress.step = int(saved["epoch"]), int(saved["step"])
+        progress.global_step, progress.loss_sum = (
+            int(saved["global_step"]),
+            float(saved["loss_sum"]),
+        )
+        progress.best_auc, progress.stale = float(saved["best_auc"]), int(saved["stale"])
+        progress.epoch_generator = resumed.optimizer["epoch_generator"]
+        saved_result = state["result"]
+        result.history = list(saved_result["history"])
+        result.best_epoch = int(saved_result["best_epoch"])
+        result.best_valid = dict(saved_result["best_valid"])
+        result.train_seconds += float(saved_result["train_seconds"])
+        result.train_samples += int(saved_result["train_samples"])
+        device = _device_of(model)
+        return None if resumed.best is None else {k: v.to(device) for k, v in resumed.best.items()}
