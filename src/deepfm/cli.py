@@ -81,7 +81,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=int, default=default.epochs)
     group.add_argument("--batch-size", type=int, default=default.batch_size)
-    group.add_argument("--lr", type=float, help="learning rate (Adam 1e-3; FTRL alpha 0.05)")
+    group.add_argument(
+        "--lr", type=float, help="learning rate (default: Adam 3e-3; FTRL alpha 0.05)"
+    )
     group.add_argument(
         "--patience",
         type=int,
@@ -208,10 +210,23 @@ def print_json(data: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from deepfm.experiments.demo import results_table, run_demo
+    from deepfm.models import ModelConfig
     from deepfm.train.trainer import TrainConfig
 
-    config = TrainConfig(seed=args.seed, threads=args.threads, progress=not args.quiet)
-    results = run_demo(args.rows, args.seed, args.out, train_config=config)
+    config = TrainConfig(
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.quiet,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+    )
+    results = run_demo(
+        args.rows,
+        args.seed,
+        args.out,
+        train_config=config,
+        model_config=ModelConfig(hidden=args.hidden),
+    )
     rows = results["rows"]
     print(
         f"\nApp market: {rows['train']:,} train / {rows['valid']:,} valid / "
@@ -383,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--threads", type=int)
+    demo.add_argument("--epochs", type=int, default=30, help="at most (early stopping)")
+    demo.add_argument("--batch-size", type=int, default=1024)
+    demo.add_argument(
+        "--hidden", type=parse_hidden, default=(400, 400, 400), help="DeepFM-D's deep part"
+    )
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=cmd_demo)
 
