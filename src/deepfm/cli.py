@@ -115,7 +115,11 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         help="with N processes (torchrun), multiply the learning rate by sqrt(N) or N",
     )
     speed.add_argument(
-        "--checkpoint-every", type=int, default=0, metavar="STEPS", help="0: no checkpoints"
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="write a checkpoint every STEPS steps to <--out>.checkpoints (0: none)",
     )
     speed.add_argument("--resume", metavar="DIR", help="continue from the checkpoints in DIR")
 
@@ -182,14 +186,15 @@ def train_config_from(args: argparse.Namespace):
 
 
 def speed_options_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields of add_train_options' speed group; checkpoints go to
-    ``<--out>/checkpoints`` (or back into the ``--resume`` directory)."""
+    """The TrainConfig fields of add_train_options' speed group; checkpoints go beside the
+    bundle, to ``<--out>.checkpoints`` (the bundle directory is replaced as a whole when it is
+    written), or back into the ``--resume`` directory."""
     names = ("device", "precision", "compile", "embedding_updates", "sync_loading", "lr_scaling")
     names += ("checkpoint_every", "resume")
     options: dict[str, Any] = {name: getattr(args, name) for name in names if hasattr(args, name)}
     out = getattr(args, "out", None)
     if options.get("checkpoint_every") and not options.get("resume") and out:
-        options["checkpoint_dir"] = str(Path(out) / "checkpoints")
+        options["checkpoint_dir"] = f"{Path(out)}.checkpoints"
     return options
 
 

@@ -119,6 +119,12 @@ def staging(directory: str | Path, step: int) -> Path:
     return path
 
 
+def clear_partials(directory: str | Path) -> None:
+    """Remove folders left half-assembled by a run that was killed while checkpointing."""
+    for partial in Path(directory).glob(f".{_PREFIX}*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def write_rng(folder: Path, rank: int, states: dict[str, torch.Tensor]) -> None:
     path = folder / f"rng-{rank}.safetensors"
     save_file(states, str(path))

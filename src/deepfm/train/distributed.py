@@ -14,7 +14,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -120,15 +119,6 @@ class Distributed:
         value = torch.tensor([int(flag)], device=device)
         dist.broadcast(value, 0)
         return bool(value.item())
-
-
-def shard_bounds(rows: int, rank: int, world: int) -> tuple[int, int]:
-    return rows * rank // world, rows * (rank + 1) // world
-
-
-def valid_shard_rows(rows: int, context: Distributed) -> np.ndarray:
-    start, stop = shard_bounds(rows, context.rank, context.world)
-    return np.arange(start, stop)
 
 
 def shutdown() -> None:

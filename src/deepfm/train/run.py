@@ -46,6 +46,7 @@ def fit_and_evaluate(
         epochs_run=len(fit.history),
         train_seconds=fit.train_seconds,
         train_samples_per_s=fit.train_samples_per_s,
+        training=fit.setup,
         history=fit.history,
     )
     return TrainedModel(model, entry, model_config, fit, metrics)

@@ -452,7 +452,11 @@ class Trainer:
             best_state = self._restore(
                 resumed, model, optimizer, scheduler, generator, progress, result
             )
-        rows = dist.rows_per_rank(len(shard))
+        if config.checkpoint_every:
+            if dist.is_main:
+                ckpt.clear_partials(config.checkpoint_dir or config.resume or ".")
+            dist.barrier()
+        rows = dist.rows_per_rank(len(train))  # the smallest shard: equal steps on every rank
         steps_per_epoch = math.ceil(rows / config.batch_size)
         for epoch in range(progress.epoch, config.epochs + 1):
             if progress.epoch_generator is not None and progress.epoch == epoch:
