@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deepfm.data.commands",
     "deepfm.models.commands",
     "deepfm.experiments.online_commands",
+    "deepfm.experiments.study_commands",
 )
 
 
@@ -38,14 +39,16 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = True) -> None:
     """Model flags. Their defaults are None so that ``model_config_from`` can tell a flag given
-    on the command line (it wins) from a preset's value; read them through that function."""
+    on the command line (it wins) from a preset's value; read them through that function.
+    ``model_flag=False`` leaves out ``--model`` (for commands that take several models)."""
     from deepfm.models import ModelConfig
 
     default = ModelConfig()
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="deepfm", help="registry name (see `deepfm models`)")
+    if model_flag:
+        group.add_argument("--model", default="deepfm", help="registry name (see `deepfm models`)")
     group.add_argument(
         "--preset",
         help="model settings of the paper's Table III: criteo-random or criteo-sequential "
