@@ -118,3 +118,25 @@ def test_compiled_model_trains_to_the_same_quality(criteo):
     _, compiled = fit(criteo, compile=True)
     # compiled kernels fuse and reorder float operations: close, not bit-identical
     assert abs(compiled.best_valid["auc"] - plain.best_valid["auc"]) < 0.01
+
+
+def test_lazy_adam_is_sparse_adam_on_the_touched_rows_only():
+    from deepfm.train.lazy_adam import LazyAdam
+
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Embedding(50, 4, sparse=True), torch.nn.Embedding(50, 4, sparse=True)
+    reference.weight.data.copy_(ours.weight.data)
+    untouched = ours.weight.data[40:].clone()
+    optimizers = [
+        LazyAdam(ours.parameters(), lr=0.01),
+        torch.optim.SparseAdam(reference.parameters(), lr=0.01),
+    ]
+    for _ in range(5):
+        ids = torch.randint(0, 40, (32, 3), dtype=torch.int32)  # rows 40-49 never used
+        for table, optimizer in zip((ours, reference), optimizers, strict=True):
+            optimizer.zero_grad()
+            (table(ids) ** 2).sum().backward()
+            optimizer.step()
+    # the same rule, computed with other kernels: equal up to float32 rounding (1e-6 of ~1)
+    torch.testing.assert_close(ours.weight, reference.weight, atol=1e-6, rtol=0)
+    assert torch.equal(ours.weight.data[40:], untouched)

@@ -40,6 +40,7 @@ from deepfm.models.registry import ModelEntry, build_pretrain_model
 from deepfm.nn import regularization
 from deepfm.train import checkpoint as ckpt
 from deepfm.train.distributed import Distributed, lr_scale
+from deepfm.train.lazy_adam import LazyAdam
 from deepfm.train.metrics import auc_logloss
 from deepfm.train.optim import FTRL
 
@@ -260,7 +261,7 @@ def evaluate(
 
 class Optimizers:
     """One or two optimisers stepped together: Adam (or FTRL) for dense parameters and, with
-    sparse embedding updates, SparseAdam for the embedding tables."""
+    sparse embedding updates, :class:`LazyAdam` for the embedding tables."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
@@ -341,7 +342,7 @@ def make_optimizer(
     fused = _device_of(model).type == "cuda"
     optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, fused=fused or None)]
     if tables:
-        optimizers.append(torch.optim.SparseAdam([t.weight for t in tables], lr=lr))
+        optimizers.append(LazyAdam([t.weight for t in tables], lr=lr))
     return Optimizers(optimizers)
 
 
