@@ -57,8 +57,8 @@ def _rebase(text: str, folder: Path) -> str:
 
 
 def _demote(text: str) -> str:
-    """Headings one level down (the report's own are the top level)."""
-    return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.MULTILINE)
+    """Headings two levels down: under the report's own sections (level 2)."""
+    return re.sub(r"^(#+) ", lambda m: "##" + m.group(1) + " ", text, flags=re.MULTILINE)
 
 
 def study_section(run_dir: Path, folder: Path, study: str) -> str:

@@ -78,8 +78,10 @@ def train_with_curve(
     model = build_model(InputLayout.of(dataset.feature_map), model_config)
     curve: dict[str, list[float]] = {"step": [], "samples": [], "auc": [], "logloss": []}
     test: list[Batches] = []
+    steps = [0]
 
     def on_step(step: int) -> None:
+        steps[0] = step
         if step % eval_every or not dist.is_main:
             return
         if not test:  # on the model's device, once the trainer has put it there
@@ -100,7 +102,7 @@ def train_with_curve(
         "world": dist.world,
         "lr": fit.setup.get("lr"),
         "epochs_run": len(fit.history),
-        "steps": curve["step"][-1] if curve["step"] else 0,
+        "steps": steps[0],
         "train_seconds": fit.train_seconds,
         "history": fit.history,
     }
