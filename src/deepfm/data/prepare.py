@@ -25,6 +25,7 @@ vocabularies, not with the number of rows. The store is identical to what the in
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import time
@@ -64,6 +65,9 @@ from deepfm.data.threads import Background
 from deepfm.errors import ConfigError, DataError
 
 _WORK = "_work"
+#: bytes parsed per block: two blocks parse while one is checked and one encoded; 16 MiB keeps
+#: that under ~300 MB for Criteo rows at the same speed as 32 MiB (measured)
+PREPARE_BLOCK_BYTES = 16 << 20
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -747,6 +751,17 @@ class _Encoder:
         return meta
 
 
+def _pin_mmap_threshold() -> None:
+    """Keep glibc serving large buffers with mmap. After a large free glibc raises its mmap
+    threshold (up to 32 MiB), later block-sized buffers then come from the heap, which
+    fragments: peak RSS crept by ~50 MB between 1M and 10M rows. 1 MiB pins it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def prepare_store(
     data_format: DataFormat,
     paths: Sequence[str | Path],
@@ -758,12 +773,13 @@ def prepare_store(
     min_count: int | None = None,
     bad_rows: BadRows | None = None,
     overwrite: bool = False,
-    block_bytes: int | None = None,
+    block_bytes: int = PREPARE_BLOCK_BYTES,
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PrepareResult:
     """Prepare ``paths`` (read with ``data_format``) into the store ``out``; see module docs."""
     started = time.perf_counter()
+    _pin_mmap_threshold()
     bad_rows = bad_rows or BadRows()
     schema = data_format.schema.with_min_count(min_count)
     workers = workers or min(2, os.cpu_count() or 1)
@@ -772,8 +788,7 @@ def prepare_store(
     say = progress or (lambda _text: None)
     digests: dict[str, str] = {}
     read_options: dict[str, Any] = {"digests": digests}
-    if block_bytes:
-        read_options["block_bytes"] = block_bytes
+    read_options["block_bytes"] = block_bytes
     with StoreWriter(out, overwrite=overwrite) as writer:
         preparer = _Preparer(schema, writer, split, valid_fraction, seed)
         chunks = data_format.read(paths, bad_rows, **read_options)

@@ -52,6 +52,7 @@ ARRAYS: dict[str, tuple[str, str]] = {
     "ordinals": ("i64", "<i8"),
 }
 _PARTIAL = ".partial-"
+PENDING_WRITE_BYTES = 32 << 20
 
 
 def array_file(split: str, name: str) -> str:
@@ -110,7 +111,11 @@ class StoreWriter:
         )
         self.tmp.mkdir()
         self._handles: dict[str, Any] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._queue: queue.Queue = queue.Queue()
+        # pending writes are bounded by bytes, not items: when the disk is slower than the
+        # producer (page-cache writeback of a multi-GB store) memory must not fill up
+        self._pending = 0
+        self._room = threading.Condition()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.committed = False
@@ -139,7 +144,11 @@ class StoreWriter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._write_loop, daemon=True)
             self._thread.start()
-        self._queue.put((relative, np.ascontiguousarray(array)))
+        array = np.ascontiguousarray(array)
+        with self._room:
+            self._room.wait_for(lambda: self._pending < PENDING_WRITE_BYTES or self._error)
+            self._pending += array.nbytes
+        self._queue.put((relative, array))
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -155,6 +164,10 @@ class StoreWriter:
                 array.tofile(handle)
             except BaseException as exc:  # surfaced by the caller's next call
                 self._error = exc
+            finally:
+                with self._room:
+                    self._pending -= array.nbytes
+                    self._room.notify_all()
 
     def _raise_write_error(self) -> None:
         if self._error is not None:
