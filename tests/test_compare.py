@@ -69,6 +69,8 @@ def _runs(name, aucs, loglosses):
     ]
 
 
+# SciPy warns about [0.80, 0.80] (no spread) when the test computes the expected p-value itself
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
 def test_table_v_matches_a_hand_computation():
     per_model = {
         "fm": _runs("fm", [0.78, 0.78], [0.47, 0.47]),
@@ -98,6 +100,9 @@ def test_table_v_matches_a_hand_computation():
     assert models["deepfm"]["p_values"]["dnn"]["auc"] == pytest.approx(
         stats.ttest_ind([0.80, 0.80], [0.79, 0.77], equal_var=False).pvalue
     )
+    assert models["deepfm"]["p_values"]["dnn"]["auc_diff"] == pytest.approx(0.02)
+    assert models["deepfm"]["p_values"]["dnn"]["logloss_diff"] == pytest.approx(-0.02)
+    assert compare._p(models["deepfm"]["p_values"]["dnn"], "logloss").endswith("(+)")
     assert relative_improvement(0.45, 0.47, "logloss") > 0  # lower logloss is an improvement
 
 

@@ -111,6 +111,7 @@ def summarize(per_model: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for name in (n for n in models if is_deepfm(n)):
         models[name]["p_values"] = {
             base: {m: welch_p_value(models[name][m], models[base][m]) for m in METRICS}
+            | {f"{m}_diff": models[name][f"{m}_mean"] - models[base][f"{m}_mean"] for m in METRICS}
             for base in baselines
         }
     improvements = {}
@@ -168,16 +169,19 @@ def p_value_table(summary: dict[str, Any], metric: str) -> tuple[list[str], list
     baselines = [n for n in summary["models"] if not is_deepfm(n)]
     header = ["baseline", *(display(n) for n in deepfms)]
     rows = [
-        [display(b), *(_p(summary["models"][d]["p_values"][b][metric]) for d in deepfms)]
+        [display(b), *(_p(summary["models"][d]["p_values"][b], metric) for d in deepfms)]
         for b in baselines
     ]
     return header, rows
 
 
-def _p(p: float) -> str:
+def _p(test: dict[str, float], metric: str) -> str:
+    """The p-value and which side is better: (+) DeepFM, (−) the baseline."""
+    p, diff = test[metric], test[f"{metric}_diff"]
     if p is None or p != p:
         return "–"
-    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+    better = diff > 0 if metric == "auc" else diff < 0
+    return (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}") + (" (+)" if better else " (−)")
 
 
 def compare_markdown(summary: dict[str, Any], title: str) -> str:
@@ -201,7 +205,8 @@ def compare_markdown(summary: dict[str, Any], title: str) -> str:
                     f"## Welch t-test p-values ({label}): DeepFM models against each baseline",
                     "",
                     "Two-sided, unequal variances (scipy.stats.ttest_ind(equal_var=False)), "
-                    "over the per-seed test values; – when a side has fewer than 2 seeds.",
+                    "over the per-seed test values; (+): the DeepFM model's mean is better, "
+                    "(−): the baseline's is; – when a side has fewer than 2 seeds.",
                     "",
                     markdown_table(*p_value_table(summary, metric)),
                     "",
