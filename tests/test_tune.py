@@ -123,3 +123,28 @@ def test_tune_resumes_its_study(store, tmp_path):
     assert len(calls) == 2
     summary = run_tune(store, tmp_path, trials=3, **options)
     assert len(calls) == 3 and summary["trials_reused"] == 2 and len(summary["trials"]) == 3
+
+
+class Interrupted(Exception):
+    """Stands in for KeyboardInterrupt, which pytest would take as the user stopping it."""
+
+
+def test_an_interrupted_tune_continues_where_it_stopped(store, tmp_path):
+    calls, resumed = [], []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and not resumed:
+            raise Interrupted  # what a Ctrl-C does to the trial (Optuna marks it failed)
+        return fit_run(*args, **kwargs)
+
+    options = dict(model="fm", space=parse_space(SPACE), train_overrides={"epochs": 1})
+    with pytest.raises(Interrupted):
+        run_tune(store, tmp_path, trials=3, progress=False, fit=interrupted, **options)
+    calls.clear()
+    resumed.append(True)
+    summary = run_tune(store, tmp_path, trials=3, progress=False, fit=interrupted, **options)
+    # 1 trial finished before the interruption; 2 more now (the interrupted one failed)
+    assert summary["trials_reused"] == 1 and len(calls) == 2
+    states = [t["state"] for t in summary["trials"]]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 3

@@ -239,7 +239,10 @@ def _fail_interrupted(study) -> None:
 
     for trial in study.trials:
         if trial.state == optuna.trial.TrialState.RUNNING:
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            try:  # Optuna has no public call for this; without it the trial just stays RUNNING
+                study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            except (AttributeError, NotImplementedError):
+                return
 
 
 def run_tune(
