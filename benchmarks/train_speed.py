@@ -260,7 +260,7 @@ def cuda_suite(args, store: Store, results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rows", type=int, default=200_000, help="rows to generate")
+    parser.add_argument("--rows", type=int, default=2_000_000, help="rows to generate")
     parser.add_argument("--store", help="an existing store (else one is generated)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch (CPU)")
