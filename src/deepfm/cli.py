@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "deepfm.models.commands",
     "deepfm.experiments.online_commands",
     "deepfm.experiments.study_commands",
+    "deepfm.serve.commands",
 )
 
 

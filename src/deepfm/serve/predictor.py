@@ -1,7 +1,12 @@
 """Scoring raw records with a bundle: encode with the saved feature map, one batched forward pass.
 
 Unseen values map to their field's OOV id and absent or null values to its missing id, exactly as
-in training, so a record never fails for carrying a value the model has not seen.
+in training, so a record never fails for carrying a value the model has not seen. A value that
+cannot be a feature value (an object, NaN, a non-number in a numeric field) raises
+:class:`DataError` naming the record and the field.
+
+Two runtimes compute the same probabilities: ``torch`` (the bundle's module, in inference mode)
+and ``onnx`` (the module exported to ONNX and run by ONNX Runtime; equal within 1e-5).
 """
 
 from __future__ import annotations
@@ -18,95 +23,157 @@ import torch
 from deepfm.data.encoded import EncodedArrays
 from deepfm.data.featuremap import FeatureMap
 from deepfm.data.reader import RawChunk
-from deepfm.errors import DataError
+from deepfm.errors import ConfigError, DataError
 from deepfm.serve.bundle import Bundle, load_bundle
+from deepfm.serve.encoding import RecordEncoder, number_of, text_of
 
 Record = Mapping[str, Any]
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _number(value: Any, index: int, name: str) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DataError(
-            f"{value!r} is not a number", path="record", line=index, field=name
-        ) from None
-    if not math.isfinite(number):
-        raise DataError("NaN or infinite number", path="record", line=index, field=name)
-    return number
+Runtime = Literal["torch", "onnx"]
+RUNTIMES: tuple[str, ...] = ("torch", "onnx")
+RANK_BY: tuple[str, ...] = ("ctr", "ctr_bid")
+#: the candidate key holding a bid, read when ranking by CTR × bid
+BID = "bid"
 
 
 def records_table(feature_map: FeatureMap, records: Sequence[Record]) -> pa.Table:
-    """Raw records (dicts) → the column table the feature map encodes. Extra keys are ignored."""
+    """Raw records (dicts) → the column table :meth:`FeatureMap.encode` reads (the reference
+    path, as files are read: one Arrow column per field). Extra keys are ignored."""
     columns: dict[str, pa.Array] = {}
     for spec in feature_map.schema.fields:
         name = spec.name
         raw = [record.get(name) for record in records]
-        if spec.kind == "numeric":
-            columns[name] = pa.array(
-                [_number(v, i, name) for i, v in enumerate(raw)], type=pa.float64()
-            )
-        elif spec.kind == "multi":
-            columns[name] = pa.array(
-                [
-                    spec.separator.join(_text(x) or "" for x in v)
-                    if isinstance(v, list | tuple)
-                    else _text(v)
-                    for v in raw
-                ],
-                type=pa.string(),
-            )
-        else:
-            columns[name] = pa.array([_text(v) for v in raw], type=pa.string())
+        try:
+            if spec.kind == "numeric":
+                column = pa.array([number_of(v) for v in raw], type=pa.float64())
+            elif spec.kind == "multi":
+                column = pa.array(
+                    [
+                        spec.separator.join(text_of(x) or "" for x in v)
+                        if isinstance(v, list | tuple)
+                        else text_of(v)
+                        for v in raw
+                    ],
+                    type=pa.string(),
+                )
+            else:
+                column = pa.array([text_of(v) for v in raw], type=pa.string())
+        except ValueError as exc:
+            raise DataError(str(exc), path="records", field=name) from None
+        columns[name] = column
     return pa.table(columns)
 
 
 class Predictor:
-    """``Predictor.load(DIR)``; ``predict_proba(records)``; ``rank(user, context, candidates)``."""
+    """``Predictor.load(DIR)``; ``predict_proba(records)``; ``rank(user, context, candidates)``.
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu") -> None:
+    ``runtime="onnx"`` exports the model to ONNX when loading and scores with ONNX Runtime
+    (``threads`` sets its intra-op threads; the torch runtime uses ``torch.get_num_threads()``).
+    A predictor is safe to call from several threads at once.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        *,
+        runtime: Runtime = "torch",
+        threads: int | None = None,
+    ) -> None:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.bundle = bundle
         self.device = torch.device(device)
         self.model = bundle.model.to(self.device).eval()
         self.feature_map = bundle.feature_map
+        self.encoder = RecordEncoder(bundle.feature_map)
+        self.runtime = runtime
+        self._onnx = None
+        if runtime == "onnx":
+            from deepfm.serve.onnx_export import OnnxScorer
+
+            self._onnx = OnnxScorer.from_bundle(bundle, threads=threads)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Predictor:
-        return cls(load_bundle(directory, device=device), device)
+    def load(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        runtime: Runtime = "torch",
+        threads: int | None = None,
+    ) -> Predictor:
+        """Load and verify the bundle in ``directory`` (see :func:`load_bundle`)."""
+        return cls(load_bundle(directory, device=device), device, runtime=runtime, threads=threads)
 
-    def encode(self, records: Sequence[Record] | pa.Table) -> EncodedArrays:
-        table = (
-            records if isinstance(records, pa.Table) else records_table(self.feature_map, records)
-        )
-        lines = np.arange(1, table.num_rows + 1, dtype=np.int64)
-        return self.feature_map.encode(RawChunk(table, lines, "<records>"))
+    @property
+    def info(self) -> dict[str, Any]:
+        """What is being served: model name, bundle creation time, feature-map hash, metrics."""
+        manifest = self.bundle.info
+        metrics = {k: v for k, v in self.bundle.metrics.items() if k not in ("history",)}
+        return {
+            "model": self.bundle.config.name,
+            "created": manifest.get("created"),
+            "feature_map_sha256": manifest.get("feature_map_sha256"),
+            "deepfm_version": manifest.get("deepfm_version"),
+            "path": str(self.bundle.path) if self.bundle.path else None,
+            "runtime": self.runtime,
+            "format": self.bundle.data_format,
+            "fields": [f.name for f in self.feature_map.fields],
+            "metrics": metrics,
+        }
 
-    @torch.inference_mode()
+    # -- encoding ------------------------------------------------------------------------------
+
+    def encode(
+        self, records: Sequence[Record] | pa.Table, *, strict: bool = False
+    ) -> EncodedArrays:
+        """Encode records (dicts) or a table with the bundle's feature map.
+
+        ``strict``: a key that is not a field of the model raises :class:`DataError` (by default
+        such keys are ignored).
+        """
+        if isinstance(records, pa.Table):
+            lines = np.arange(1, records.num_rows + 1, dtype=np.int64)
+            return self.feature_map.encode(RawChunk(records, lines, "<records>"))
+        if strict:
+            self.encoder.check_keys(records, "records")
+        return self.encoder.encode(records, where="records")
+
+    # -- scoring -------------------------------------------------------------------------------
+
     def predict_encoded(self, encoded: EncodedArrays) -> np.ndarray:
+        """Click probabilities ``[rows]`` (float64) of encoded rows, in one forward pass.
+
+        A non-finite probability (extreme input values overflowing the model) raises
+        :class:`DataError` naming the first such row, rather than returning NaN."""
         if len(encoded) == 0:
             return np.zeros(0, dtype=np.float64)
-        ids = torch.from_numpy(encoded.ids).to(self.device)
-        values = (
-            None if encoded.values is None else torch.from_numpy(encoded.values).to(self.device)
-        )
-        logits = self.model(ids, values).double().cpu().numpy()
-        return 1.0 / (1.0 + np.exp(-logits))
+        if self._onnx is not None:
+            ctr = self._onnx(encoded.ids, encoded.values).astype(np.float64)
+        else:
+            ctr = self._torch_proba(encoded.ids, encoded.values)
+        if not np.isfinite(ctr).all():
+            row = int(np.flatnonzero(~np.isfinite(ctr))[0])
+            raise DataError(
+                "the model's score is not a finite number: a value of this record is too large "
+                "for the model",
+                path=f"row {row}",
+            )
+        return ctr
 
-    def predict_proba(self, records: Sequence[Record] | pa.Table) -> np.ndarray:
-        """Click probability of each record, in order."""
-        return self.predict_encoded(self.encode(records))
+    @torch.inference_mode()
+    def _torch_proba(self, ids: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+        ids_t = torch.from_numpy(ids).to(self.device)
+        values_t = None if values is None else torch.from_numpy(values).to(self.device)
+        logits = self.model(ids_t, values_t).double().cpu().numpy()
+        with np.errstate(over="ignore"):  # exp(-logit) → inf for a very negative logit: ctr 0
+            return 1.0 / (1.0 + np.exp(-logits))
+
+    def predict_proba(
+        self, records: Sequence[Record] | pa.Table, *, strict: bool = False
+    ) -> np.ndarray:
+        """Click probability of each record, in order (float64 ``[len(records)]``)."""
+        return self.predict_encoded(self.encode(records, strict=strict))
 
     def rank(
         self,
@@ -116,26 +183,51 @@ class Predictor:
         *,
         top: int = 10,
         by: Literal["ctr", "ctr_bid"] = "ctr",
+        strict: bool = False,
     ) -> list[dict[str, float | int]]:
         """The ``top`` candidates by predicted CTR, or by CTR × bid (each candidate's ``bid``).
 
-        Returns ``[{"index", "score", "ctr"}, ...]`` best first (ties keep candidate order).
+        Each candidate is scored as the record ``{**user, **context, **candidate}``; the user
+        and context fields are encoded once for all candidates. Returns
+        ``[{"index", "score", "ctr"}, ...]`` best first (ties keep candidate order). ``strict``:
+        keys other than the model's fields (and a candidate's ``bid``) raise :class:`DataError`.
         """
-        if by not in ("ctr", "ctr_bid"):
+        if by not in RANK_BY:
             raise DataError(f"rank by 'ctr' or 'ctr_bid', not {by!r}")
-        records = [{**user, **context, **candidate} for candidate in candidates]
-        ctr = self.predict_proba(records)
-        score = ctr
-        if by == "ctr_bid":
-            bids = [_number(c.get("bid"), i, "bid") for i, c in enumerate(candidates)]
-            if any(b is None for b in bids):
-                missing = next(i for i, b in enumerate(bids) if b is None)
-                raise DataError(
-                    "ranking by ctr_bid needs a bid on every candidate",
-                    path="candidate",
-                    line=missing,
-                    field="bid",
-                )
-            score = ctr * np.asarray(bids, dtype=np.float64)
+        if isinstance(top, bool) or not isinstance(top, int):
+            raise DataError(f"top must be an integer, not {top!r}")
+        encoder = self.encoder
+        encoder.check_mapping(user, "user", encoder.names if strict else None)
+        encoder.check_mapping(context, "context", encoder.names if strict else None)
+        if strict:
+            encoder.check_keys(candidates, "candidates", frozenset((BID,)))
+        shared = {**user, **context}
+        ctr = self.predict_encoded(encoder.encode(candidates, shared, where="candidates"))
+        score = ctr * bids_of(candidates) if by == "ctr_bid" else ctr
         order = np.argsort(-score, kind="stable")[: max(top, 0)]
-        return [{"index": int(i), "score": float(score[i]), "ctr": float(ctr[i])} for i in order]
+        return [
+            {"index": i, "score": float(score[i]), "ctr": float(ctr[i])} for i in order.tolist()
+        ]
+
+
+def bids_of(candidates: Sequence[Record]) -> np.ndarray:
+    """Every candidate's ``bid`` as float64; a missing, negative or non-finite bid is an error."""
+    bids = np.empty(len(candidates), dtype=np.float64)
+    for i, candidate in enumerate(candidates):
+        value = candidate.get(BID)
+        try:
+            if isinstance(value, bool):
+                raise ValueError("a bid is a number, not true/false")
+            bid = number_of(value)
+        except ValueError as exc:
+            raise DataError(str(exc), path=f"candidates[{i}]", field=BID) from None
+        if bid is None:
+            raise DataError(
+                "ranking by ctr_bid needs a bid on every candidate",
+                path=f"candidates[{i}]",
+                field=BID,
+            )
+        if bid < 0 or not math.isfinite(bid):
+            raise DataError(f"a bid must be >= 0, not {bid}", path=f"candidates[{i}]", field=BID)
+        bids[i] = bid
+    return bids

@@ -1,0 +1,236 @@
+"""``deepfm serve``, ``deepfm export`` and ``deepfm rank``: a bundle as a service, as ONNX, and
+ranking candidates from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from deepfm.errors import ConfigError, DataError
+
+TOKEN_ENV = "DEEPFM_TOKEN"
+
+
+def register_commands(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="HTTP service: /predict, /rank, /model, /metrics, /reload (FastAPI + uvicorn)",
+        description="Score and rank with a bundle over HTTP. SIGHUP or POST /reload loads the "
+        "bundle directory again and swaps it in without failing a request.",
+    )
+    serve.add_argument("--model", required=True, help="bundle directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    serve.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    serve.add_argument(
+        "--token",
+        help=f"require 'Authorization: Bearer TOKEN' on every route but /health (or set "
+        f"${TOKEN_ENV}, which keeps it out of the process list)",
+    )
+    serve.add_argument(
+        "--max-records",
+        type=int,
+        default=1000,
+        help="most records per /predict or candidates per /rank (more: 413)",
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=8 << 20, help="largest request body (more: 413)"
+    )
+    serve.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads of one forward pass (default 1)"
+    )
+    serve.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="forward passes run at once, each in a worker thread (default 2)",
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    export = sub.add_parser(
+        "export", help="write a bundle's model as ONNX (ids/values in, CTR out)"
+    )
+    export.add_argument("--model", required=True, help="bundle directory")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    export.add_argument(
+        "--check-rows",
+        type=int,
+        default=256,
+        help="compare ONNX Runtime with PyTorch on this many random encoded rows (0: skip)",
+    )
+    export.set_defaults(handler=cmd_export)
+
+    rank = sub.add_parser(
+        "rank", help="rank candidates for one user and context by CTR or CTR x bid"
+    )
+    rank.add_argument("--model", required=True, help="bundle directory")
+    rank.add_argument("--user", default="{}", help="user fields: a JSON object or @file.json")
+    rank.add_argument("--context", default="{}", help="context fields: a JSON object or @file.json")
+    rank.add_argument(
+        "--candidates",
+        required=True,
+        help="a .json file (a list of objects) or a .csv file with a header; a 'bid' "
+        "column or key holds the bids",
+    )
+    rank.add_argument("--top", type=int, default=10, help="how many to print (default 10)")
+    rank.add_argument("--by", choices=("ctr", "ctr_bid"), default="ctr")
+    rank.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    rank.add_argument("--json", action="store_true", help="print {'items': [...]} as JSON")
+    rank.set_defaults(handler=cmd_rank)
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from deepfm.serve.server import ServeSettings, serve
+    except ImportError as exc:
+        raise ConfigError(
+            f"serving needs the serve extra ({exc.name} is missing): pip install 'deepfm[serve]'"
+        ) from None
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    settings = ServeSettings(
+        model_dir=Path(args.model),
+        runtime=args.runtime,
+        host=args.host,
+        port=args.port,
+        token=token,
+        max_records=args.max_records,
+        max_body_bytes=args.max_body_bytes,
+        threads=args.threads,
+        concurrency=args.concurrency,
+    )
+    serve(settings)
+    return 0
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from deepfm.serve.bundle import load_bundle
+    from deepfm.serve.onnx_export import OnnxScorer, export_onnx
+    from deepfm.serve.predictor import Predictor
+
+    bundle = load_bundle(args.model)
+    out = export_onnx(bundle, args.out)
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, model {bundle.config.name})", file=sys.stderr)
+    if args.check_rows > 0:
+        encoded = random_encoded(bundle.feature_map, args.check_rows, seed=0)
+        torch_ctr = Predictor(bundle).predict_encoded(encoded)
+        onnx_ctr = OnnxScorer(out)(encoded.ids, encoded.values).astype(np.float64)
+        gap = float(np.max(np.abs(torch_ctr - onnx_ctr)))
+        print(
+            f"ONNX Runtime vs PyTorch on {args.check_rows} random rows: max |difference| {gap:.2e}",
+            file=sys.stderr,
+        )
+        if not gap <= 1e-5:
+            raise ConfigError(f"the exported model differs from PyTorch by {gap:.2e} (> 1e-5)")
+    return 0
+
+
+def random_encoded(feature_map, rows: int, seed: int = 0):
+    """Random valid encoded rows (each slot an id of its field; bag values as encoding makes)."""
+    import numpy as np
+
+    from deepfm.data.encoded import EncodedArrays
+
+    rng = np.random.default_rng(seed)
+    columns, values = [], []
+    for info in feature_map.fields:
+        for _ in range(info.slots):
+            columns.append(info.offset + rng.integers(0, info.size, rows))
+            values.append(rng.uniform(0.0, 1.0, rows) if info.spec.is_value else np.ones(rows))
+    ids = np.stack(columns, axis=1).astype(np.int32)
+    vals = np.stack(values, axis=1).astype(np.float32) if feature_map.needs_values else None
+    return EncodedArrays(ids, vals, None, np.arange(1, rows + 1))
+
+
+# -- rank --------------------------------------------------------------------------------------
+
+
+def json_argument(text: str, what: str) -> dict[str, Any]:
+    """A JSON object given inline or as ``@file``."""
+    source = what
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--{what}: cannot read {source}: {exc.strerror or exc}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON: {exc}", path=source) from None
+    if not isinstance(value, dict):
+        raise DataError("expected a JSON object of field values", path=source)
+    return value
+
+
+def read_candidates(path: str | Path) -> list[dict[str, Any]]:
+    """Candidates from a JSON list of objects, or from a CSV file with a header row (cells are
+    strings; an empty cell is missing)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text: {exc.reason}", path=str(path)) from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc}", path=str(path)) from None
+        if isinstance(data, dict) and "candidates" in data:
+            data = data["candidates"]
+        if not isinstance(data, list) or not all(isinstance(c, dict) for c in data):
+            raise DataError("expected a JSON list of candidate objects", path=str(path))
+        return data
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if not header:
+        raise DataError("empty file, expected a header line", path=str(path), line=1)
+    out = []
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(
+                f"{len(row)} cells where the header has {len(header)}", path=str(path), line=line
+            )
+        out.append({k: (v if v != "" else None) for k, v in zip(header, row, strict=True)})
+    return out
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from deepfm.serve.predictor import Predictor
+
+    if args.top < 1:
+        raise ConfigError("--top must be at least 1")
+    user = json_argument(args.user, "user")
+    context = json_argument(args.context, "context")
+    candidates = read_candidates(args.candidates)
+    predictor = Predictor.load(args.model, runtime=args.runtime)
+    fields = predictor.encoder.names
+    unused = sorted({k for c in candidates for k in c} - fields - {"bid"})
+    if unused:
+        print(f"note: not model fields, ignored: {', '.join(unused)}", file=sys.stderr)
+    items = predictor.rank(user, context, candidates, top=args.top, by=args.by)
+    if args.json:
+        print(json.dumps({"items": items}))
+        return 0
+    print(f"{'rank':>4}  {'index':>6}  {'score':>10}  {'ctr':>8}")
+    for position, item in enumerate(items, start=1):
+        print(f"{position:>4}  {item['index']:>6}  {item['score']:>10.6f}  {item['ctr']:>8.6f}")
+    return 0

@@ -1,0 +1,187 @@
+"""ONNX export of a bundle's model, and an ONNX Runtime scorer for it.
+
+The exported graph takes the *encoded* sample and returns the click probability:
+
+* ``ids`` int32 ``[batch, slots]``: global feature ids, as :meth:`FeatureMap.encode` writes them;
+* ``values`` float32 ``[batch, slots]``: only when the feature map needs values (a numeric field
+  kept as a value, or a multi-valued bag); otherwise every value is 1 and the input is left out;
+* ``ctr`` float32 ``[batch]``: ``sigmoid(logit)``.
+
+The batch axis is dynamic. Raw records are encoded with the bundle's ``feature_map.json`` (the
+graph holds no vocabularies), so a non-Python client encodes with that file. The graph's metadata
+(``deepfm.model``, ``deepfm.feature_map_sha256``, ...) says which bundle it came from.
+
+Every model of the registry exports with PyTorch's ``torch.export``-based exporter (embedding
+lookups become ``Gather``, multi-valued pooling's ``index_add`` a ``ScatterND`` with addition);
+``NOT_EXPORTABLE`` lists a model that cannot, with the reason, and is empty today.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepfm import __version__
+from deepfm.errors import ConfigError
+from deepfm.serve.bundle import Bundle
+
+#: registry name → why the model cannot be expressed in ONNX (none so far)
+NOT_EXPORTABLE: dict[str, str] = {}
+#: example batch for tracing; any size > 1 (torch.export specialises sizes 0 and 1)
+_TRACE_BATCH = 4
+
+
+class ScoringModule(nn.Module):
+    """``forward(ids [B, S] int32, values [B, S] float32 | absent) -> ctr [B] float32``."""
+
+    def __init__(self, model: nn.Module, with_values: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.with_values = with_values
+
+    def forward(self, ids: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.model(ids, values if self.with_values else None))
+
+
+def input_names(bundle: Bundle) -> list[str]:
+    return ["ids", "values"] if bundle.feature_map.needs_values else ["ids"]
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "ONNX export needs the serve extra: pip install 'deepfm[serve]'"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per missing optional package (torchvision) and emits
+    FutureWarnings about its own internals; none of it concerns the user."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(bundle: Bundle, path: str | Path) -> Path:
+    """Write the bundle's model as ONNX to ``path`` (atomically: a temp file, then a rename).
+
+    Raises :class:`ConfigError` for a model in ``NOT_EXPORTABLE`` or one the exporter rejects.
+    """
+    _require_onnx()
+    name = bundle.config.name
+    if name in NOT_EXPORTABLE:
+        raise ConfigError(f"model {name!r} cannot be exported to ONNX: {NOT_EXPORTABLE[name]}")
+    feature_map = bundle.feature_map
+    with_values = feature_map.needs_values
+    module = ScoringModule(bundle.model, with_values).eval().cpu()
+    # example inputs: valid ids of every slot's field, so tracing sees a realistic graph
+    generator = torch.Generator().manual_seed(0)
+    columns = []
+    for info in feature_map.fields:
+        for _ in range(info.slots):
+            local = torch.randint(0, info.size, (_TRACE_BATCH,), generator=generator)
+            columns.append(local + info.offset)
+    ids = torch.stack(columns, dim=1).to(torch.int32)
+    args: tuple[torch.Tensor, ...] = (ids,)
+    batch = torch.export.Dim("batch")
+    dynamic: dict[str, Any] = {"ids": {0: batch}}
+    if with_values:
+        args += (torch.ones(ids.shape, dtype=torch.float32),)
+        dynamic["values"] = {0: batch}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written into a sibling temp directory under the final name, then renamed into place: a
+    # model over 2 GB comes with a weights file named after it, moved before the graph
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=input_names(bundle),
+                output_names=["ctr"],
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                verbose=False,
+            )
+            program.model.metadata_props.update(
+                {
+                    "deepfm.version": __version__,
+                    "deepfm.model": name,
+                    "deepfm.feature_map_sha256": str(bundle.info.get("feature_map_sha256", "")),
+                    "deepfm.bundle_created": str(bundle.info.get("created", "")),
+                    "deepfm.inputs": "ids int32 [batch, slots] global feature ids"
+                    + (", values float32 [batch, slots]" if with_values else "")
+                    + "; output ctr float32 [batch]",
+                }
+            )
+            program.save(str(tmp / path.name))
+        for written in sorted(tmp.iterdir(), key=lambda p: p.name == path.name):
+            os.replace(written, path.parent / written.name)
+    except Exception as exc:  # the exporter's many error types: report them as one
+        raise ConfigError(f"model {name!r} could not be exported to ONNX: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+class OnnxScorer:
+    """An ONNX Runtime session over an exported model: ``(ids, values) -> ctr`` as NumPy."""
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError(
+                "the ONNX runtime needs the serve extra: pip install 'deepfm[serve]'"
+            ) from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ConfigError(f"{path}: not a loadable ONNX model: {exc}") from None
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, *, threads: int | None = None) -> OnnxScorer:
+        """Export the bundle's model to a temporary file and open a session on it."""
+        with tempfile.TemporaryDirectory(prefix="deepfm-onnx-") as tmp:
+            return cls(export_onnx(bundle, Path(tmp) / "model.onnx"), threads=threads)
+
+    def __call__(self, ids: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+        """``ids [B, S]`` int32, ``values [B, S]`` float32 or None → ``ctr [B]`` float32."""
+        feed = {"ids": np.ascontiguousarray(ids, dtype=np.int32)}
+        if "values" in self.inputs:
+            feed["values"] = (
+                np.ones(ids.shape, dtype=np.float32)
+                if values is None
+                else np.ascontiguousarray(values, dtype=np.float32)
+            )
+        return self.session.run(["ctr"], feed)[0]

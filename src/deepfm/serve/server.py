@@ -1,0 +1,508 @@
+"""The scoring and ranking HTTP service over a bundle (FastAPI on uvicorn).
+
+Routes (JSON in and out; every route but ``/health`` needs ``Authorization: Bearer TOKEN`` when
+the server has a token):
+
+* ``POST /predict`` ``{"records": [{field: value, ...}, ...]}`` → ``{"ctr": [...]}`` in order;
+* ``POST /rank`` ``{"user": {...}, "context": {...}, "candidates": [{..., "bid": x}], "top": L,
+  "by": "ctr" | "ctr_bid"}`` → ``{"items": [{"index", "score", "ctr"}, ...]}`` best first;
+* ``GET /health``; ``GET /model`` (what is served); ``GET /metrics`` (Prometheus text);
+* ``POST /reload`` (or SIGHUP): load the bundle directory again and swap it in.
+
+Bad input never gets a 5xx: malformed JSON → 400; a wrong type, an unknown key, a value that is
+not a feature value (NaN, infinity, an object) → 422 with a message naming the place
+(``candidates[3], field 'C7': ...``); more records than ``max_records`` or a body larger than
+``max_body_bytes`` → 413; a missing or wrong token → 401.
+
+Hot reload: every request takes the predictor once, when it starts, and finishes on it; a reload
+loads and verifies the new bundle off the event loop and then replaces one reference, so requests
+in flight finish on the old model and none fails. A bundle that fails to load or verify leaves the
+old one serving (``/reload`` answers 409 with the reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+
+from deepfm.errors import ConfigError, DataError, DeepFMError
+from deepfm.serve.predictor import Predictor, Runtime
+
+log = logging.getLogger("deepfm.serve")
+
+ROUTES = ("/predict", "/rank", "/health", "/model", "/metrics", "/reload")
+OPEN_ROUTES = frozenset({"/health"})
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+
+
+@dataclass
+class ServeSettings:
+    """What ``deepfm serve`` was asked for. ``threads``: torch / ONNX Runtime intra-op threads
+    per forward pass; ``concurrency``: forward passes run at once (each in a worker thread)."""
+
+    model_dir: Path
+    runtime: Runtime = "torch"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_records: int = 1000
+    max_body_bytes: int = 8 << 20
+    threads: int = 1
+    concurrency: int = 2
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        if self.max_records < 1 or self.max_body_bytes < 1:
+            raise ConfigError("--max-records and --max-body-bytes must be positive")
+        if self.threads < 1 or self.concurrency < 1:
+            raise ConfigError("--threads and --concurrency must be positive")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the token must not be empty")
+
+
+# -- request bodies --------------------------------------------------------------------------
+
+StrictInt = Annotated[int, Strict()]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    records: list[dict[str, Any]] = Field(description="one object of field values per record")
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user: dict[str, Any] = Field(default_factory=dict, description="user fields")
+    context: dict[str, Any] = Field(default_factory=dict, description="request context fields")
+    candidates: list[dict[str, Any]] = Field(description="item fields (and a bid) per candidate")
+    top: StrictInt = Field(10, ge=1, le=1_000_000, description="how many to return")
+    by: Literal["ctr", "ctr_bid"] = Field("ctr", description="rank by CTR or by CTR × bid")
+
+
+class HTTPProblem(Exception):
+    """An error answered with ``status`` and ``{"detail": message}``."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def validation_message(exc: ValidationError, limit: int = 5) -> str:
+    """``loc: message`` of the first errors (never the offending input, which may be huge)."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:limit]:
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        parts.append(f"{where}: {message}")
+    more = exc.error_count() - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def parse_body(model: type[BaseModel], body: bytes) -> Any:
+    if not body.strip():
+        raise HTTPProblem(400, "empty body: send a JSON object", "bad_json")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            detail = exc.errors(include_input=False, include_url=False)[0]["msg"]
+            raise HTTPProblem(400, f"malformed JSON: {detail}", "bad_json") from None
+        raise HTTPProblem(422, validation_message(exc), "invalid") from None
+
+
+# -- the model being served ------------------------------------------------------------------
+
+
+class ModelHolder:
+    """The served predictor, replaced as a whole by :meth:`reload` (one reference swap)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.predictor = self._load()
+        self.loaded_at = time.time()
+        self.reloads = 0
+        self._lock = threading.Lock()  # one reload at a time
+
+    def _load(self) -> Predictor:
+        s = self.settings
+        return Predictor.load(s.model_dir, runtime=s.runtime, threads=s.threads)
+
+    def reload(self) -> Predictor:
+        """Load and verify the bundle again; on success swap it in. Raises DeepFMError."""
+        with self._lock:
+            fresh = self._load()
+            self.predictor = fresh
+            self.loaded_at = time.time()
+            self.reloads += 1
+            return fresh
+
+    def describe(self) -> dict[str, Any]:
+        predictor = self.predictor
+        return {
+            **predictor.info,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "reloads": self.reloads,
+        }
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ServiceMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "deepfm_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "deepfm_request_duration_seconds",
+            "time from request start to response end, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "deepfm_request_errors", "refused or failed requests by route and kind",
+            ["route", "kind"], registry=r,
+        )  # fmt: skip
+        self.rows = Counter("deepfm_scored_rows", "records scored, by route", ["route"], registry=r)
+        self.reloads = Counter("deepfm_reloads", "reloads by result", ["result"], registry=r)
+        self.model = Gauge(
+            "deepfm_model_info", "the bundle being served (value 1)",
+            ["model", "feature_map_sha256", "created", "runtime"], registry=r,
+        )  # fmt: skip
+
+    def set_model(self, info: dict[str, Any]) -> None:
+        self.model.clear()
+        labels = ("model", "feature_map_sha256", "created", "runtime")
+        self.model.labels(*(str(info.get(k)) for k in labels)).set(1)
+
+
+# -- ASGI middleware: token, body limit, metrics ---------------------------------------------
+
+
+def _json_bytes(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+
+
+async def _send_json(send, status: int, data: Any, headers: list | None = None) -> None:
+    body = _json_bytes(data)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class ServiceMiddleware:
+    """Bearer token on every route but ``/health``; request counts, latency and errors."""
+
+    def __init__(self, app, settings: ServeSettings, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.token = None if settings.token is None else f"Bearer {settings.token}".encode()
+        self.latency = {route: metrics.latency.labels(route) for route in (*ROUTES, "other")}
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value, self.token)
+        return False
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.token is not None and path not in OPEN_ROUTES and not self._authorized(scope):
+                self.metrics.errors.labels(route, "unauthorized").inc()
+                await _send_json(
+                    send_status,
+                    401,
+                    {"detail": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
+                    [(b"www-authenticate", b"Bearer")],
+                )
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.latency[route].observe(time.perf_counter() - start)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (checked while reading)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPProblem(413, f"body of {length} bytes exceeds the limit of {limit}", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPProblem(413, f"body exceeds the limit of {limit} bytes", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# -- the application -------------------------------------------------------------------------
+
+
+def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> FastAPI:
+    """The FastAPI application over ``settings.model_dir`` (loaded here unless ``holder``)."""
+    holder = holder or ModelHolder(settings)
+    metrics = ServiceMetrics()
+    metrics.set_model(holder.predictor.info)
+    limiter = anyio.CapacityLimiter(settings.concurrency)
+
+    async def reload_model(source: str) -> tuple[bool, str]:
+        try:
+            predictor = await anyio.to_thread.run_sync(holder.reload)
+        except DeepFMError as exc:
+            metrics.reloads.labels("failed").inc()
+            log.warning("reload (%s) failed, still serving the previous model: %s", source, exc)
+            return False, str(exc)
+        except Exception as exc:  # a bundle that breaks the loader in an unforeseen way
+            metrics.reloads.labels("failed").inc()
+            log.exception("reload (%s) failed, still serving the previous model", source)
+            return False, f"{type(exc).__name__}: {exc}"
+        metrics.reloads.labels("ok").inc()
+        metrics.set_model(predictor.info)
+        log.warning("reloaded (%s): %s", source, settings.model_dir)
+        return True, ""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task] = set()
+
+        def on_sighup() -> None:
+            task = loop.create_task(reload_model("SIGHUP"))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        hangup = getattr(signal, "SIGHUP", None)
+        if hangup is not None and threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(hangup, on_sighup)
+        try:
+            yield
+        finally:
+            if hangup is not None and threading.current_thread() is threading.main_thread():
+                loop.remove_signal_handler(hangup)
+
+    app = FastAPI(
+        title="deepfm",
+        summary="click probabilities and rankings from a DeepFM bundle",
+        lifespan=lifespan,
+    )
+    app.state.holder = holder
+    app.state.metrics = metrics
+
+    @app.exception_handler(HTTPProblem)
+    async def problem(request: Request, exc: HTTPProblem) -> Response:
+        metrics.errors.labels(_route(request), exc.kind).inc()
+        return _json_response(exc.status, {"detail": exc.message})
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:  # a bug: say so, log it
+        metrics.errors.labels(_route(request), "internal").inc()
+        log.exception("internal error on %s", request.url.path)
+        return _json_response(500, {"detail": f"internal error: {type(exc).__name__}"})
+
+    async def scored(
+        request: Request, body_model, count: Callable[[Any], int], work: Callable[..., bytes]
+    ) -> Response:
+        """Read and validate the body, then run ``work`` on the current predictor in a worker
+        thread (the forward pass releases the GIL; the event loop keeps reading requests)."""
+        body = parse_body(body_model, await read_body(request, settings.max_body_bytes))
+        n = count(body)
+        if n > settings.max_records:
+            what = "records" if body_model is PredictRequest else "candidates"
+            raise HTTPProblem(
+                413, f"{n} {what} exceed the limit of {settings.max_records}", "too_large"
+            )
+        predictor = holder.predictor  # this request finishes on this model, whatever reloads
+        try:
+            content = await anyio.to_thread.run_sync(work, predictor, body, limiter=limiter)
+        except DataError as exc:
+            raise HTTPProblem(422, str(exc), "invalid") from None
+        return Response(content, media_type="application/json")
+
+    @app.post("/predict", openapi_extra=_schema_of(PredictRequest))
+    async def predict(request: Request) -> Response:
+        def work(predictor: Predictor, body: PredictRequest) -> bytes:
+            ctr = predictor.predict_proba(body.records, strict=True)
+            metrics.rows.labels("/predict").inc(len(ctr))
+            return _json_bytes({"ctr": ctr.tolist()})
+
+        return await scored(request, PredictRequest, lambda b: len(b.records), work)
+
+    @app.post("/rank", openapi_extra=_schema_of(RankRequest))
+    async def rank(request: Request) -> Response:
+        def work(predictor: Predictor, body: RankRequest) -> bytes:
+            items = predictor.rank(
+                body.user, body.context, body.candidates, top=body.top, by=body.by, strict=True
+            )
+            metrics.rows.labels("/rank").inc(len(body.candidates))
+            return _json_bytes({"items": items})
+
+        return await scored(request, RankRequest, lambda b: len(b.candidates), work)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _json_response(200, {"status": "ok"})
+
+    @app.get("/model")
+    async def model() -> Response:
+        return _json_response(200, holder.describe())
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/reload")
+    async def reload() -> Response:
+        ok, reason = await reload_model("POST /reload")
+        if ok:
+            return _json_response(200, {"reloaded": True, "model": holder.describe()})
+        return _json_response(
+            409,
+            {
+                "detail": f"reload failed, the previous model is still served: {reason}",
+                "model": holder.describe(),
+            },
+        )
+
+    # outermost but for Starlette's error middleware; FastAPI's own 404 / 405 pass through it
+    app.add_middleware(ServiceMiddleware, settings=settings, metrics=metrics)
+    return app
+
+
+def _route(request: Request) -> str:
+    path = request.url.path
+    return path if path in ROUTES else "other"
+
+
+def _json_response(status: int, data: Any) -> Response:
+    return Response(_json_bytes(data), status_code=status, media_type="application/json")
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: the system picks a free port)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: ServeSettings) -> None:
+    """Load the bundle, bind the socket, and serve until SIGINT/SIGTERM."""
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(settings.threads)
+    app = create_app(settings)
+    sock = bind_socket(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if not is_loopback(settings.host) and settings.token is None:
+        print(
+            f"deepfm serve: warning: listening on {settings.host} without --token: "
+            "anyone who can reach this address can score and reload",
+            file=sys.stderr,
+        )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    info = app.state.holder.predictor.info
+    print(
+        f"deepfm serve: {info['model']} ({settings.runtime}) from {settings.model_dir} "
+        f"listening on {url}",
+        file=sys.stderr,
+        flush=True,
+    )
+    logging.basicConfig(level=logging.WARNING, format="deepfm serve: %(message)s")
+    server.run(sockets=[sock])
