@@ -1,0 +1,161 @@
+"""ONNX export: every registered model, trained briefly on the real Criteo sample, gives the same
+click probabilities under ONNX Runtime as under PyTorch (within 1e-5) on the sample's rows; the
+multi-valued pooling (``index_add``) exports too; ``deepfm export`` writes a checked file."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pytest
+import torch
+
+from deepfm.cli import main
+from deepfm.data.featuremap import FeatureMapBuilder
+from deepfm.data.formats import get_format, table_chunk
+from deepfm.data.pipeline import encode_files
+from deepfm.data.reader import BadRows
+from deepfm.data.schema import FieldSpec, Schema
+from deepfm.errors import ConfigError
+from deepfm.models import model_names
+from deepfm.models.registry import ModelConfig, build_model
+from deepfm.nn import InputLayout
+from deepfm.serve.bundle import load_bundle, save_bundle
+from deepfm.serve.commands import random_encoded
+from deepfm.serve.onnx_export import NOT_EXPORTABLE, OnnxScorer, export_onnx
+from deepfm.serve.predictor import Predictor
+from serve_helpers import criteo_bundle
+
+#: float32 forward passes through different kernels (oneDNN / MLAS) differ by a few ulps of the
+#: logit; on probabilities that is ~1e-7. 1e-5 is the contract of the issue, with margin.
+PARITY = 1e-5
+
+
+@pytest.fixture(scope="module")
+def criteo_path():
+    from conftest import shared_file
+
+    return shared_file("criteo", "criteo_train_sample.txt")
+
+
+@pytest.fixture(scope="module")
+def criteo_encoded(criteo_path):
+    """The sample's rows encoded with the feature map every test bundle shares (same split)."""
+    path = criteo_path
+    bundle = load_bundle(criteo_bundle(str(path), "deepfm", (16, 16)))
+    return encode_files(bundle.feature_map, get_format("criteo"), [path], BadRows())
+
+
+def test_every_registered_model_is_exportable_or_says_why():
+    assert set(NOT_EXPORTABLE) <= set(model_names())
+    # today every model of the paper's comparison exports; a new one that cannot must be
+    # listed in NOT_EXPORTABLE with its reason (and is then checked to refuse clearly)
+    assert NOT_EXPORTABLE == {}
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_onnx_equals_pytorch_on_the_criteo_sample(name, criteo_path, criteo_encoded, tmp_path):
+    path = criteo_path
+    bundle = load_bundle(criteo_bundle(str(path), name, (16, 16)))
+    target = tmp_path / f"{name}.onnx"
+    if name in NOT_EXPORTABLE:
+        with pytest.raises(ConfigError, match="cannot be exported"):
+            export_onnx(bundle, target)
+        return
+    export_onnx(bundle, target)
+    scorer = OnnxScorer(target)
+    assert scorer.inputs == ["ids"]  # Criteo: every value is 1, no values input
+    torch_ctr = Predictor(bundle).predict_encoded(criteo_encoded)
+    onnx_ctr = scorer(criteo_encoded.ids, None)
+    assert onnx_ctr.shape == (11212,) and onnx_ctr.dtype == np.float32
+    np.testing.assert_allclose(onnx_ctr, torch_ctr, rtol=0, atol=PARITY)
+    assert torch_ctr.std() > 1e-4  # trained weights: the rows do not all score the same
+    # the batch axis is dynamic: one row, and an odd size, score as in the full batch
+    for rows in (slice(0, 1), slice(5, 12)):
+        np.testing.assert_allclose(
+            scorer(criteo_encoded.ids[rows], None), torch_ctr[rows], rtol=0, atol=PARITY
+        )
+    # the ONNX runtime of the predictor is the same graph
+    onnx_predictor = Predictor(bundle, runtime="onnx")
+    np.testing.assert_allclose(
+        onnx_predictor.predict_encoded(criteo_encoded), torch_ctr, rtol=0, atol=PARITY
+    )
+
+
+MULTI_SCHEMA = Schema(
+    fields=(
+        FieldSpec("user"),
+        FieldSpec("history", kind="multi", max_len=4),
+        FieldSpec("price", kind="numeric", numeric="value"),
+        FieldSpec("tags", kind="multi", pooling="mean", max_len=3),
+    ),
+    label=None,
+)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_multi_valued_fields_and_values_export(name, tmp_path):
+    """Bags (``index_add`` pooling over slots) and value fields: a ``values`` input. Weights are
+    drawn with a large spread (std 0.3) so that every term of the model moves the output."""
+    table = pa.table(
+        {
+            "user": [f"u{i % 7}" for i in range(60)],
+            "history": ["|".join(f"a{j}" for j in range(i % 5)) for i in range(60)],
+            "price": [float(i % 11) for i in range(60)],
+            "tags": [f"t{i % 3}|t{i % 4}" for i in range(60)],
+        }
+    )
+    builder = FeatureMapBuilder(MULTI_SCHEMA)
+    builder.update(table_chunk(table))
+    feature_map = builder.build()
+    torch.manual_seed(0)
+    model = build_model(InputLayout.of(feature_map), ModelConfig(name=name, hidden=(16, 16)))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    bundle = load_bundle(
+        save_bundle(
+            tmp_path / "bundle",
+            model,
+            ModelConfig(name=name, hidden=(16, 16)),
+            feature_map,
+            data_format="csv",
+        )
+    )
+    export_onnx(bundle, tmp_path / "m.onnx")
+    scorer = OnnxScorer(tmp_path / "m.onnx")
+    assert scorer.inputs == ["ids", "values"]
+    encoded = random_encoded(feature_map, 500, seed=1)
+    # realistic bag values too: encode real records
+    records = Predictor(bundle).encode(table.to_pylist())
+    for data in (encoded, records):
+        torch_ctr = Predictor(bundle).predict_encoded(data)
+        np.testing.assert_allclose(scorer(data.ids, data.values), torch_ctr, rtol=0, atol=PARITY)
+        assert torch_ctr.std() > 1e-3
+
+
+def test_deepfm_export_writes_a_checked_graph_with_metadata(criteo_path, tmp_path, capsys):
+    path = criteo_path
+    bundle_dir = criteo_bundle(str(path), "deepfm", (16, 16))
+    out = tmp_path / "sub" / "deepfm.onnx"
+    code = main(["export", "--model", str(bundle_dir), "--out", str(out), "--check-rows", "300"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "max |difference|" in err and str(out) in err
+    graph = onnx.load(str(out))
+    onnx.checker.check_model(graph)
+    meta = {p.key: p.value for p in graph.metadata_props}
+    manifest = load_bundle(bundle_dir).info
+    assert meta["deepfm.model"] == "deepfm"
+    assert meta["deepfm.feature_map_sha256"] == manifest["feature_map_sha256"]
+    [ids] = graph.graph.input
+    assert ids.name == "ids" and ids.type.tensor_type.elem_type == onnx.TensorProto.INT32
+    assert ids.type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
+    assert [o.name for o in graph.graph.output] == ["ctr"]
+    assert [p.name for p in out.parent.iterdir()] == ["deepfm.onnx"]  # no temp files left
+
+
+def test_export_refuses_a_broken_bundle(tmp_path, capsys):
+    assert main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "bundle" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
