@@ -66,5 +66,6 @@ class LazyAdam(torch.optim.Optimizer):
                 state["exp_avg_sq"].index_copy_(0, rows, v)
                 denominator = v.div_(1 - beta2**t).sqrt_().add_(group["eps"])
                 update = m.div_(denominator).mul_(-group["lr"] / (1 - beta1**t))
-                weight.index_add_(0, rows, update)
+                # rows are unique after coalesce: a gather and a copy beat index_add_'s scatter
+                weight.index_copy_(0, rows, weight.index_select(0, rows).add_(update))
         return loss
