@@ -5,7 +5,6 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-import torch
 
 from deepfm.cli import main
 from deepfm.errors import ConfigError
@@ -20,14 +19,6 @@ from deepfm.experiments.abtest import (
 from deepfm.experiments.simulate import default_train_config
 from deepfm.models.registry import ModelConfig
 from deepfm.train.trainer import TrainConfig
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    # the trainer sets torch's global thread count; leave it as conftest set it
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def fast_configs(seed: int) -> dict[str, TrainConfig]:
@@ -48,9 +39,7 @@ FAST_MODEL = ModelConfig(hidden=(64, 64))
 
 @pytest.fixture(scope="module")
 def fast_results():
-    threads = torch.get_num_threads()
     results = run_abtest(FAST, train_config=fast_configs(0), model_config=FAST_MODEL)
-    torch.set_num_threads(threads)
     return results
 
 

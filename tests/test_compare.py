@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from conftest import criteo_line
@@ -22,13 +21,6 @@ from deepfm.experiments.compare import (
 )
 from deepfm.experiments.runs import parse_study_config, study_config
 from study_helpers import TINY, assert_plot_with_data, market_store, read_json
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

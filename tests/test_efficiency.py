@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deepfm.cli import main
 from deepfm.errors import ConfigError
 from deepfm.experiments.efficiency import seconds_per_epoch, summarize_efficiency
 from deepfm.experiments.runs import StudyConfig, fit_run, open_study_store
 from study_helpers import TINY, assert_plot_with_data, market_store, read_json
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

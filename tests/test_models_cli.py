@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from deepfm.cli import build_parser, main, model_config_from
 from deepfm.errors import ConfigError
@@ -16,13 +15,6 @@ from deepfm.serve.bundle import load_bundle
 
 ZOO = model_names()
 TINY = ["--epochs", "1", "--hidden", "8", "--batch-size", "1024", "--quiet", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", ZOO)

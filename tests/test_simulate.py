@@ -27,14 +27,6 @@ from deepfm.train.trainer import TrainConfig
 METRIC_KEYS = {"personalization", "coverage", "popularity_mean", "popularity_var"}
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    # the trainer sets torch's global thread count; leave it as conftest set it
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def fast_configs(seed: int) -> dict[str, TrainConfig]:
     """Small-market training that still learns the interactions in a few seconds: Adam at 3e-3
     with batches of 512 leaves DeepFM's LR-like plateau within 2-3 epochs on 24k rows (at the
@@ -53,9 +45,7 @@ FAST_MODEL = ModelConfig(hidden=(64, 64))
 
 @pytest.fixture(scope="module")
 def fast_result():
-    threads = torch.get_num_threads()
     result = run_simulation(FAST, train_config=fast_configs(0), model_config=FAST_MODEL)
-    torch.set_num_threads(threads)
     return result
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deepfm.cli import main
 from deepfm.errors import ConfigError
@@ -15,13 +14,6 @@ from deepfm.experiments.sweep import (
     shape_weights,
 )
 from study_helpers import TINY, assert_plot_with_data, market_store, read_json
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

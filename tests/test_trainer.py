@@ -52,6 +52,19 @@ def test_same_seed_same_metrics_and_sync_equals_async_loading(criteo):
     assert first.setup["batches"] == "asynchronous" and sync.setup["batches"] == "synchronous"
 
 
+def test_fit_uses_its_thread_count_and_gives_the_callers_back(criteo):
+    seen = []
+    before = torch.get_num_threads()
+    assert before != 1  # conftest sets 2: otherwise this test could not fail
+    config = TrainConfig(epochs=1, batch_size=2048, progress=False, threads=1)
+    model = build_model(InputLayout.of(criteo.feature_map), ModelConfig("lr"))
+    Trainer(config).fit(
+        model, get_entry("lr"), criteo.train, on_step=lambda _: seen.append(torch.get_num_threads())
+    )
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+
 def test_device_resident_batches_equal_streamed_batches(criteo, monkeypatch):
     _, streamed = fit(criteo)
     monkeypatch.setattr(trainer_module, "fits_on", lambda device, data: True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import optuna
 import pytest
-import torch
 import yaml
 
 from deepfm.cli import main
@@ -15,13 +14,6 @@ from deepfm.models import ModelConfig
 from study_helpers import TINY, assert_plot_with_data, market_store, read_json
 
 SPACE = {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "keep_prob": {"choices": [0.5, 1.0]}}
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from deepfm.cli import main
 from deepfm.experiments.workers import settings
 from study_helpers import TINY, assert_plot_with_data, market_store, read_json
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_settings_are_one_worker_n_workers_and_sqrt_scaling():

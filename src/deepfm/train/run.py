@@ -10,7 +10,7 @@ from torch import nn
 from deepfm.data.pipeline import Dataset
 from deepfm.models.registry import ModelConfig, ModelEntry, build_model, get_entry
 from deepfm.nn import InputLayout
-from deepfm.train.trainer import Batches, FitResult, TrainConfig, Trainer, evaluate
+from deepfm.train.trainer import Batches, FitResult, TrainConfig, Trainer, evaluate, torch_threads
 
 
 @dataclass
@@ -32,13 +32,14 @@ def fit_and_evaluate(
     """
     entry = get_entry(model_config.name)
     model = build_model(InputLayout.of(dataset.feature_map), model_config)
-    fit = Trainer(train_config).fit(model, entry, dataset.train, dataset.valid)
     batch = train_config.eval_batch_size
     metrics: dict[str, Any] = {"model": model_config.name}
-    if len(dataset.valid):
-        metrics["valid"] = evaluate(model, Batches(dataset.valid), batch)
-    if dataset.test is not None and len(dataset.test):
-        metrics["test"] = evaluate(model, Batches(dataset.test), batch)
+    with torch_threads(train_config.threads):  # evaluation with the training's thread count
+        fit = Trainer(train_config).fit(model, entry, dataset.train, dataset.valid)
+        if len(dataset.valid):
+            metrics["valid"] = evaluate(model, Batches(dataset.valid), batch)
+        if dataset.test is not None and len(dataset.test):
+            metrics["test"] = evaluate(model, Batches(dataset.test), batch)
     metrics.update(
         rows=dataset.rows(),
         bad_rows=dataset.bad_rows.to_dict(),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -295,6 +295,19 @@ class Optimizers:
             optimizer.load_state_dict(state)
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (``None``: leave as is), then restore
+    the previous count: a library call must not change the caller's process-wide setting."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
     return [m for m in model.modules() if isinstance(m, nn.Embedding)]
 
@@ -379,9 +392,20 @@ class Trainer:
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> FitResult:
+        with torch_threads(self.config.threads):
+            return self._fit(model, entry, train, valid, on_epoch=on_epoch, on_step=on_step)
+
+    def _fit(
+        self,
+        model: nn.Module,
+        entry: ModelEntry,
+        train: EncodedArrays,
+        valid: EncodedArrays | None,
+        *,
+        on_epoch: Callable[[dict[str, float]], None] | None,
+        on_step: Callable[[int], None] | None,
+    ) -> FitResult:
         config, dist = self.config, self.dist
-        if config.threads:
-            torch.set_num_threads(config.threads)
         device = dist.device(config.device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
