@@ -52,6 +52,19 @@ class Regularized(nn.Module):
             self.penalty = None
 
 
+def lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """``table(ids)``: ``ids [*] -> [*, dim]``.
+
+    On CPU with dense gradients the rows are gathered with ``index_select``, whose backward
+    (``index_add``) costs 6 ms for 4096x39 ids where ``embedding_dense_backward``'s sort costs
+    15 (BENCHMARKS.md, training speed). Sparse-gradient tables and other devices use the
+    embedding kernel itself.
+    """
+    if table.sparse or ids.device.type != "cpu":
+        return table(ids)
+    return table.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, table.embedding_dim)
+
+
 def regularization(model: nn.Module) -> torch.Tensor | float:
     """Sum of the penalties left by the last training forward of ``model``'s blocks."""
     total: torch.Tensor | float = 0.0
@@ -90,7 +103,7 @@ class FieldEmbedding(Regularized):
         return self.table.weight
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
-        rows = self.table(ids)  # [B, S, dim]
+        rows = lookup(self.table, ids)  # [B, S, dim]
         self._record(rows, ids.shape[0])
         if values is not None:
             rows = rows * values.unsqueeze(-1)
@@ -110,7 +123,7 @@ class FeatureLinear(Regularized):
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
-        w = self.weight(ids).squeeze(-1)  # [B, S]
+        w = lookup(self.weight, ids).squeeze(-1)  # [B, S]
         self._record(w, ids.shape[0])
         if values is not None:
             w = w * values
