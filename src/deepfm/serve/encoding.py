@@ -139,7 +139,7 @@ class RecordEncoder:
 
     def check_mapping(self, record: Any, where: str, allowed: frozenset[str] | None = None) -> None:
         """``record`` must be a mapping; with ``allowed``, of those keys only."""
-        if not isinstance(record, Mapping):
+        if type(record) is not dict and not isinstance(record, Mapping):  # dict: the fast check
             raise DataError(f"expected an object of field values, got {_kind(record)}", path=where)
         if allowed is not None and not allowed.issuperset(record):
             unknown = sorted(str(k) for k in set(record) - allowed)[0]
@@ -163,7 +163,7 @@ class RecordEncoder:
         n = len(records)
         shared = shared or {}
         for i, record in enumerate(records):
-            if not isinstance(record, Mapping):
+            if type(record) is not dict and not isinstance(record, Mapping):
                 raise DataError(f"expected an object, got {_kind(record)}", path=f"{where}[{i}]")
         ids = np.empty((n, self.num_slots), dtype=np.int32)
         values = np.ones((n, self.num_slots), dtype=np.float32) if self.needs_values else None
@@ -203,14 +203,14 @@ class RecordEncoder:
                 continue
             name = f.name
             default = shared.get(name)
-            column = [r.get(name, default) for r in rows]
             if kind == "multi":
+                column = [r.get(name, default) for r in rows]
                 bag_ids, bag_values = _bags(f, column, place)
                 width = f.info.slots
                 ids[:, f.slot : f.slot + width] = bag_ids + f.info.offset
                 values[:, f.slot : f.slot + width] = bag_values  # type: ignore[index]
             else:
-                ids[:, f.slot] = _categorical(f, column, place) + f.info.offset
+                ids[:, f.slot] = _categorical(f, rows, default, place) + f.info.offset
         if numeric:
             self._numbers(numeric, rows, shared, ids, values, place)
 
@@ -248,19 +248,24 @@ class _BadValue(Exception):
         self.where, self.field, self.reason = where, field, reason
 
 
-def _categorical(f: _Field, column: list, place) -> np.ndarray:
-    """Local ids of one categorical column: one dict lookup per string value."""
-    get = f.lookup.get
+def _categorical(f: _Field, rows: Sequence[Record], default: Any, place) -> np.ndarray:
+    """Local ids of one categorical field of ``rows``: one dict lookup per string value, in one
+    pass over the rows; numbers and bad values take the slow path."""
+    name, get = f.name, f.lookup.get
     local = [
-        get(v, OOV) if type(v) is str else (MISSING if v is None else _NOT_FOUND) for v in column
+        get(v, OOV)
+        if type(v := r.get(name, default)) is str
+        else (MISSING if v is None else _NOT_FOUND)
+        for r in rows
     ]
-    for i, code in enumerate(local):
-        if code == _NOT_FOUND:  # a number or a bool (its text is looked up), or a bad value
-            try:
-                token = text_of(column[i])
-            except ValueError as exc:
-                raise _BadValue(place(i), f.name, str(exc)) from None
-            local[i] = MISSING if token is None else get(token, OOV)
+    if _NOT_FOUND in local:
+        for i, code in enumerate(local):
+            if code == _NOT_FOUND:  # a number or a bool (its text is looked up), or a bad value
+                try:
+                    token = text_of(rows[i].get(name, default))
+                except ValueError as exc:
+                    raise _BadValue(place(i), name, str(exc)) from None
+                local[i] = MISSING if token is None else get(token, OOV)
     return np.array(local, dtype=np.int64)
 
 

@@ -212,6 +212,15 @@ class Predictor:
 
 def bids_of(candidates: Sequence[Record]) -> np.ndarray:
     """Every candidate's ``bid`` as float64; a missing, negative or non-finite bid is an error."""
+    raw = [candidate.get(BID) for candidate in candidates]
+    if all(type(b) is float or type(b) is int for b in raw):  # the usual case, as one array
+        try:
+            bids = np.array(raw, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64: the loop below names it
+            pass
+        else:
+            if np.isfinite(bids).all() and (bids >= 0).all():
+                return bids
     bids = np.empty(len(candidates), dtype=np.float64)
     for i, candidate in enumerate(candidates):
         value = candidate.get(BID)
