@@ -114,7 +114,7 @@ def test_predict_equals_deepfm_predict_on_the_same_rows(server, bundle, criteo_p
     assert got.shape == expected.shape == (len(picked),)
     assert got.std() > 1e-3  # a trained model, so a wrong order could not pass
     # the CLI prints 7 decimals (±5e-8); the two forward passes differ by float rounding only
-    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-7)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=FLOAT_GAP + 5e-8)
 
 
 def test_predict_equals_the_predictor_request_by_request(server, predictor, criteo_path):
