@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -751,15 +752,31 @@ class _Encoder:
         return meta
 
 
-def _pin_mmap_threshold() -> None:
-    """Keep glibc serving large buffers with mmap. After a large free glibc raises its mmap
-    threshold (up to 32 MiB), later block-sized buffers then come from the heap, which
-    fragments: peak RSS crept by ~50 MB between 1M and 10M rows. 1 MiB pins it."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+@contextmanager
+def _large_buffers_from_mmap() -> Iterator[None]:
+    """While preparing, glibc serves buffers of 1 MiB and more with mmap. After a large free glibc
+    raises its mmap threshold (up to 32 MiB) and later block-sized buffers come from the heap,
+    which fragments: peak RSS crept by ~50 MB between 1M and 10M rows.
+
+    Afterwards the thresholds are set to glibc's dynamic upper bounds (mmap 32 MiB, trim 64 MiB),
+    the state a long-running process reaches by itself: left at 1 MiB, a training run in the
+    same process (``compare --criteo``, the benchmarks) mapped and zero-filled fresh pages for
+    its activations at every step (33k instead of 48k samples/s, BENCHMARKS.md).
+    """
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def prepare_store(
@@ -778,8 +795,30 @@ def prepare_store(
     progress: Callable[[str], None] | None = None,
 ) -> PrepareResult:
     """Prepare ``paths`` (read with ``data_format``) into the store ``out``; see module docs."""
+    with _large_buffers_from_mmap():
+        return _prepare_store(
+            data_format, paths, out, split=split, valid_fraction=valid_fraction, seed=seed,
+            min_count=min_count, bad_rows=bad_rows, overwrite=overwrite, block_bytes=block_bytes,
+            workers=workers, progress=progress,
+        )  # fmt: skip
+
+
+def _prepare_store(
+    data_format: DataFormat,
+    paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    split: SplitSpec,
+    valid_fraction: float = 0.1,
+    seed: int = 0,
+    min_count: int | None = None,
+    bad_rows: BadRows | None = None,
+    overwrite: bool = False,
+    block_bytes: int = PREPARE_BLOCK_BYTES,
+    workers: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PrepareResult:
     started = time.perf_counter()
-    _pin_mmap_threshold()
     bad_rows = bad_rows or BadRows()
     schema = data_format.schema.with_min_count(min_count)
     workers = workers or min(2, os.cpu_count() or 1)
