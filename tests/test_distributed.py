@@ -55,6 +55,7 @@ GRADIENTS = textwrap.dedent(
     loss.backward()
     grads = {n: p.grad.to_dense().contiguous() for n, p in model.named_parameters()}
     save_file(grads, f"{out}/grads-{rank}.safetensors")
+    dist.barrier()
     dist.destroy_process_group()
     """
 ).replace("ROWS", str(ROWS))

@@ -253,9 +253,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_config = train_config_from(args)
     context = Distributed.from_env(train_config.device)  # torchrun: join the process group
     try:
-        return _train(args, model_config, train_config, context)
-    finally:
-        shutdown()
+        code = _train(args, model_config, train_config, context)
+    except BaseException:
+        shutdown(failed=True)
+        raise
+    shutdown()
+    return code
 
 
 def _train(args, model_config, train_config, context) -> int:

@@ -138,8 +138,10 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], result: str) 
         )
         if context.is_main:
             _write(result, out)
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(failed=True)
+        raise
+    shutdown()
 
 
 def run_setting(store: str | Path, spec: RunSpec) -> dict[str, Any]:

@@ -121,6 +121,11 @@ class Distributed:
         return bool(value.item())
 
 
-def shutdown() -> None:
+def shutdown(*, failed: bool = False) -> None:
+    """Leave the process group. After a normal end the ranks leave together: a rank that destroys
+    the group while another still has gloo work in flight aborts the other ("terminate called
+    without an active exception"). A failed rank leaves at once (a barrier could wait forever)."""
     if dist.is_available() and dist.is_initialized():
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
