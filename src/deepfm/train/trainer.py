@@ -495,7 +495,9 @@ class Trainer:
                 total=steps_per_epoch,
                 initial=progress.step,
                 desc=f"epoch {epoch}/{config.epochs}",
-                disable=not (config.progress and dist.is_main),
+                # None: tqdm hides the per-step bar when stderr is not a terminal (logs keep the
+                # per-epoch lines below instead of thousands of carriage returns)
+                disable=None if config.progress and dist.is_main else True,
                 leave=False,
                 mininterval=0.5,
             )
