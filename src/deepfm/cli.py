@@ -92,7 +92,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         "--patience",
         type=int,
         default=default.patience,
-        help="stop after this many epochs without a better validation AUC",
+        help="stop after this many epochs without a better validation score",
+    )
+    group.add_argument(
+        "--monitor",
+        choices=("auc-logloss", "auc", "logloss"),
+        default=default.monitor,
+        help="validation score of early stopping and lr decay (default AUC - Logloss)",
     )
     group.add_argument("--seed", type=int, default=default.seed)
     group.add_argument("--threads", type=int, help="torch CPU threads (fix for reproducibility)")
@@ -182,6 +188,7 @@ def train_config_from(args: argparse.Namespace):
         batch_size=args.batch_size,
         lr=args.lr,
         patience=args.patience,
+        monitor=args.monitor,
         seed=args.seed,
         threads=args.threads,
         progress=not args.quiet,
