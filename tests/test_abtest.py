@@ -16,25 +16,11 @@ from deepfm.experiments.abtest import (
     run_abtest,
     write_abtest,
 )
-from deepfm.experiments.simulate import default_train_config
 from deepfm.models.registry import ModelConfig
 from deepfm.train.trainer import TrainConfig
-
-
-def fast_configs(seed: int) -> dict[str, TrainConfig]:
-    """Adam at 3e-3 with batches of 512 lets the small DeepFM-D learn the interactions from 27k
-    rows in a few epochs (at 1e-3 a short run stays on the LR-like plateau); FTRL keeps its
-    default rate."""
-    return {
-        "lr": default_train_config(seed, epochs=6),
-        "deepfm": TrainConfig(
-            epochs=8, patience=2, seed=seed, threads=1, progress=False, lr=3e-3, batch_size=512
-        ),
-    }
-
+from online_helpers import FAST_MODEL, fast_configs
 
 FAST = ABTestConfig(days=3, users_per_type=50, initial_rows=30_000, daily_epochs=2)
-FAST_MODEL = ModelConfig(hidden=(64, 64))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from deepfm.errors import ConfigError
 from deepfm.experiments.simulate import (
     SimulationConfig,
     app_popularity,
-    default_train_config,
     log_dataset,
     pair_table,
     run_simulation,
@@ -23,24 +22,12 @@ from deepfm.experiments.simulate import (
 from deepfm.models.registry import ModelConfig, build_model
 from deepfm.nn import InputLayout
 from deepfm.train.trainer import TrainConfig
+from online_helpers import FAST_MODEL, fast_configs
 
 METRIC_KEYS = {"personalization", "coverage", "popularity_mean", "popularity_var"}
 
 
-def fast_configs(seed: int) -> dict[str, TrainConfig]:
-    """Small-market training that still learns the interactions in a few seconds: Adam at 3e-3
-    with batches of 512 leaves DeepFM's LR-like plateau within 2-3 epochs on 24k rows (at the
-    default 1e-3 it stays there for the whole short run); FTRL keeps its own default rate."""
-    return {
-        "lr": default_train_config(seed, epochs=6),
-        "deepfm": TrainConfig(
-            epochs=8, patience=2, seed=seed, threads=1, progress=False, lr=3e-3, batch_size=512
-        ),
-    }
-
-
 FAST = SimulationConfig(users_per_type=20, rows=30_000)
-FAST_MODEL = ModelConfig(hidden=(64, 64))
 
 
 @pytest.fixture(scope="module")
