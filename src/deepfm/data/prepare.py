@@ -779,6 +779,7 @@ def _large_buffers_from_mmap() -> Iterator[None]:
         mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
+@_large_buffers_from_mmap()
 def prepare_store(
     data_format: DataFormat,
     paths: Sequence[str | Path],
@@ -795,29 +796,6 @@ def prepare_store(
     progress: Callable[[str], None] | None = None,
 ) -> PrepareResult:
     """Prepare ``paths`` (read with ``data_format``) into the store ``out``; see module docs."""
-    with _large_buffers_from_mmap():
-        return _prepare_store(
-            data_format, paths, out, split=split, valid_fraction=valid_fraction, seed=seed,
-            min_count=min_count, bad_rows=bad_rows, overwrite=overwrite, block_bytes=block_bytes,
-            workers=workers, progress=progress,
-        )  # fmt: skip
-
-
-def _prepare_store(
-    data_format: DataFormat,
-    paths: Sequence[str | Path],
-    out: str | Path,
-    *,
-    split: SplitSpec,
-    valid_fraction: float = 0.1,
-    seed: int = 0,
-    min_count: int | None = None,
-    bad_rows: BadRows | None = None,
-    overwrite: bool = False,
-    block_bytes: int = PREPARE_BLOCK_BYTES,
-    workers: int | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> PrepareResult:
     started = time.perf_counter()
     bad_rows = bad_rows or BadRows()
     schema = data_format.schema.with_min_count(min_count)
