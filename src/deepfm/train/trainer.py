@@ -51,6 +51,8 @@ DEFAULT_LR = {"adam": 3e-3, "ftrl": 0.05}
 PRECISIONS = ("fp32", "bf16")
 EMBEDDING_UPDATES = ("auto", "dense", "sparse")
 MONITORS = ("auc-logloss", "auc", "logloss")
+#: steps between updates of the progress bar's running loss (each costs a device sync)
+RUNNING_LOSS_EVERY = 20
 #: a split is kept on a CUDA device when it needs at most this share of the free memory
 RESIDENT_SHARE = 0.5
 
@@ -531,6 +533,9 @@ class Trainer:
                 progress.step += 1
                 progress.global_step += 1
                 bar.update()
+                if not bar.disable and progress.step % RUNNING_LOSS_EVERY == 0:
+                    running = float(loss_sum) / (progress.step * config.batch_size)
+                    bar.set_postfix(loss=f"{running:.5f}", refresh=False)
                 if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
                     progress.loss_sum = float(loss_sum)
                     self._save(model, optimizer, scheduler, generator, progress, result, best_state)
