@@ -79,7 +79,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tru
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    from deepfm.train.trainer import TrainConfig
+    from deepfm.train.trainer import MONITORS, TrainConfig
 
     default = TrainConfig()
     group = parser.add_argument_group("training")
@@ -96,7 +96,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--monitor",
-        choices=("auc-logloss", "auc", "logloss"),
+        choices=MONITORS,
         default=default.monitor,
         help="validation score of early stopping and lr decay (default AUC - Logloss)",
     )
@@ -254,18 +254,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from deepfm.train.distributed import Distributed, shutdown
+    from deepfm.train.distributed import Distributed, process_group_session
 
     model_config = model_config_from(args)
     train_config = train_config_from(args)
     context = Distributed.from_env(train_config.device)  # torchrun: join the process group
-    try:
-        code = _train(args, model_config, train_config, context)
-    except BaseException:
-        shutdown(failed=True)
-        raise
-    shutdown()
-    return code
+    with process_group_session():
+        return _train(args, model_config, train_config, context)
 
 
 def _train(args, model_config, train_config, context) -> int:

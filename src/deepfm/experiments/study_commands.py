@@ -19,8 +19,7 @@ from deepfm.errors import ConfigError
 #: flags of ``add_train_options`` read as trainer overrides when given (their defaults are
 #: cleared to None so that a study config's ``train`` values are not silently replaced)
 TRAIN_FLAGS = ("epochs", "batch_size", "lr", "patience", "monitor", "threads", "device")
-TRAIN_FLAGS += ("precision",)
-TRAIN_FLAGS += ("compile", "embedding_updates", "sync_loading", "lr_scaling")
+TRAIN_FLAGS += ("precision", "compile", "embedding_updates", "sync_loading", "lr_scaling")
 _CLEARED = (*TRAIN_FLAGS, "seed", "quiet", "checkpoint_every", "resume")
 MODEL_FLAGS = ("embed_dim", "hidden", "activation", "dropout", "l2")
 

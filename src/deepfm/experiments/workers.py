@@ -117,7 +117,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, job: dict[str, Any], result: str) -> None:
     """Entry point of a spawned process: join the group as torchrun would, train, report."""
     from deepfm.experiments.runs import write_json as _write
-    from deepfm.train.distributed import Distributed, shutdown
+    from deepfm.train.distributed import Distributed, process_group_session
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -128,7 +128,7 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], result: str) 
     )
     train_config = TrainConfig(**job["train"])
     context = Distributed.from_env(train_config.device)
-    try:
+    with process_group_session():
         out = train_with_curve(
             job["store"],
             ModelConfig.from_dict(job["model"]),
@@ -138,10 +138,6 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], result: str) 
         )
         if context.is_main:
             _write(result, out)
-    except BaseException:
-        shutdown(failed=True)
-        raise
-    shutdown()
 
 
 def run_setting(store: str | Path, spec: RunSpec) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -121,11 +123,22 @@ class Distributed:
         return bool(value.item())
 
 
-def shutdown(*, failed: bool = False) -> None:
-    """Leave the process group. After a normal end the ranks leave together: a rank that destroys
-    the group while another still has gloo work in flight aborts the other ("terminate called
-    without an active exception"). A failed rank leaves at once (a barrier could wait forever)."""
+@contextmanager
+def process_group_session() -> Iterator[None]:
+    """Run the block, then leave the process group (if one was joined). After a normal end the
+    ranks leave together: a rank that destroys the group while another still has gloo work in
+    flight aborts the other ("terminate called without an active exception"). A failed rank
+    leaves at once (a barrier could wait forever for ranks that will not come)."""
+    try:
+        yield
+    except BaseException:
+        _leave(together=False)
+        raise
+    _leave(together=True)
+
+
+def _leave(*, together: bool) -> None:
     if dist.is_available() and dist.is_initialized():
-        if not failed:
+        if together:
             dist.barrier()
         dist.destroy_process_group()

@@ -66,8 +66,8 @@ class TrainConfig:
     the best epoch's weights are restored. AUC alone can keep creeping up while the model grows
     overconfident (Frappe sample: validation Logloss 0.32 → 0.50 over the epochs AUC picked),
     and a CTR model's probabilities are used as such (CTR × bid), so the default also rewards
-    calibration. The learning rate is multiplied by
-    ``lr_decay`` after ``decay_patience`` epochs without a new best (Adam only).
+    calibration. The learning rate is multiplied by ``lr_decay`` after ``decay_patience`` epochs
+    without a new best (Adam only).
     ``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``.
     """
 
