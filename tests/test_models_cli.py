@@ -84,16 +84,22 @@ def test_bad_presets_are_config_errors(content, message):
         parse_preset(content, "test.yaml")
 
 
-def test_shipped_presets(capsys):
+def test_shipped_presets():
     assert {"criteo-random", "criteo-sequential"} <= set(preset_names())
     for name in preset_names():
         load_preset(name)  # every shipped preset parses and gives valid configs
     assert not load_preset("criteo-random").assumed
-    assert load_preset("criteo-sequential").assumed  # stated: not checked against the paper
+    assert not load_preset("criteo-sequential").assumed  # Table III (tests/test_presets.py)
     with pytest.raises(ConfigError, match="unknown preset 'criteo'"):
         load_preset("criteo")
-    model_config_from(args_of("--model", "fm", "--preset", "criteo-sequential"))
-    assert "ASSUMED" in capsys.readouterr().err
+
+
+def test_an_assumed_preset_says_so(tmp_path, capsys):
+    path = tmp_path / "guess.yaml"
+    path.write_text("name: guess\nstatus: assumed\ndescription: values GUESSED\n")
+    assert load_preset(path).assumed
+    model_config_from(args_of("--model", "fm", "--preset", str(path)))
+    assert "GUESSED" in capsys.readouterr().err
 
 
 def test_unknown_preset_is_a_clean_cli_error(capsys):
