@@ -15,6 +15,7 @@ from deepfm.train.trainer import TrainConfig, Trainer
 
 ZOO = (
     "lr",
+    "poly2",
     "fm",
     "dnn",
     "fnn",
@@ -42,7 +43,7 @@ def batch(layout: InputLayout, rows: int = 8, seed: int = 0):
     return ids, values
 
 
-def test_all_thirteen_models_in_listing_order():
+def test_the_thirteen_models_and_poly2_in_listing_order():
     assert tuple(model_names()) == ZOO
 
 
@@ -64,7 +65,7 @@ def test_embedding_size_rule():
     for name in ZOO:
         entry = get_entry(name)
         expected = 11 if name in K_PLUS_1 else 10
-        if name != "lr":
+        if entry.embed != "none":
             assert entry.embed_dim(ModelConfig(name=name)) == expected, name
         assert entry.embed_dim(ModelConfig(name=name, embed_dim=7)) == 7  # the flag overrides
     assert build_model(LAYOUT, ModelConfig(name="ipnn")).embedding.dim == 11
@@ -72,8 +73,9 @@ def test_embedding_size_rule():
 
 
 def test_optimiser_and_pretraining_are_declared():
-    assert get_entry("lr").optimizer == "ftrl"
-    assert all(get_entry(n).optimizer == "adam" for n in ZOO if n != "lr")
+    linear = ("lr", "poly2")
+    assert all(get_entry(n).optimizer == "ftrl" for n in linear)
+    assert all(get_entry(n).optimizer == "adam" for n in ZOO if n not in linear)
     assert get_entry("fnn").pretrain == "fm"
     assert all(get_entry(n).pretrain is None for n in ZOO if n != "fnn")
 
@@ -222,6 +224,7 @@ def test_parameter_counts_on_a_criteo_shaped_map():
     dnn_table = n * (k + 1)
     expected = {
         "lr": lr,
+        "poly2": lr + 2**20,  # one hashed table of the default 2^20 cross weights
         "fm": fm_part,
         "dnn": dnn_table + mlp_count(fields * (k + 1), hidden),
         "fnn": dnn_table + mlp_count(fields * (k + 1), hidden),
@@ -255,5 +258,7 @@ def test_l2_regularises_the_fm_part_only():
             assert regularized == {"linear", "embedding"}, name  # V is the FM's
         elif name == "fm_dnn":
             assert regularized == {"linear", "fm_embedding"}, name
+        elif name == "poly2":
+            assert regularized == {"linear", "crosses"}, name  # all of it is the linear model
         else:  # lr, lr_dnn
             assert regularized == {"linear"}, name

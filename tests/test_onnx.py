@@ -93,10 +93,18 @@ MULTI_SCHEMA = Schema(
 )
 
 
-@pytest.mark.parametrize("name", model_names())
+#: LR with chosen crosses: user×price exact (9·2 = 18 pairs of values fit in 20 rows), the
+#: crosses of bags hashed (9·6 and 6·5 pairs do not)
+CROSSED_LR = ModelConfig(
+    name="lr", crosses=("user×history", "history×tags", "user×price"), cross_buckets=20
+)
+
+
+@pytest.mark.parametrize("name", [*model_names(), "lr+crosses"])
 def test_multi_valued_fields_and_values_export(name, tmp_path):
     """Bags (``index_add`` pooling over slots) and value fields: a ``values`` input. Weights are
     drawn with a large spread (std 0.3) so that every term of the model moves the output."""
+    config = CROSSED_LR if name == "lr+crosses" else ModelConfig(name=name, hidden=(16, 16))
     table = pa.table(
         {
             "user": [f"u{i % 7}" for i in range(60)],
@@ -109,7 +117,7 @@ def test_multi_valued_fields_and_values_export(name, tmp_path):
     builder.update(table_chunk(table))
     feature_map = builder.build()
     torch.manual_seed(0)
-    model = build_model(InputLayout.of(feature_map), ModelConfig(name=name, hidden=(16, 16)))
+    model = build_model(InputLayout.of(feature_map), config)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.3)
@@ -117,7 +125,7 @@ def test_multi_valued_fields_and_values_export(name, tmp_path):
         save_bundle(
             tmp_path / "bundle",
             model,
-            ModelConfig(name=name, hidden=(16, 16)),
+            config,
             feature_map,
             data_format="csv",
         )

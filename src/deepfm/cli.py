@@ -76,6 +76,19 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tru
     group.add_argument(
         "--l2", type=float, help=f"L2 on the FM part (rows used per batch; default {default.l2})"
     )
+    if model_flag:
+        group.add_argument(
+            "--crosses",
+            metavar="AxB,...",
+            help="lr only: field crosses, each with its own weight table, e.g. "
+            "'C1×C2,I1×C3' (× or * or x between two field names)",
+        )
+    group.add_argument(
+        "--cross-buckets",
+        type=int,
+        help="weights of a hashed cross table: poly2's, or an lr cross with more pairs of "
+        f"values than that (default {default.cross_buckets:,})",
+    )
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +190,8 @@ def model_config_from(args: argparse.Namespace):
         activation=args.activation,
         dropout=args.dropout,
         l2=args.l2,
+        crosses=args.crosses,
+        cross_buckets=args.cross_buckets,
     )
 
 

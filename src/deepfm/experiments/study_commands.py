@@ -21,7 +21,7 @@ from deepfm.errors import ConfigError
 TRAIN_FLAGS = ("epochs", "batch_size", "lr", "patience", "monitor", "threads", "device")
 TRAIN_FLAGS += ("precision", "compile", "embedding_updates", "sync_loading", "lr_scaling")
 _CLEARED = (*TRAIN_FLAGS, "seed", "quiet", "checkpoint_every", "resume")
-MODEL_FLAGS = ("embed_dim", "hidden", "activation", "dropout", "l2")
+MODEL_FLAGS = ("embed_dim", "hidden", "activation", "dropout", "l2", "cross_buckets")
 
 
 def _say(text: str) -> None:

@@ -1,7 +1,8 @@
 """Model presets: the paper's per-dataset settings (Table III) as YAML files.
 
 A preset has ``defaults`` and per-model ``models.<name>`` overrides of ``hidden``, ``activation``,
-``keep_prob``, ``embed_dim`` and ``l2``. It stores the paper's *keep probability* and converts it
+``keep_prob``, ``embed_dim``, ``l2`` and, for LR, ``crosses`` (``[a×b, ...]``) and
+``cross_buckets``. It stores the paper's *keep probability* and converts it
 here to the drop rate of :class:`ModelConfig` (``dropout = 1 - keep_prob``), so that nobody trains
 with the wrong sign. Shipped presets live in ``deepfm/configs/<name>.yaml``; a path to a YAML file
 of the same form works too.
@@ -20,7 +21,7 @@ from deepfm.errors import ConfigError
 from deepfm.models.registry import ModelConfig, get_entry, model_names
 from deepfm.nn.mlp import ACTIVATIONS
 
-SETTINGS = ("hidden", "activation", "keep_prob", "embed_dim", "l2")
+SETTINGS = ("hidden", "activation", "keep_prob", "embed_dim", "l2", "crosses", "cross_buckets")
 TOP_LEVEL = ("name", "status", "description", "defaults", "models")
 
 
@@ -59,11 +60,14 @@ class Preset:
         return out
 
     def model_config(self, model: str, **overrides: Any) -> ModelConfig:
-        """The preset's config of ``model``; ``overrides`` that are not None win."""
-        get_entry(model)
+        """The preset's config of ``model``; ``overrides`` that are not None win. Settings the
+        model cannot use (crosses for a model other than LR) are a ConfigError."""
+        entry = get_entry(model)
         settings = self.settings(model)
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        return ModelConfig(name=model, **settings)
+        config = ModelConfig(name=model, **settings)
+        entry.check(config)
+        return config
 
 
 def _check_settings(where: str, settings: Any) -> dict[str, Any]:

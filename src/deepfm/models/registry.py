@@ -7,7 +7,7 @@ initialise this one (FNN: ``pretrain="fm"``; see :func:`build_pretrain_model`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
@@ -22,6 +22,23 @@ BASE_EMBED_DIM = 10
 
 EmbedRule = Literal["k", "k+1", "none"]
 
+#: Rows of a hashed cross table (2^20 weights: 4 MB, and 8 MB more of FTRL state). The paper
+#: gives no size; collisions matter little once the table is much larger than the number of
+#: distinct pairs a model sees often enough to learn.
+DEFAULT_CROSS_BUCKETS = 2**20
+
+
+def parse_crosses(crosses: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a×b, c×d"`` or ``["a×b", "c×d"]`` → ``("a×b", "c×d")``; the field names are checked
+    against the feature map when the model is built (:func:`deepfm.nn.cross.resolve_crosses`)."""
+    items = crosses.split(",") if isinstance(crosses, str) else list(crosses)
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"crosses are strings like 'a×b', got {crosses!r}")
+    out = tuple(item.strip() for item in items)
+    if any(not item for item in out):
+        raise ConfigError(f"an empty cross in {crosses!r}; write them like 'a×b,c×d'")
+    return out
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -31,6 +48,9 @@ class ModelConfig:
     ``dropout`` is the drop rate of the deep component (the paper's "dropout" is the keep
     probability: keep 0.5 ⇔ dropout 0.5, keep 0.9 ⇔ dropout 0.1). ``l2`` regularises the FM
     component (order-1 weights and FM embeddings) on the rows each batch uses.
+    ``crosses``: LR's chosen field crosses (Eq. 2), ``"a×b"`` each (a comma-separated string is
+    split); ``cross_buckets``: the rows of a hashed cross table (Poly-2's one table, Eq. 3, or a
+    chosen cross whose pairs of values do not fit).
     """
 
     name: str = "deepfm"
@@ -39,10 +59,17 @@ class ModelConfig:
     activation: str = "relu"
     dropout: float = 0.5
     l2: float = 0.0
+    crosses: tuple[str, ...] = ()
+    cross_buckets: int = DEFAULT_CROSS_BUCKETS
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "crosses", parse_crosses(self.crosses))
+        if isinstance(self.cross_buckets, bool) or not isinstance(self.cross_buckets, int):
+            raise ConfigError(f"cross_buckets must be an integer, got {self.cross_buckets!r}")
+        if self.cross_buckets < 1:
+            raise ConfigError(f"cross_buckets must be positive, got {self.cross_buckets}")
         if any(h <= 0 for h in self.hidden):
             raise ConfigError(f"hidden layer sizes must be positive, got {self.hidden}")
         if self.embed_dim is not None and self.embed_dim <= 0:
@@ -55,6 +82,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["hidden"] = list(self.hidden)
+        out["crosses"] = list(self.crosses)
         return out
 
     @classmethod
@@ -81,6 +109,17 @@ class ModelEntry:
     optimizer: Literal["adam", "ftrl"] = "adam"
     #: registry name of a model trained before this one to initialise it (FNN: "fm")
     pretrain: str | None = None
+    #: whether the model takes chosen field crosses (``ModelConfig.crosses``: LR)
+    crosses: bool = False
+
+    def check(self, config: ModelConfig) -> None:
+        """Refuse settings this model cannot use (a ConfigError naming them)."""
+        if config.crosses and not self.crosses:
+            takers = ", ".join(n for n in model_names() if get_entry(n).crosses)
+            raise ConfigError(
+                f"model {self.name!r} takes no crosses (only {takers} does: chosen field crosses;"
+                " poly2 crosses every pair of fields)"
+            )
 
     def embed_dim(self, config: ModelConfig) -> int:
         if config.embed_dim is not None:
@@ -98,11 +137,14 @@ def register(
     embed: EmbedRule = "k",
     optimizer: Literal["adam", "ftrl"] = "adam",
     pretrain: str | None = None,
+    crosses: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Class decorator: ``@register("fm", "factorization machine")``."""
 
     def wrap(builder: Builder) -> Builder:
-        _REGISTRY[name] = ModelEntry(name, builder, description, embed, optimizer, pretrain)
+        _REGISTRY[name] = ModelEntry(
+            name, builder, description, embed, optimizer, pretrain, crosses
+        )
         return builder
 
     return wrap
@@ -158,6 +200,7 @@ def get_entry(name: str) -> ModelEntry:
 def build_model(layout: InputLayout, config: ModelConfig) -> nn.Module:
     """The model ``config.name`` with the embedding size the paper prescribes unless overridden."""
     entry = get_entry(config.name)
+    entry.check(config)
     return entry.builder(layout, config.replace(embed_dim=entry.embed_dim(config)))
 
 

@@ -1,5 +1,6 @@
 """Building blocks every model is composed of."""
 
+from deepfm.nn.cross import PairCrossLinear, all_field_pairs, resolve_crosses
 from deepfm.nn.embedding import (
     FeatureLinear,
     FieldEmbedding,
@@ -19,8 +20,11 @@ __all__ = [
     "InnerProduct",
     "InputLayout",
     "OuterProduct",
+    "PairCrossLinear",
     "ProductLayer",
     "Regularized",
     "activation",
+    "all_field_pairs",
     "regularization",
+    "resolve_crosses",
 ]

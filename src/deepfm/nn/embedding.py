@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,15 +15,28 @@ class InputLayout:
     """What a model needs to know about its input: table size and slots per field.
 
     Built from a fitted feature map (``InputLayout.of(feature_map)``); a field with more than one
-    slot is a multi-valued bag whose slot embeddings are pooled into one field embedding.
+    slot is a multi-valued bag whose slot embeddings are pooled into one field embedding. The
+    fields' names and sizes (ids per field, laid out one field after the other in the global
+    table) are known when built from a feature map; only field crosses need them.
     """
 
     num_features: int
     field_slots: tuple[int, ...]
+    field_names: tuple[str, ...] = ()
+    field_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert not self.field_names or len(self.field_names) == len(self.field_slots)
+        assert not self.field_sizes or sum(self.field_sizes) == self.num_features
 
     @classmethod
     def of(cls, feature_map) -> InputLayout:
-        return cls(int(feature_map.num_features), tuple(int(s) for s in feature_map.field_slots))
+        return cls(
+            int(feature_map.num_features),
+            tuple(int(s) for s in feature_map.field_slots),
+            tuple(str(f.name) for f in feature_map.fields),
+            tuple(int(s) for s in feature_map.field_sizes()),
+        )
 
     @property
     def num_fields(self) -> int:
@@ -30,6 +45,16 @@ class InputLayout:
     @property
     def num_slots(self) -> int:
         return sum(self.field_slots)
+
+    @property
+    def field_offsets(self) -> tuple[int, ...]:
+        """The first global id of each field (needs ``field_sizes``)."""
+        return tuple(int(o) for o in np.cumsum((0, *self.field_sizes[:-1])))
+
+    def slots_of_fields(self) -> list[range]:
+        """The slot columns of each field in ``ids [B, S]``."""
+        starts = np.cumsum((0, *self.field_slots))
+        return [range(int(a), int(b)) for a, b in itertools.pairwise(starts)]
 
 
 class Regularized(nn.Module):
