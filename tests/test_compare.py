@@ -112,12 +112,12 @@ def test_every_deepfm_variant_has_its_deep_component():
 
 def test_compare_from_the_cli(store, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["compare", "--store", str(store), "--models", "lr,fm,dnn,deepfm", "--seeds", "2"]
+    argv = ["compare", "--store", str(store), "--models", "lr,poly2,fm,dnn,deepfm", "--seeds", "2"]
     assert main([*argv, *TINY, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Table IV" in printed and "Table V" in printed
     result = read_json(out / "compare.json")
-    assert list(result["models"]) == ["lr", "fm", "dnn", "deepfm"]
+    assert list(result["models"]) == ["lr", "poly2", "fm", "dnn", "deepfm"]
     for name, record in result["models"].items():
         assert record["seeds"] == [0, 1]
         for key in ("auc_mean", "auc_std", "logloss_mean", "logloss_std"):
@@ -125,14 +125,14 @@ def test_compare_from_the_cli(store, tmp_path, capsys):
         assert 0.0 <= record["auc_mean"] <= 1.0
         assert record["auc_mean"] == pytest.approx(np.mean(record["auc"]))
     p_values = result["models"]["deepfm"]["p_values"]
-    assert set(p_values) == {"lr", "fm", "dnn"}
+    assert set(p_values) == {"lr", "poly2", "fm", "dnn"}
     assert all(0.0 <= p[m] <= 1.0 for p in p_values.values() for m in ("auc", "logloss"))
     assert result["improvement"]["deepfm"]["deep_component"] == "dnn"
     csv = (out / "compare.csv").read_text().splitlines()
-    assert csv[0].startswith("model,auc_mean,auc_std") and len(csv) == 5
+    assert csv[0].startswith("model,auc_mean,auc_std") and len(csv) == 6
     data = assert_plot_with_data(out / "compare_metrics.png")
     assert data["auc_mean"] == [result["models"][n]["auc_mean"] for n in result["models"]]
-    assert len(list((out / "runs").glob("fit-*.json"))) == 8
+    assert len(list((out / "runs").glob("fit-*.json"))) == 10
     report = (out / "report.md").read_text()
     assert "compare_metrics.png" in report and "compare.json" in report
 

@@ -157,6 +157,11 @@ def test_poly2_is_equation_3():
 
 
 def test_registry_entries_and_parameter_counts():
+    from deepfm.experiments.compare import TABLE_IV_MODELS
+    from deepfm.models import model_names
+
+    # the studies' default stays the paper's thirteen; poly2 is there by name
+    assert len(TABLE_IV_MODELS) == 13 and set(model_names()) == {*TABLE_IV_MODELS, "poly2"}
     assert get_entry("poly2").optimizer == "ftrl" and get_entry("lr").crosses
     assert parameter_count(ABC, ModelConfig(name="poly2", cross_buckets=100)) == 9 + 1 + 100
     crossed = ModelConfig(name="lr", crosses=("a×b", "a×c"), cross_buckets=100)

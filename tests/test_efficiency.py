@@ -50,11 +50,12 @@ def test_fnn_time_includes_its_pretraining(store):
 
 def test_efficiency_from_the_cli(store, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["efficiency", "--store", str(store), "--models", "fm,fnn,deepfm", *TINY]
+    argv = ["efficiency", "--store", str(store), "--models", "poly2,fm,fnn,deepfm", *TINY]
     assert main([*argv, "--epochs", "1", "--out", str(out)]) == 0
     assert "relative to LR" in capsys.readouterr().out
     result = read_json(out / "efficiency.json")
-    assert list(result["models"]) == ["lr", "fm", "fnn", "deepfm"]  # LR added: the denominator
+    # LR added: the denominator
+    assert list(result["models"]) == ["lr", "poly2", "fm", "fnn", "deepfm"]
     assert result["models"]["lr"]["relative_to_lr"] == 1.0
     for name, record in result["models"].items():
         assert record["epochs"] == 1, name  # early stopping off: every model trains the epochs
