@@ -9,6 +9,7 @@ import pytest
 from deepfm.cli import main
 from deepfm.errors import ConfigError
 from deepfm.experiments.abtest import (
+    ARMS,
     ABTestConfig,
     abtest_table,
     assign_arms,
@@ -29,52 +30,72 @@ def fast_results():
     return results
 
 
-def test_arms_split_every_type_in_half():
-    types = np.repeat(np.arange(6), 7)  # odd type sizes: halves differ by one at most
+def test_arms_split_every_type_in_thirds():
+    assert ARMS == ("lr_crosses", "lr", "deepfm")  # the paper's control, a reference, DeepFM-D
+    types = np.repeat(np.arange(6), 7)  # type sizes not divisible by 3: 3, 2, 2
     arm = assign_arms(types, seed=3)
     for t in range(6):
-        assert abs(int(np.sum(arm[types == t] == 0)) - int(np.sum(arm[types == t] == 1))) <= 1
+        counts = np.bincount(arm[types == t], minlength=3)
+        assert counts.max() - counts.min() <= 1
     assert not np.array_equal(arm, assign_arms(types, seed=4))
     np.testing.assert_array_equal(arm, assign_arms(types, seed=3))
+    halves = assign_arms(types, seed=3, arms=2)
+    assert set(halves) == {0, 1}
 
 
 def test_lift_is_treatment_over_control_minus_one():
     out = lifts({"ctr": 0.2, "cvr": 1.6}, {"ctr": 0.25, "cvr": 1.2})
-    assert out["ctr_lift"] == pytest.approx(0.25)  # 0.25 / 0.2 - 1
-    assert out["cvr_lift"] == pytest.approx(-0.25)  # 1.2 / 1.6 - 1
+    assert out["ctr"] == pytest.approx(0.25)  # 0.25 / 0.2 - 1
+    assert out["cvr"] == pytest.approx(-0.25)  # 1.2 / 1.6 - 1
 
 
 def test_daily_records_are_consistent(fast_results):
     days = fast_results["days"]
     assert [d["day"] for d in days] == [1, 2, 3]
     for d in days:
-        for arm in ("lr", "deepfm"):
+        for arm in ARMS:
             r = d[arm]
-            assert r["users"] == 150
+            assert r["users"] == 100
             # every visitor sees one list of L = 10 apps
             assert r["impressions"] == 10 * r["visitors"]
             assert r["ctr"] == pytest.approx(r["downloads"] / r["impressions"])
             assert r["cvr"] == pytest.approx(r["downloads"] / r["users"])
-        assert d["ctr_lift"] == pytest.approx(d["deepfm"]["ctr"] / d["lr"]["ctr"] - 1)
+            assert r["expected_ctr"] == pytest.approx(r["expected_downloads"] / r["impressions"])
+        for base in ("lr_crosses", "lr"):
+            for rate in ("ctr", "cvr", "expected_ctr"):
+                lift = d["deepfm"][rate] / d[base][rate] - 1
+                assert d["lift"][base][rate] == pytest.approx(lift)
     # the logs grow by each day's impressions before the next retraining
     for before, after in pairwise(days):
-        shown = before["lr"]["impressions"] + before["deepfm"]["impressions"]
+        shown = sum(before[arm]["impressions"] for arm in ARMS)
         assert after["log_rows"] == before["log_rows"] + shown
     total = fast_results["total"]
-    assert total["lr"]["impressions"] == sum(d["lr"]["impressions"] for d in days)
+    for arm in ARMS:
+        assert total[arm]["impressions"] == sum(d[arm]["impressions"] for d in days)
+    assert fast_results["setup"]["baseline"] == {
+        "model": "lr_crosses",
+        "crosses": ["category×hour", "history×category"],
+    }
 
 
-def test_deepfm_beats_lr_on_most_days(fast_results):
-    """Small test (150 users per arm, about 1,200 impressions per arm and day). Seeds 0-3 gave
-    daily CTR lifts of +19% to +63% (seed 0: about +40% every day); a daily CTR near 0.25 on
-    1,200 impressions has a standard error near 0.0125, so a gap of ~0.09 is seven of them.
-    The expected CTR of the shown lists (mean true click probability, free of the download
-    draw) must favour DeepFM-D every day."""
+def test_deepfm_beats_both_lr_baselines(fast_results):
+    """Small test (100 users per arm, about 800 impressions per arm and day). Seeds 0-3 gave
+    pooled CTR lifts of DeepFM-D of +32% to +55% over plain LR and +12% to +23% over the
+    engineered LR (the paper: > +10%); pooled expected-CTR lifts (mean true click probability
+    of the shown apps, free of the download draws) of +27% to +52% and +11% to +16%, positive
+    on every day of every seed. A daily CTR near 0.28 on 800 impressions has a standard error
+    near 0.016, so single days may go either way against the engineered LR: the daily claims are
+    on the expected CTR, the pooled ones take about half the smallest lift seen."""
     days = fast_results["days"]
-    wins = sum(d["deepfm"]["ctr"] > d["lr"]["ctr"] for d in days)
-    assert wins >= 2
-    assert all(d["deepfm"]["expected_ctr"] > d["lr"]["expected_ctr"] for d in days)
-    assert fast_results["total"]["ctr_lift"] > 0.15
+    assert sum(d["deepfm"]["ctr"] > d["lr"]["ctr"] for d in days) >= 2
+    for base in ("lr", "lr_crosses"):
+        assert all(d["lift"][base]["expected_ctr"] > 0 for d in days), base
+    lift = fast_results["total"]["lift"]
+    assert lift["lr"]["ctr"] > 0.15
+    assert lift["lr_crosses"]["ctr"] > 0.05 and lift["lr_crosses"]["expected_ctr"] > 0.05
+    # the engineered LR is the stronger baseline: its lists are worth more than plain LR's
+    total = fast_results["total"]
+    assert total["lr_crosses"]["expected_ctr"] > total["lr"]["expected_ctr"]
 
 
 def test_abtest_is_deterministic_by_seed():
@@ -101,10 +122,17 @@ def test_write_abtest_files(fast_results, tmp_path):
     assert {p.name for p in paths} == {"abtest.json", "abtest.md", "abtest.png"}
     data = json.loads((tmp_path / "abtest.json").read_text())
     day = data["days"][0]
-    assert {"day", "lr", "deepfm", "ctr_lift", "cvr_lift"} <= set(day)
-    assert {"ctr", "cvr"} <= set(day["lr"]) and {"ctr", "cvr"} <= set(day["deepfm"])
+    assert {"day", "lr_crosses", "lr", "deepfm", "lift"} <= set(day)
+    assert set(day["lift"]) == {"lr_crosses", "lr"}
+    assert all({"ctr", "cvr"} <= set(day[arm]) for arm in ARMS)
     table = abtest_table(fast_results)
     assert table.count("\n") == 2 + 3  # header, rule, 3 days, total
+    assert table.startswith(
+        "| day | LR + crosses | LR | DeepFM-D | lift over LR + crosses | lift over LR |"
+    )
+    markdown = (tmp_path / "abtest.md").read_text()
+    assert "with the crosses category×hour, history×category" in markdown
+    assert markdown.count("| all |") == 3  # CTR, CVR and expected CTR tables
     assert (tmp_path / "abtest.png").stat().st_size > 10_000
 
 
@@ -130,7 +158,8 @@ def test_cli_abtest_writes_its_files(tmp_path, capsys):
     argv += ["--initial-rows", "2000", "--epochs", "1", "--daily-epochs", "1", "--hidden", "16"]
     assert main([*argv, "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert "| day | LR CTR |" in captured.out and "| all |" in captured.out
+    assert "| day | LR + crosses | LR | DeepFM-D |" in captured.out and "| all |" in captured.out
+    assert "lift over LR + crosses" in captured.out
     assert "day 2/2" in captured.err  # progress goes to stderr
     data = json.loads((out / "abtest.json").read_text())
     assert [d["day"] for d in data["days"]] == [1, 2]
@@ -146,11 +175,12 @@ def test_cli_abtest_bad_option_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_full_size_abtest():
-    """The default test (600 users, 60k rows before day 1, 7 days, 200-200-200). Seed 0 gave
-    daily CTR lifts of +34% to +56% (pooled +43%); DeepFM-D must win at least 6 of 7 days and
-    pool a lift above +20%."""
+    """The default test (600 users, 60k rows before day 1, 7 days, 200-200-200). DeepFM-D must
+    win at least 6 of 7 days against plain LR and pool a lift above +20% over it, and pool a
+    positive lift over the engineered LR (figures in the README)."""
     results = run_abtest()
     days = results["days"]
     assert len(days) == 7
     assert sum(d["deepfm"]["ctr"] > d["lr"]["ctr"] for d in days) >= 6
-    assert results["total"]["ctr_lift"] > 0.2
+    assert results["total"]["lift"]["lr"]["ctr"] > 0.2
+    assert results["total"]["lift"]["lr_crosses"]["expected_ctr"] > 0.05

@@ -66,6 +66,9 @@ APP_MARKET_SCHEMA = Schema(
     label="label",
     min_count=1,
 )
+#: the fields of each planted order-2 effect (see ``AppMarket.logit``), as crosses of an LR:
+#: category × hour (meal, morning and night apps) and history × category
+PLANTED_CROSSES = ("category×hour", "history×category")
 USER_FIELDS = ("user_id", "gender", "age", "history")
 APP_FIELDS = ("app_id", "category", "downloads")
 CONTEXT_FIELDS = ("hour", "weekday")

@@ -1,22 +1,27 @@
 """``deepfm abtest``: a simulated online A/B test of DeepFM-D against LR (Sec. IV-D1–D2, Fig. 15).
 
-The users of the simulated market are split into two arms of equal size (half of every user type
-in each). Before day 1 both models learn from logs of the market's existing exposure policy (apps
-shown at random, popular ones more often). Then, every day:
+The paper compares DeepFM-D with *"a well-engineered LR model"*: LR with expert-chosen crosses
+(Sec. II-B). The control arm here is that LR, with the crosses of the market's planted order-2
+effects (``lr_crosses``, :data:`~deepfm.experiments.simulate.ENGINEERED_CROSSES`); plain LR
+(``lr``, no crosses) is a second reference arm. The users of the simulated market are split into
+the three arms (a third of every user type in each). Before day 1 every model learns from logs of
+the market's existing exposure policy (apps shown at random, popular ones more often). Then,
+every day:
 
 1. each user visits with probability ``visit_rate`` at an hour drawn from the market's daily
    profile (the weekday is the day's); a visitor is shown the top-L list of the arm's model for
    that context (L impressions), and downloads each app with its *true* click probability;
-2. per arm: CTR = downloads / impressions, CVR = downloads / users of the arm, and the relative
-   lift of DeepFM-D over LR (``treatment / control - 1``);
-3. the day's impressions join the logs, and both models retrain on all logs so far.
+2. per arm: CTR = downloads / impressions, CVR = downloads / users of the arm, the expected CTR
+   (mean true click probability of the shown apps: the CTR without the noise of the download
+   draws), and the relative lift of DeepFM-D over each LR baseline (``treatment / control - 1``);
+3. the day's impressions join the logs, and every model retrains on all logs so far.
 
 Retraining: the feature map is fitted once, on the logs before day 1 (the market is closed: every
 user and app is already in them, and a value never seen would map to OOV). DeepFM-D continues from
-yesterday's weights (``warm_start``, a few epochs over all logs); LR is refitted from zero every
-day, because FTRL's per-coordinate state is part of the model and the trainer starts a fresh
-optimiser. With ``warm_start=False`` both are refitted from zero (slower). Deterministic by seed
-at a fixed thread count.
+yesterday's weights (``warm_start``, a few epochs over all logs); the LRs are refitted from zero
+every day, because FTRL's per-coordinate state is part of the model and the trainer starts a fresh
+optimiser. With ``warm_start=False`` every model is refitted from zero (slower). Deterministic by
+seed at a fixed thread count.
 """
 
 from __future__ import annotations
@@ -43,22 +48,30 @@ from deepfm.data.synthetic import AppMarket
 from deepfm.errors import ConfigError
 from deepfm.experiments.recsys_metrics import top_l
 from deepfm.experiments.simulate import (
+    ENGINEERED_CROSSES,
+    ENGINEERED_LR,
     MODEL_LABELS,
     ONLINE_MODEL,
     TrainConfigs,
+    baseline_note,
     check_population,
     config_for,
     default_train_config,
     log_dataset,
+    online_model_config,
     score_matrix,
     simulation_market,
 )
-from deepfm.models.registry import ModelConfig, build_model, get_entry
+from deepfm.models.registry import ModelConfig, build_model, get_entry, parse_crosses
 from deepfm.nn import InputLayout
 from deepfm.train.trainer import TrainConfig, Trainer
 
-CONTROL, TREATMENT = "lr", "deepfm"
-ARMS = (CONTROL, TREATMENT)
+#: the paper's control (the well-engineered LR), plain LR as a second reference, the treatment
+CONTROL, REFERENCE, TREATMENT = ENGINEERED_LR, "lr", "deepfm"
+BASELINES = (CONTROL, REFERENCE)
+ARMS = (*BASELINES, TREATMENT)
+#: the per-arm rates whose lift is reported
+RATES = ("ctr", "cvr", "expected_ctr")
 Log = Callable[[str], None]
 
 
@@ -79,8 +92,10 @@ class ABTestConfig:
     warm_start: bool = True
     daily_epochs: int = 3
     seed: int = 0
+    crosses: tuple[str, ...] = ENGINEERED_CROSSES
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "crosses", parse_crosses(self.crosses))
         check_population(self.n_types, self.users_per_type)
         if self.days < 1:
             raise ConfigError(f"the test lasts at least one day, got {self.days}")
@@ -94,13 +109,13 @@ class ABTestConfig:
             raise ConfigError(f"daily_epochs must be at least 1, got {self.daily_epochs}")
 
 
-def assign_arms(user_type: np.ndarray, seed: int) -> np.ndarray:
-    """0 (control) or 1 (treatment) per user: a seeded shuffle within each type, alternating,
-    so both arms hold half of every type (±1)."""
+def assign_arms(user_type: np.ndarray, seed: int, arms: int = len(ARMS)) -> np.ndarray:
+    """The arm (``0 .. arms - 1``, the index into :data:`ARMS`) of every user: a seeded shuffle
+    within each type, dealt in turn, so every arm holds an equal share of every type (±1)."""
     keys = np.random.default_rng([seed, 0xAB]).random(len(user_type))
     order = np.lexsort((keys, user_type))
     arm = np.empty(len(user_type), dtype=np.int64)
-    arm[order] = np.arange(len(user_type)) % 2
+    arm[order] = np.arange(len(user_type)) % arms
     return arm
 
 
@@ -155,9 +170,9 @@ class Arm:
         daily_epochs: int,
     ) -> None:
         self.name = name
-        self.entry = get_entry(name)
+        self.entry = get_entry(model_config.name)
         self.layout = layout
-        self.config = model_config.replace(name=name)
+        self.config = model_config
         self.full = train_config
         # a warm-started day: a few epochs, stop at the first epoch without a better AUC
         self.daily = replace(train_config, epochs=daily_epochs, patience=1)
@@ -200,14 +215,19 @@ def run_abtest(
     )
     layout = InputLayout.of(feature_map)
     arms = {
-        name: Arm(name, layout, model_config, config_for(train_config, name), config.daily_epochs)
+        name: Arm(
+            name,
+            layout,
+            online_model_config(name, model_config, config.crosses),
+            config_for(train_config, name),
+            config.daily_epochs,
+        )
         for name in ARMS
     }
     days: list[dict[str, Any]] = []
-    log(
-        f"A/B test: {market.n_users} users ({np.sum(arm_of == 0)} see LR, "
-        f"{np.sum(arm_of == 1)} see DeepFM-D), {config.days} days, top-{config.list_size} lists"
-    )
+    seen_by = ", ".join(f"{np.sum(arm_of == i)} see {MODEL_LABELS[n]}" for i, n in enumerate(ARMS))
+    log(f"A/B test: {market.n_users} users ({seen_by}), {config.days} days")
+    log(baseline_note(config.crosses))
     for day in range(1, config.days + 1):
         train, valid = split_logs(logs, config.seed + day)
         valid_metrics = {}
@@ -231,6 +251,7 @@ def run_abtest(
                 rng,
             )
             downloads = float(np.sum(table.column("label").to_numpy()))
+            expected = float(np.sum(table.column("p_true").to_numpy()))
             impressions = table.num_rows
             record[name] = {
                 "ctr": downloads / impressions if impressions else float("nan"),
@@ -239,16 +260,18 @@ def run_abtest(
                 "impressions": impressions,
                 "downloads": int(downloads),
                 "visitors": int(mine.sum()),
-                "expected_ctr": float(table.column("p_true").to_numpy().mean()),
+                "expected_ctr": expected / impressions if impressions else float("nan"),
+                "expected_downloads": expected,
                 "valid_auc": valid_metrics[name].get("auc", float("nan")),
             }
             shown.append(table)
-        record.update(lifts(record[CONTROL], record[TREATMENT]))
+        record["lift"] = {base: lifts(record[base], record[TREATMENT]) for base in BASELINES}
         days.append(record)
-        log(
-            f"day {day}/{config.days}: CTR LR {record[CONTROL]['ctr']:.4f}, "
-            f"DeepFM-D {record[TREATMENT]['ctr']:.4f} ({100 * record['ctr_lift']:+.1f}%)"
+        ctrs = ", ".join(f"{MODEL_LABELS[n]} {record[n]['ctr']:.4f}" for n in ARMS)
+        gains = ", ".join(
+            f"{100 * record['lift'][b]['ctr']:+.1f}% over {MODEL_LABELS[b]}" for b in BASELINES
         )
+        log(f"day {day}/{config.days}: CTR {ctrs} (DeepFM-D {gains})")
         new = [feature_map.encode(table_chunk(t, f"<day {day}>")) for t in shown]
         logs = EncodedArrays.concat([logs, *new], feature_map.num_slots, feature_map.needs_values)
     return {
@@ -256,6 +279,7 @@ def run_abtest(
         "total": _total(days),
         "setup": {
             "config": asdict(config),
+            "baseline": {"model": CONTROL, "crosses": list(config.crosses)},
             "model": model_config.to_dict(),
             "train": {name: arm.full.to_dict() for name, arm in arms.items()},
             "users": {name: int(np.sum(arm_of == i)) for i, name in enumerate(ARMS)},
@@ -264,70 +288,100 @@ def run_abtest(
 
 
 def lifts(control: dict[str, float], treatment: dict[str, float]) -> dict[str, float]:
-    """Relative improvement of the treatment over the control: ``t / c - 1`` for CTR and CVR."""
-    return {f"{k}_lift": treatment[k] / control[k] - 1.0 for k in ("ctr", "cvr")}
+    """Relative improvement of the treatment over a control: ``t / c - 1`` for each rate of
+    :data:`RATES` the two records hold (CTR, CVR, expected CTR)."""
+    return {k: treatment[k] / control[k] - 1.0 for k in RATES if k in control and k in treatment}
 
 
 def _total(days: list[dict[str, Any]]) -> dict[str, Any]:
-    """The whole test pooled: downloads / impressions, and downloads per user per day."""
+    """The whole test pooled: downloads / impressions, downloads per user per day, and the
+    expected downloads / impressions."""
     out: dict[str, Any] = {}
     for name in ARMS:
         downloads = sum(d[name]["downloads"] for d in days)
+        expected = sum(d[name]["expected_downloads"] for d in days)
         impressions = sum(d[name]["impressions"] for d in days)
         user_days = sum(d[name]["users"] for d in days)
         out[name] = {
             "ctr": downloads / impressions,
             "cvr": downloads / user_days,
+            "expected_ctr": expected / impressions,
             "downloads": downloads,
             "impressions": impressions,
         }
-    out.update(lifts(out[CONTROL], out[TREATMENT]))
+    out["lift"] = {base: lifts(out[base], out[TREATMENT]) for base in BASELINES}
     return out
 
 
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def abtest_table(results: dict[str, Any]) -> str:
-    """A Markdown table: per day and in total, each arm's CTR and CVR and DeepFM-D's lift."""
-    lines = [
-        "| day | LR CTR | DeepFM-D CTR | CTR lift | LR CVR | DeepFM-D CVR | CVR lift |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def abtest_table(results: dict[str, Any], rate: str = "ctr") -> str:
+    """A Markdown table of one rate (``ctr``, ``cvr`` or ``expected_ctr``): per day and in
+    total, each arm's value and DeepFM-D's lift over each LR baseline."""
+    digits = 3 if rate == "cvr" else 4
+    header = ["day", *(f"{MODEL_LABELS[n]}" for n in ARMS)]
+    header += [f"lift over {MODEL_LABELS[b]}" for b in BASELINES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [(str(d["day"]), d) for d in results["days"]] + [("all", results["total"])]
     for label, r in rows:
-        c, t = r[CONTROL], r[TREATMENT]
-        lines.append(
-            f"| {label} | {c['ctr']:.4f} | {t['ctr']:.4f} | {100 * r['ctr_lift']:+.1f}% | "
-            f"{c['cvr']:.3f} | {t['cvr']:.3f} | {100 * r['cvr_lift']:+.1f}% |"
-        )
+        cells = [label, *(f"{r[n][rate]:.{digits}f}" for n in ARMS)]
+        cells += [f"{100 * r['lift'][b][rate]:+.1f}%" for b in BASELINES]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+RATE_TITLES = {
+    "ctr": "CTR (downloads / impressions)",
+    "cvr": "CVR (downloads / users of the arm)",
+    "expected_ctr": "Expected CTR (mean true click probability of the shown apps)",
+}
+
+
+def abtest_markdown(results: dict[str, Any]) -> str:
+    """abtest.md: which LR is the baseline, then one table per rate."""
+    parts = [baseline_note(results["setup"]["baseline"]["crosses"])]
+    for rate, title in RATE_TITLES.items():
+        parts += [f"## {title}", abtest_table(results, rate)]
+    return "\n\n".join(parts) + "\n"
+
+
 def plot_abtest(results: dict[str, Any], path: str | Path) -> Path:
-    """Like the paper's Fig. 15: daily CTR of each arm, and DeepFM-D's daily lift in %."""
+    """Like the paper's Fig. 15: daily CTR of each arm, and DeepFM-D's daily CTR and CVR lift
+    over each LR baseline in %."""
     days = [d["day"] for d in results["days"]]
     x = np.arange(len(days))
-    fig, (ax_ctr, ax_lift) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax_ctr, ax_lift) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(ARMS)
     for i, name in enumerate(ARMS):
         ctr = [d[name]["ctr"] for d in results["days"]]
-        ax_ctr.bar(x + (i - 0.5) * 0.4, ctr, 0.4, label=MODEL_LABELS[name])
+        ax_ctr.bar(x + (i - (len(ARMS) - 1) / 2) * width, ctr, width, label=MODEL_LABELS[name])
     ax_ctr.set_xticks(x, [f"day {d}" for d in days])
     ax_ctr.set(ylabel="CTR (downloads / impressions)", title="Daily CTR per arm")
     top = max(d[name]["ctr"] for d in results["days"] for name in ARMS)
     ax_ctr.set_ylim(0, 1.25 * top if top > 0 else 1.0)  # headroom for the legend
-    ax_ctr.legend(loc="upper center", ncol=2)
-    for i, key in enumerate(("ctr_lift", "cvr_lift")):
-        lift = [100 * d[key] for d in results["days"]]
-        bars = ax_lift.bar(x + (i - 0.5) * 0.4, lift, 0.4, label=key.split("_")[0].upper())
-        ax_lift.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    ax_ctr.legend(loc="upper center", ncol=len(ARMS), fontsize=8)
+    series = [(b, rate) for b in BASELINES for rate in ("ctr", "cvr")]
+    width = 0.8 / len(series)
+    lifts_seen = []
+    for i, (base, rate) in enumerate(series):
+        lift = [100 * d["lift"][base][rate] for d in results["days"]]
+        lifts_seen += lift
+        bars = ax_lift.bar(
+            x + (i - (len(series) - 1) / 2) * width,
+            lift,
+            width,
+            label=f"{rate.upper()} over {MODEL_LABELS[base]}",
+            color=f"C{ARMS.index(base)}",  # the baseline arm's colour on the left
+            hatch="//" if rate == "cvr" else None,
+            edgecolor="white",
+        )
+        ax_lift.bar_label(bars, fmt="%.0f", fontsize=6, padding=2)
     ax_lift.axhline(0, color="black", linewidth=0.8)
     ax_lift.set_xticks(x, [f"day {d}" for d in days])
-    ax_lift.set(ylabel="lift of DeepFM-D over LR (%)", title="Relative improvement")
-    lift_top = max(100 * d[k] for d in results["days"] for k in ("ctr_lift", "cvr_lift"))
-    lift_low = min(100 * d[k] for d in results["days"] for k in ("ctr_lift", "cvr_lift"))
-    ax_lift.set_ylim(min(0.0, 1.25 * lift_low), max(1.0, 1.3 * lift_top))
-    ax_lift.legend(loc="upper center", ncol=2)
+    ax_lift.set(ylabel="lift of DeepFM-D (%)", title="Relative improvement of DeepFM-D")
+    ax_lift.set_ylim(min(0.0, 1.25 * min(lifts_seen)), max(1.0, 1.35 * max(lifts_seen)))
+    ax_lift.legend(loc="upper center", ncol=2, fontsize=8)
     for ax in (ax_ctr, ax_lift):
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -341,5 +395,5 @@ def write_abtest(results: dict[str, Any], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "abtest.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "abtest.md").write_text(abtest_table(results) + "\n")
+    (out / "abtest.md").write_text(abtest_markdown(results))
     return [out / "abtest.json", out / "abtest.md", plot_abtest(results, out / "abtest.png")]

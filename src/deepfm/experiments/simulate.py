@@ -1,15 +1,22 @@
 """``deepfm simulate``: top-L lists of LR and DeepFM-D in the simulated app market (Sec. IV-D3).
 
 The paper's online simulation: t user types × n users each; a user of type i has a download
-history of apps of type i's favourite categories; the candidates are all apps of the market. LR
-and DeepFM-D are trained on the market's impression logs, each user's top-L list is built with
-each model at one common request context (hour, weekday), and the lists are measured with
+history of apps of type i's favourite categories; the candidates are all apps of the market. The
+models are trained on the market's impression logs, each user's top-L list is built with each
+model at one common request context (hour, weekday), and the lists are measured with
 personalization@L, coverage@L and popularity@L (Eq. 14–18, :mod:`recsys_metrics`), as in
 Fig. 16–18. Because the simulator knows every true click probability, each list's expected CTR
 is reported too, beside the *oracle* lists (ranked by the true CTR): the best reachable.
 
-``simulate.json`` holds ``{"lr": {"5": {metrics}, "10": ..., "20": ...}, "deepfm": ...,
-"oracle": ..., "setup": {config, row counts, test AUC/Logloss of each model}}``.
+The models: the paper's baseline is *"a well-engineered LR model"*, an LR with expert-chosen
+pairwise crosses (Sec. II-B, Eq. 2). Here the expert knows the simulator: ``lr_crosses`` is LR
+with the crosses of the market's planted order-2 effects (:data:`ENGINEERED_CROSSES`). Plain LR
+(``lr``, no crosses) is kept as a second reference, and DeepFM-D (``deepfm``) is the model under
+test.
+
+``simulate.json`` holds ``{"lr_crosses": {"5": {metrics}, "10": ..., "20": ...}, "lr": ...,
+"deepfm": ..., "oracle": ..., "setup": {config, the engineered LR's crosses, row counts, test
+AUC/Logloss of each model}}``.
 
 Scoring is batched: the raw records of a block of users × all apps are built at once, encoded
 with the fitted feature map and scored in one forward pass per block.
@@ -35,16 +42,33 @@ from deepfm.data.featuremap import FeatureMap
 from deepfm.data.formats import table_chunk
 from deepfm.data.pipeline import Dataset, build_dataset
 from deepfm.data.splits import SplitSpec
-from deepfm.data.synthetic import APP_MARKET_SCHEMA, TYPE_CATEGORIES, AppMarket
+from deepfm.data.synthetic import (
+    APP_MARKET_SCHEMA,
+    PLANTED_CROSSES,
+    TYPE_CATEGORIES,
+    AppMarket,
+)
 from deepfm.errors import ConfigError
 from deepfm.experiments.recsys_metrics import coverage, personalization, popularity, top_l
-from deepfm.models.registry import ModelConfig
+from deepfm.models.registry import ModelConfig, parse_crosses
 from deepfm.train.metrics import auc_logloss
 from deepfm.train.run import fit_and_evaluate
 from deepfm.train.trainer import Batches, TrainConfig, predict_proba
 
-MODELS = ("lr", "deepfm")
-MODEL_LABELS = {"lr": "LR", "deepfm": "DeepFM-D", "oracle": "oracle (true CTR)"}
+#: the paper's well-engineered LR: LR with the crosses of the market's planted order-2 effects
+#: (data/synthetic.py): app category × hour of day (food delivery at meal times, news in the
+#: morning, games at night) and download history × app category (users click apps like the ones
+#: they have). The order-3 gender × age × category effect has no pairwise trace to cross (its
+#: pairwise marginals are built to cancel), and user × app (the low-rank term) is too sparse.
+ENGINEERED_CROSSES = PLANTED_CROSSES
+ENGINEERED_LR = "lr_crosses"
+MODELS = (ENGINEERED_LR, "lr", "deepfm")
+MODEL_LABELS = {
+    ENGINEERED_LR: "LR + crosses",
+    "lr": "LR",
+    "deepfm": "DeepFM-D",
+    "oracle": "oracle (true CTR)",
+}
 Log = Callable[[str], None]
 
 
@@ -68,10 +92,12 @@ class SimulationConfig:
     weekday: int = 2
     seed: int = 0
     models: tuple[str, ...] = MODELS
+    crosses: tuple[str, ...] = ENGINEERED_CROSSES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "list_sizes", tuple(int(s) for s in self.list_sizes))
         object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "crosses", parse_crosses(self.crosses))
         check_population(self.n_types, self.users_per_type)
         if self.rows < 1000:
             raise ConfigError(f"the logs need at least 1000 rows, got {self.rows}")
@@ -81,6 +107,27 @@ class SimulationConfig:
             raise ConfigError("the request context needs hour in 0..23 and weekday in 0..6")
         if not self.models:
             raise ConfigError("name at least one model to simulate")
+
+
+def registry_name(key: str) -> str:
+    """The registry model behind a result key: the engineered LR is ``lr`` with crosses."""
+    return "lr" if key == ENGINEERED_LR else key
+
+
+def online_model_config(key: str, model_config: ModelConfig, crosses: Sequence[str]) -> ModelConfig:
+    """The config of result key ``key``: ``model_config`` (DeepFM-D's settings) under the key's
+    registry name, with ``crosses`` for the engineered LR and none for any other model."""
+    chosen = tuple(crosses) if key == ENGINEERED_LR else ()
+    return model_config.replace(name=registry_name(key), crosses=chosen)
+
+
+def baseline_note(crosses: Sequence[str]) -> str:
+    """One line that says which LR is the paper's baseline and which crosses it has."""
+    return (
+        f"{MODEL_LABELS[ENGINEERED_LR]}: the paper's well-engineered LR baseline, with the crosses "
+        f"{', '.join(crosses)} (the market's planted order-2 effects); "
+        f"{MODEL_LABELS['lr']}: no crosses (second reference)."
+    )
 
 
 def check_population(n_types: int, users_per_type: int) -> None:
@@ -207,13 +254,15 @@ def default_train_config(
 TrainConfigs = TrainConfig | Mapping[str, TrainConfig]
 
 
-def config_for(configs: TrainConfigs, name: str) -> TrainConfig:
-    """The training config of model ``name``."""
+def config_for(configs: TrainConfigs, key: str) -> TrainConfig:
+    """The training config of result key ``key``, or else of its registry model (the
+    engineered LR trains as ``lr`` does unless given its own)."""
     if isinstance(configs, TrainConfig):
         return configs
-    if name not in configs:
-        raise ConfigError(f"no training config for model {name!r} (have {sorted(configs)})")
-    return configs[name]
+    for name in (key, registry_name(key)):
+        if name in configs:
+            return configs[name]
+    raise ConfigError(f"no training config for model {key!r} (have {sorted(configs)})")
 
 
 @dataclass
@@ -251,15 +300,20 @@ def run_simulation(
     metrics: dict[str, Any] = {}
     setup: dict[str, Any] = {
         "config": asdict(config),
+        "baseline": {"model": ENGINEERED_LR, "crosses": list(config.crosses)},
         "rows": dataset.rows(),
         "test": {"oracle": auc_logloss(dataset.test.labels, test_p)},
     }
     result = SimulationResult(metrics)
     scores = {}
+    if ENGINEERED_LR in config.models:
+        log(baseline_note(config.crosses))
     for name in config.models:
         log(f"training {MODEL_LABELS.get(name, name)} on {len(dataset.train):,} logged rows")
         trained = fit_and_evaluate(
-            dataset, model_config.replace(name=name), config_for(train_config, name)
+            dataset,
+            online_model_config(name, model_config, config.crosses),
+            config_for(train_config, name),
         )
         setup["test"][name] = trained.metrics["test"]
         scores[name] = score_matrix(
@@ -391,8 +445,12 @@ def write_simulation(result: SimulationResult, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulate.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+    note = ""
+    if ENGINEERED_LR in result.metrics:
+        note = baseline_note(result.metrics["setup"]["baseline"]["crosses"]) + "\n\n"
     report = (
         "## Top-L lists\n\n"
+        + note
         + simulation_table(result.metrics)
         + "\n\n## Click models on the held-out logs\n\n"
         + test_metrics_table(result.metrics)
