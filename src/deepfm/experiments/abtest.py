@@ -227,7 +227,6 @@ def run_abtest(
     days: list[dict[str, Any]] = []
     seen_by = ", ".join(f"{np.sum(arm_of == i)} see {MODEL_LABELS[n]}" for i, n in enumerate(ARMS))
     log(f"A/B test: {market.n_users} users ({seen_by}), {config.days} days")
-    log(baseline_note(config.crosses))
     for day in range(1, config.days + 1):
         train, valid = split_logs(logs, config.seed + day)
         valid_metrics = {}

@@ -306,8 +306,6 @@ def run_simulation(
     }
     result = SimulationResult(metrics)
     scores = {}
-    if ENGINEERED_LR in config.models:
-        log(baseline_note(config.crosses))
     for name in config.models:
         log(f"training {MODEL_LABELS.get(name, name)} on {len(dataset.train):,} logged rows")
         trained = fit_and_evaluate(
