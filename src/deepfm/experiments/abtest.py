@@ -56,7 +56,7 @@ from deepfm.experiments.simulate import (
     baseline_note,
     check_population,
     config_for,
-    default_train_config,
+    default_train_configs,
     log_dataset,
     online_model_config,
     score_matrix,
@@ -200,7 +200,7 @@ def run_abtest(
 ) -> dict[str, Any]:
     """Run the test; returns what abtest.json holds (``days``, ``total``, ``setup``)."""
     config = config or ABTestConfig()
-    train_config = train_config or default_train_config(config.seed)
+    train_config = train_config or default_train_configs(config.seed)
     model_config = model_config or ONLINE_MODEL
     market = simulation_market(config.n_types, config.users_per_type, config.seed)
     if config.list_size > market.n_apps:

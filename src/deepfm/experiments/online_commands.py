@@ -37,11 +37,11 @@ def _hidden(text: str | None):
 
 
 def _train_config(args: argparse.Namespace):
-    from deepfm.experiments.simulate import default_train_config
+    from deepfm.experiments.simulate import default_train_configs
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    return default_train_config(
+    return default_train_configs(
         args.seed, threads=args.threads, progress=not args.quiet, epochs=args.epochs
     )
 
