@@ -53,3 +53,26 @@ def test_matches_reference_over_several_steps():
     # coordinate 1 is held at exactly 0 while |z| <= l1 (step 1: z = -0.2) and leaves 0 once
     # the gradients accumulate past l1 (step 2: z = -0.5)
     assert expected[0][1] == 0.0 and expected[1][1] != 0.0
+
+
+def test_a_table_is_updated_on_its_touched_rows_only_with_the_same_result():
+    """Rows with a zero gradient are skipped; the result equals the rule applied to every
+    coordinate (the reference), whether the gradient is dense or sparse."""
+    g = torch.Generator().manual_seed(0)
+    steps = []
+    for _ in range(4):
+        grad = torch.randn(6, 2, generator=g, dtype=torch.float64)
+        grad[torch.randperm(6, generator=g)[:3]] = 0.0  # half the rows untouched each step
+        steps.append(grad)
+    expected = reference([s.reshape(-1).tolist() for s in steps], 0.5, 1.0, 0.3, 0.1)
+    for sparse in (False, True):
+        w = torch.zeros(6, 2, dtype=torch.float64, requires_grad=True)
+        optimizer = FTRL([w], alpha=0.5, beta=1.0, l1=0.3, l2=0.1)
+        for grad, want in zip(steps, expected, strict=True):
+            # sparse: row-sparse like an embedding's gradient (sparse rows, dense columns)
+            w.grad = grad.to_sparse(1) if sparse else grad.clone()
+            optimizer.step()
+            torch.testing.assert_close(w.detach().reshape(-1), torch.tensor(want).double())
+        never = steps[0].eq(0).all(1) & steps[1].eq(0).all(1) & steps[2].eq(0).all(1)
+        never &= steps[3].eq(0).all(1)
+        assert optimizer.state[w]["n"][never].eq(0).all()

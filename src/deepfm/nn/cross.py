@@ -122,14 +122,20 @@ class PairCrossLinear(Regularized):
         for name, column in zip(_COLUMNS, columns, strict=True):
             dtype = torch.bool if name == "exact" else torch.int64
             self.register_buffer(name, torch.tensor(column, dtype=dtype), persistent=False)
+        kinds = {exact for _, _, exact, *_ in pairs}
+        # one kind of table only (Poly-2: all hashed): skip computing the other index
+        self.kind = "mixed" if len(kinds) > 1 else "exact" if kinds == {True} else "hashed"
 
     def index(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight row of every crossed pair of slots: ``[B, S] -> [B, pairs]`` int64."""
         ids = ids.long()
         i, j = ids[:, self.left], ids[:, self.right]
-        hashed = pair_hash(i, j) % self.size
-        exact = i * self.stride + j + self.shift
-        return self.base + torch.where(self.exact, exact, hashed)
+        if self.kind == "hashed":
+            return self.base + pair_hash(i, j) % self.size
+        exact = self.base + i * self.stride + j + self.shift
+        if self.kind == "exact":
+            return exact
+        return torch.where(self.exact, exact, self.base + pair_hash(i, j) % self.size)
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         w = lookup(self.weight, self.index(ids)).squeeze(-1)  # [B, pairs]
