@@ -26,8 +26,8 @@ class FTRL(torch.optim.Optimizer):
     updated on the rows with a non-zero gradient only. That is exact: with ``g = 0``, ``σ = 0``
     and ``z``, ``n`` and so ``w = f(z, n)`` stay as they are (for weights that start at
     ``f(0, 0) = 0``, as every FTRL model's do). A step then costs the rows a batch uses, not the
-    table: for Poly-2's 2^20 hashed weights on the app market (batch 1024, one thread) 35 ms a
-    step instead of 126 ms (BENCHMARKS.md, "Linear baselines").
+    table: for Poly-2's 2^20 hashed weights on the app market (batch 1024, one thread) 23 ms a
+    step instead of 95 ms (BENCHMARKS.md, "Linear baselines").
     """
 
     sums_loss = True
