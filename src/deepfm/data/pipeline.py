@@ -90,6 +90,7 @@ def load_dataset(
     seed: int = 0,
     bad_rows: BadRows | None = None,
     min_count: int | None = None,
+    hash_buckets: int | None = None,
     test_paths: Sequence[str | Path] | None = None,
 ) -> Dataset:
     """Read ``paths`` with ``data_format`` and build a :class:`Dataset`.
@@ -98,7 +99,7 @@ def load_dataset(
     ``split`` should be ``none``.
     """
     bad_rows = bad_rows or BadRows()
-    schema = data_format.schema.with_min_count(min_count)
+    schema = data_format.schema.with_options(min_count, hash_buckets)
     dataset = build_dataset(
         data_format.read(paths, bad_rows),
         schema,

@@ -798,7 +798,7 @@ def prepare_store(
     """Prepare ``paths`` (read with ``data_format``) into the store ``out``; see module docs."""
     started = time.perf_counter()
     bad_rows = bad_rows or BadRows()
-    schema = data_format.schema.with_min_count(min_count)
+    schema = data_format.schema.with_options(min_count)
     workers = workers or min(2, os.cpu_count() or 1)
     if not 0 <= valid_fraction < 1:
         raise ConfigError(f"the validation fraction must be in [0, 1), got {valid_fraction}")

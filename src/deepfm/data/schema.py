@@ -6,12 +6,16 @@ A field is
 * ``numeric``: a number, either bucketised into ids (``numeric: bucket``, the Criteo practice) or
   kept as a value multiplying one embedding (``numeric: value``, standardised on the training rows);
 * ``multi``: a bag of values in one column, split on ``separator``; the bag's embeddings are
-  summed or averaged (the paper's ``e_i = V_field_i · x_field_i`` with a multi-hot ``x``).
+  summed or averaged (the paper's ``e_i = V_field_i · x_field_i`` with a multi-hot ``x``);
+* ``hashed``: one raw value, one of ``buckets`` ids chosen by a hash of the value, with no
+  vocabulary (the hashing trick, for unbounded id spaces: distinct values may share an id).
+
+How each kind is fitted and encoded: :mod:`deepfm.data.codecs`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,11 +23,11 @@ import yaml
 
 from deepfm.errors import ConfigError
 
-FieldKind = Literal["categorical", "numeric", "multi"]
+FieldKind = Literal["categorical", "numeric", "multi", "hashed"]
 NumericMode = Literal["bucket", "value"]
 Pooling = Literal["sum", "mean"]
 
-FIELD_KINDS: tuple[str, ...] = ("categorical", "numeric", "multi")
+FIELD_KINDS: tuple[str, ...] = ("categorical", "numeric", "multi", "hashed")
 #: Bags longer than this are truncated when the length is fitted from data (the count is reported).
 MAX_BAG_LENGTH = 64
 
@@ -34,7 +38,8 @@ class FieldSpec:
 
     ``min_count`` overrides the schema's default: values seen fewer times in the training rows map
     to the field's OOV id. ``max_len`` (multi only) is the number of slots of the bag; 0 means
-    "the longest bag seen in the training rows", capped at ``MAX_BAG_LENGTH``.
+    "the longest bag seen in the training rows", capped at ``MAX_BAG_LENGTH``. ``buckets``
+    (hashed only) is the number of ids the values are hashed into.
     """
 
     name: str
@@ -44,6 +49,7 @@ class FieldSpec:
     pooling: Pooling = "sum"
     max_len: int = 0
     min_count: int | None = None
+    buckets: int = 0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -58,6 +64,11 @@ class FieldSpec:
             raise ConfigError(f"field {self.name!r}: pooling must be 'sum' or 'mean'")
         if self.max_len < 0 or (self.min_count is not None and self.min_count < 1):
             raise ConfigError(f"field {self.name!r}: max_len must be >= 0 and min_count >= 1")
+        if (self.kind == "hashed") != (self.buckets > 0):
+            raise ConfigError(
+                f"field {self.name!r}: a hashed field needs buckets >= 1 (and only a hashed field "
+                "has buckets)"
+            )
 
     @property
     def is_value(self) -> bool:
@@ -67,12 +78,17 @@ class FieldSpec:
 
 @dataclass(frozen=True)
 class Schema:
-    """The fields of a dataset, the label column and the default minimum count."""
+    """The fields of a dataset, the label column and the default minimum count.
+
+    ``hash_buckets``: a categorical field with more distinct training values than this is hashed
+    into that many buckets instead of getting a vocabulary (``--hash-buckets``; None: never).
+    """
 
     fields: tuple[FieldSpec, ...]
     label: str | None = "label"
     min_count: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    hash_buckets: int | None = None
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.fields]
@@ -85,6 +101,8 @@ class Schema:
             raise ConfigError(f"the label column {self.label!r} is also declared as a field")
         if self.min_count < 1:
             raise ConfigError("min_count must be at least 1")
+        if self.hash_buckets is not None and self.hash_buckets < 1:
+            raise ConfigError("hash_buckets must be at least 1")
 
     @property
     def names(self) -> list[str]:
@@ -93,17 +111,24 @@ class Schema:
     def min_count_of(self, spec: FieldSpec) -> int:
         return spec.min_count if spec.min_count is not None else self.min_count
 
-    def with_min_count(self, min_count: int | None) -> Schema:
-        if min_count is None:
-            return self
-        return Schema(self.fields, self.label, min_count, dict(self.extra))
+    def with_options(self, min_count: int | None = None, hash_buckets: int | None = None) -> Schema:
+        """This schema with the command line's ``--min-count`` and ``--hash-buckets`` (None:
+        keep the schema's own)."""
+        return replace(
+            self,
+            min_count=self.min_count if min_count is None else min_count,
+            hash_buckets=self.hash_buckets if hash_buckets is None else hash_buckets,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "label": self.label,
             "min_count": self.min_count,
             "fields": [asdict(f) for f in self.fields],
         }
+        if self.hash_buckets is not None:
+            out["hash_buckets"] = self.hash_buckets
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "schema") -> Schema:
@@ -129,11 +154,14 @@ class Schema:
                 specs.append(FieldSpec(**raw))
             except TypeError as exc:
                 raise ConfigError(f"{source}: fields[{i}]: {exc}") from None
+        hash_buckets = data.get("hash_buckets")
+        own = ("fields", "label", "min_count", "hash_buckets")
         return cls(
             tuple(specs),
             label=data.get("label", "label"),
             min_count=int(data.get("min_count", 1)),
-            extra={k: v for k, v in data.items() if k not in ("fields", "label", "min_count")},
+            extra={k: v for k, v in data.items() if k not in own},
+            hash_buckets=None if hash_buckets is None else int(hash_buckets),
         )
 
 
@@ -146,6 +174,7 @@ def load_schema(path: str | Path) -> Schema:
       - {name: user, kind: categorical}
       - {name: price, kind: numeric, numeric: value}
       - {name: tags, kind: multi, separator: "|", pooling: mean}
+      - {name: device_ip, kind: hashed, buckets: 1000000}
     ignore: [id]
     """
     path = Path(path)

@@ -4,7 +4,9 @@
 
     bundle/
       model.safetensors   weights (safetensors: loading never executes code)
-      feature_map.json    vocabularies, so serving encodes exactly as training did
+      feature_map.json    the fields' codecs (kinds, sizes, most frequent values), so serving
+                          encodes exactly as training did
+      vocab/              their binary vocabularies (sorted value keys and ids, memory-mapped)
       model.json          registry name, model config, input format, training config
       metrics.json        validation / test metrics of the training run
       bundle.json         deepfm version, creation time, sha256 of every file above
@@ -40,7 +42,13 @@ FEATURE_MAP = "feature_map.json"
 MODEL = "model.json"
 METRICS = "metrics.json"
 MANIFEST = "bundle.json"
-HASHED = (WEIGHTS, FEATURE_MAP, MODEL, METRICS)
+HASHED = (WEIGHTS, FEATURE_MAP, MODEL, METRICS)  # and every vocabulary file
+
+
+def bundle_files(directory: Path) -> list[str]:
+    """Every file of a bundle but its manifest, as paths relative to ``directory``."""
+    found = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(name for name in found if name != MANIFEST)
 
 
 def sha256_file(path: Path) -> str:
@@ -96,7 +104,7 @@ def save_bundle(
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
-        feature_map.save(tmp / FEATURE_MAP)
+        feature_map.save(tmp)
         write_json(
             tmp / MODEL,
             {"model": config.to_dict(), "format": data_format, "train": train_config or {}},
@@ -107,7 +115,7 @@ def save_bundle(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": config.name,
             "feature_map_sha256": feature_map.digest(),
-            "files": {name: sha256_file(tmp / name) for name in HASHED},
+            "files": {name: sha256_file(tmp / name) for name in bundle_files(tmp)},
         }
         write_json(tmp / MANIFEST, manifest)
         replace_dir(tmp, target)
@@ -148,12 +156,12 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
     """Load and verify a bundle. Raises :class:`BundleError` if anything is missing or altered."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    for name in HASHED:
+    files = manifest.get("files", {})
+    for name in sorted({*HASHED, *files}):
         path = directory / name
         if not path.exists():
             raise BundleError(f"{directory} lacks {name}")
-        expected = manifest.get("files", {}).get(name)
-        if expected != sha256_file(path):
+        if files.get(name) != sha256_file(path):
             raise BundleError(f"{path} does not match the sha256 recorded in {MANIFEST}")
     try:
         meta = json.loads((directory / MODEL).read_text())

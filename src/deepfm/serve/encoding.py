@@ -1,12 +1,9 @@
-"""Encoding JSON-like records (dicts) with a fitted feature map, for serving.
+"""JSON-like records (dicts) → the raw columns the feature map's codecs encode, for serving.
 
-:meth:`FeatureMap.encode` works on Arrow tables read from files. A request holds a few hundred
-values at most, and building an Arrow table for it costs more than the model's forward pass
-(``pc.index_in`` also rebuilds its hash set from the whole vocabulary on every call). This
-encoder keeps one Python dict per field (token → local id), built once per loaded bundle, and
-encodes a request with one dict lookup per value; numeric fields are converted as a column with
-NumPy. The ids and values equal :meth:`FeatureMap.encode` on the same values
-(``tests/test_predictor_encoding.py`` checks it on the real Criteo rows and by fuzzing).
+This layer only checks and converts values; the encoding itself is the codecs' (the same
+:meth:`FeatureMap.encode_columns` that ``prepare`` and ``train --data`` use): a request's fields
+become one Arrow column each, exactly the columns a file reader produces, and every field is
+encoded in one vectorised pass.
 
 Value rules (the same as the file readers'):
 
@@ -18,7 +15,7 @@ Value rules (the same as the file readers'):
 * a multi-valued field takes a list of values or one string joined with the field's separator.
 
 Anything else (an object, a list where one value is expected, a non-finite number) raises
-:class:`DataError` naming the record and the field.
+:class:`DataError` naming the record and the field (``records[3], field 'I5': ...``).
 
 ``shared`` values (``rank``'s user and context) are encoded once and broadcast to every record
 that does not carry the field itself.
@@ -28,18 +25,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from deepfm.data.codecs import Codec
 from deepfm.data.encoded import EncodedArrays
-from deepfm.data.featuremap import FIRST_VALUE, MISSING, OOV, FeatureMap, FieldInfo, bucketize
+from deepfm.data.featuremap import FeatureMap
 from deepfm.errors import DataError
 
 Record = Mapping[str, Any]
-_NOT_FOUND = -1
-_SCALARS = (str, int, float, bool)
 
 
 def text_of(value: Any) -> str | None:
@@ -82,6 +78,16 @@ def number_of(value: Any) -> float | None:
     return number
 
 
+def bag_text(value: Any, separator: str) -> str | None:
+    """One bag as the separator-joined text a file holds: a list of values, or one string."""
+    if isinstance(value, list | tuple):
+        if any(isinstance(v, list | tuple | dict) for v in value):
+            raise ValueError("a bag holds values, not lists or objects")
+        parts = [text_of(v) for v in value]
+        return separator.join(p for p in parts if p) or None
+    return text_of(value)
+
+
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", tuple: "a list"}.get(
         type(value), type(value).__name__
@@ -93,39 +99,20 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@dataclass
-class _Field:
-    info: FieldInfo
-    slot: int  # first slot of the field in the encoded row
-    lookup: dict[Any, int]  # token → local id (empty for value fields)
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        self.name = self.info.name
+class _BadValue(Exception):
+    def __init__(self, where: str, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.where, self.field, self.reason = where, field, reason
 
 
-class RecordEncoder:
-    """``encode(records, shared=None) -> EncodedArrays`` with ``ids [n, S]`` int32 and
-    ``values [n, S]`` float32 (``None`` when the map needs none), as :meth:`FeatureMap.encode`.
-
-    Safe to use from several threads (it only reads its lookup tables).
-    """
+class RecordColumns:
+    """Checks records and turns them into the feature map's raw columns; ``encode`` returns
+    ``EncodedArrays`` (``ids [n, S]`` int32, ``values [n, S]`` float32 or None) through the
+    codecs. Safe to use from several threads (it only reads the feature map)."""
 
     def __init__(self, feature_map: FeatureMap) -> None:
         self.feature_map = feature_map
-        self.num_slots = feature_map.num_slots
-        self.needs_values = feature_map.needs_values
-        self.fields: list[_Field] = []
-        slot = 0
-        for info in feature_map.fields:
-            lookup: dict[Any, int] = {}
-            if not info.spec.is_value:
-                lookup = {token: FIRST_VALUE + i for i, token in enumerate(info.vocab)}
-                if info.spec.kind == "categorical":
-                    # files never hold "" (an empty cell is missing), so these keys are free
-                    lookup[""] = MISSING
-            self.fields.append(_Field(info, slot, lookup))
-            slot += info.slots
+        self.fields: list[Codec] = list(feature_map.fields)
         self.names: frozenset[str] = frozenset(f.name for f in self.fields)
 
     def check_keys(
@@ -149,174 +136,92 @@ class RecordEncoder:
                 field=unknown,
             )
 
+    def columns(
+        self, records: Sequence[Record], shared: Record | None = None, *, where: str = "records"
+    ) -> dict[str, pa.Array]:
+        """One raw column per field: ``len(records)`` rows for the fields some record carries,
+        one row (``shared``'s value, broadcast when encoding) for the others."""
+        shared = shared or {}
+        for i, record in enumerate(records):
+            if type(record) is not dict and not isinstance(record, Mapping):
+                raise DataError(f"expected an object, got {_kind(record)}", path=f"{where}[{i}]")
+        present: set[str] = set().union(*records) if records else set()
+        out = {}
+        try:
+            for codec in self.fields:
+                name = codec.name
+                if name in present:
+                    default = shared.get(name)
+                    raw = [r.get(name, default) for r in records]
+                    out[name] = _column(codec, raw, lambda i: f"{where}[{i}]")
+                else:
+                    out[name] = _column(codec, [shared.get(name)], lambda _i: "user/context")
+        except _BadValue as bad:
+            raise DataError(bad.reason, path=bad.where, field=bad.field) from None
+        return out
+
     def encode(
-        self,
-        records: Sequence[Record],
-        shared: Record | None = None,
-        *,
-        where: str = "records",
+        self, records: Sequence[Record], shared: Record | None = None, *, where: str = "records"
     ) -> EncodedArrays:
         """Encode ``records``; a field a record lacks takes its value from ``shared``.
 
         ``where`` names the records in error messages (``records[3], field 'I5': ...``).
         """
         n = len(records)
-        shared = shared or {}
-        for i, record in enumerate(records):
-            if type(record) is not dict and not isinstance(record, Mapping):
-                raise DataError(f"expected an object, got {_kind(record)}", path=f"{where}[{i}]")
-        ids = np.empty((n, self.num_slots), dtype=np.int32)
-        values = np.ones((n, self.num_slots), dtype=np.float32) if self.needs_values else None
-        present: set[str] = set().union(*records) if n else set()
-        own = [f for f in self.fields if f.name in present]
-        rest = [f for f in self.fields if f.name not in present]
-        try:
-            if own:
-                self._fill(own, records, shared, ids, values, where)
-            if rest and n:  # fields no record carries: encoded once, broadcast to every row
-                self._fill(rest, [shared], {}, ids, values, "")
-        except _BadValue as bad:
-            raise DataError(bad.reason, path=bad.where, field=bad.field) from None
+        columns = self.columns(records, shared, where=where)
+        ids, values = self.feature_map.encode_columns(columns, n)
+        if values is not None and not np.isfinite(values).all():
+            # a value field standardised past float32: the record is refused, not scored inf
+            row, slot = (int(v) for v in np.argwhere(~np.isfinite(values))[0])
+            codec = self.fields[int(np.searchsorted(np.cumsum(self.feature_map.field_slots), slot,
+                                                    side="right"))]  # fmt: skip
+            place = f"{where}[{row}]" if len(columns[codec.name]) == n else "user/context"
+            raise DataError("number too large for a float32 value", path=place, field=codec.name)
         return EncodedArrays(ids, values, None, np.arange(1, n + 1, dtype=np.int64))
 
-    # -- fields of one kind at a time ----------------------------------------------------------
 
-    def _fill(
-        self,
-        fields: list[_Field],
-        rows: Sequence[Record],
-        shared: Record,
-        ids: np.ndarray,
-        values: np.ndarray | None,
-        where: str,
-    ) -> None:
-        """Encode ``fields`` of ``rows`` into ``ids``/``values`` (one row broadcasts to all)."""
-
-        def place(i: int) -> str:
-            return f"{where}[{i}]" if where else "user/context"
-
-        numeric = []
-        for f in fields:
-            kind = f.info.spec.kind
-            if kind == "numeric":
-                numeric.append(f)
-                continue
-            name = f.name
-            default = shared.get(name)
-            if kind == "multi":
-                column = [r.get(name, default) for r in rows]
-                bag_ids, bag_values = _bags(f, column, place)
-                width = f.info.slots
-                ids[:, f.slot : f.slot + width] = bag_ids + f.info.offset
-                values[:, f.slot : f.slot + width] = bag_values  # type: ignore[index]
-            else:
-                ids[:, f.slot] = _categorical(f, rows, default, place) + f.info.offset
-        if numeric:
-            self._numbers(numeric, rows, shared, ids, values, place)
-
-    @staticmethod
-    def _numbers(fields, rows, shared, ids, values, place) -> None:
-        """All numeric fields of ``rows`` as one ``[rows, fields]`` float matrix."""
-        pairs = [(f.name, shared.get(f.name)) for f in fields]
-        matrix = [[r.get(name, default) for name, default in pairs] for r in rows]
-        x = _float_matrix(matrix, [f.name for f in fields], place)  # NaN = missing
-        missing = np.isnan(x)
-        with np.errstate(invalid="ignore", over="ignore"):
-            # beyond int64 a bucket token is garbage, as in FeatureMap.encode: never in the
-            # vocabulary, so OOV
-            tokens = bucketize(np.where(missing, 0.0, x))
-        for j, f in enumerate(fields):
-            info, slot = f.info, f.slot
-            if info.spec.is_value:
-                ids[:, slot] = info.offset + np.where(missing[:, j], MISSING, FIRST_VALUE)
-                with np.errstate(over="ignore"):
-                    scaled = np.where(missing[:, j], 0.0, (x[:, j] - info.mean) / info.std)
-                    scaled = scaled.astype(np.float32)
-                if not np.isfinite(scaled).all():  # past float32 after standardising
-                    i = int(np.flatnonzero(~np.isfinite(scaled))[0])
-                    raise _BadValue(place(i), f.name, "number too large for a float32 value")
-                values[:, slot] = scaled
-                continue
-            get = f.lookup.get
-            local = np.array([get(t, OOV) for t in tokens[:, j].tolist()], dtype=np.int64)
-            ids[:, slot] = info.offset + np.where(missing[:, j], MISSING, local)
+def _column(codec: Codec, raw: list, place) -> pa.Array:
+    """The raw column a file reader would give for ``raw`` values of ``codec``'s field."""
+    kind = codec.spec.kind
+    if kind == "numeric":
+        return pa.array(_numbers(raw, codec.name, place))
+    if kind == "multi":
+        separator = codec.spec.separator
+        texts = []
+        for i, value in enumerate(raw):
+            try:
+                texts.append(bag_text(value, separator))
+            except ValueError as exc:
+                raise _BadValue(place(i), codec.name, str(exc)) from None
+        return pa.array(texts, pa.string())
+    if all(type(v) is str or v is None for v in raw):  # the usual case: one conversion
+        return pa.array(raw, pa.string())
+    texts = []
+    for i, value in enumerate(raw):
+        try:
+            texts.append(text_of(value))
+        except ValueError as exc:
+            raise _BadValue(place(i), codec.name, str(exc)) from None
+    return pa.array(texts, pa.string())
 
 
-class _BadValue(Exception):
-    def __init__(self, where: str, field: str, reason: str) -> None:
-        super().__init__(reason)
-        self.where, self.field, self.reason = where, field, reason
-
-
-def _categorical(f: _Field, rows: Sequence[Record], default: Any, place) -> np.ndarray:
-    """Local ids of one categorical field of ``rows``: one dict lookup per string value, in one
-    pass over the rows; numbers and bad values take the slow path."""
-    name, get = f.name, f.lookup.get
-    local = [
-        get(v, OOV)
-        if type(v := r.get(name, default)) is str
-        else (MISSING if v is None else _NOT_FOUND)
-        for r in rows
-    ]
-    if _NOT_FOUND in local:
-        for i, code in enumerate(local):
-            if code == _NOT_FOUND:  # a number or a bool (its text is looked up), or a bad value
-                try:
-                    token = text_of(rows[i].get(name, default))
-                except ValueError as exc:
-                    raise _BadValue(place(i), name, str(exc)) from None
-                local[i] = MISSING if token is None else get(token, OOV)
-    return np.array(local, dtype=np.int64)
-
-
-def _float_matrix(matrix: list[list], names: list[str], place) -> np.ndarray:
-    """Numbers as float64 ``[rows, fields]`` with NaN for missing; a bad value raises."""
+def _numbers(raw: list, name: str, place) -> np.ndarray:
+    """Numbers as float64 with NaN for missing; a bad value raises naming its place."""
     try:  # fast path: NumPy converts ints, floats, numeric strings and None (→ NaN)
-        x = np.array(matrix, dtype=np.float64)
-        ok = x.shape == (len(matrix), len(names))
+        x = np.array(raw, dtype=np.float64)
+        ok = x.shape == (len(raw),)
     except (TypeError, ValueError, OverflowError):
         ok = False
     if ok:
         bad = ~np.isfinite(x)
         # NaN from None is missing; NaN or inf from a value goes to the slow path's error
-        if not bad.any() or all(matrix[i][j] is None for i, j in np.argwhere(bad).tolist()):
+        if not bad.any() or all(raw[i] is None for i in np.flatnonzero(bad).tolist()):
             return x
-    x = np.empty((len(matrix), len(names)), dtype=np.float64)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            try:
-                number = number_of(value)
-            except ValueError as exc:
-                raise _BadValue(place(i), names[j], str(exc)) from None
-            x[i, j] = np.nan if number is None else number
-    return x
-
-
-def _bags(f: _Field, column: list, place) -> tuple[np.ndarray, np.ndarray]:
-    """Local ids and values ``[rows, slots]`` of one multi-valued column."""
-    info = f.info
-    width, separator, get = info.slots, info.spec.separator, f.lookup.get
-    ids = np.full((len(column), width), MISSING, dtype=np.int64)
-    values = np.zeros((len(column), width), dtype=np.float32)
-    for i, value in enumerate(column):
+    x = np.empty(len(raw), dtype=np.float64)
+    for i, value in enumerate(raw):
         try:
-            tokens = _bag_tokens(value, separator)[:width]
+            number = number_of(value)
         except ValueError as exc:
-            raise _BadValue(place(i), f.name, str(exc)) from None
-        if not tokens:
-            values[i, 0] = 1.0  # an empty bag is one "missing" feature
-            continue
-        ids[i, : len(tokens)] = [get(t, OOV) for t in tokens]
-        values[i, : len(tokens)] = 1.0 / len(tokens) if info.spec.pooling == "mean" else 1.0
-    return ids, values
-
-
-def _bag_tokens(value: Any, separator: str) -> list[str]:
-    """The tokens of one bag: a list of values, or one separator-joined string."""
-    if isinstance(value, list | tuple):
-        if any(isinstance(v, list | tuple | dict) for v in value):
-            raise ValueError("a bag holds values, not lists or objects")
-        parts = [text_of(v) for v in value]
-    else:
-        parts = [text_of(value)]
-    return [t for part in parts if part for t in part.split(separator) if t]
+            raise _BadValue(place(i), name, str(exc)) from None
+        x[i] = np.nan if number is None else number
+    return x

@@ -21,11 +21,10 @@ import pyarrow as pa
 import torch
 
 from deepfm.data.encoded import EncodedArrays
-from deepfm.data.featuremap import FeatureMap
 from deepfm.data.reader import RawChunk
 from deepfm.errors import ConfigError, DataError
 from deepfm.serve.bundle import Bundle, load_bundle
-from deepfm.serve.encoding import RecordEncoder, number_of, text_of
+from deepfm.serve.encoding import RecordColumns, number_of
 
 Record = Mapping[str, Any]
 Runtime = Literal["torch", "onnx"]
@@ -33,34 +32,6 @@ RUNTIMES: tuple[str, ...] = ("torch", "onnx")
 RANK_BY: tuple[str, ...] = ("ctr", "ctr_bid")
 #: the candidate key holding a bid, read when ranking by CTR × bid
 BID = "bid"
-
-
-def records_table(feature_map: FeatureMap, records: Sequence[Record]) -> pa.Table:
-    """Raw records (dicts) → the column table :meth:`FeatureMap.encode` reads (the reference
-    path, as files are read: one Arrow column per field). Extra keys are ignored."""
-    columns: dict[str, pa.Array] = {}
-    for spec in feature_map.schema.fields:
-        name = spec.name
-        raw = [record.get(name) for record in records]
-        try:
-            if spec.kind == "numeric":
-                column = pa.array([number_of(v) for v in raw], type=pa.float64())
-            elif spec.kind == "multi":
-                column = pa.array(
-                    [
-                        spec.separator.join(text_of(x) or "" for x in v)
-                        if isinstance(v, list | tuple)
-                        else text_of(v)
-                        for v in raw
-                    ],
-                    type=pa.string(),
-                )
-            else:
-                column = pa.array([text_of(v) for v in raw], type=pa.string())
-        except ValueError as exc:
-            raise DataError(str(exc), path="records", field=name) from None
-        columns[name] = column
-    return pa.table(columns)
 
 
 class Predictor:
@@ -85,7 +56,7 @@ class Predictor:
         self.device = torch.device(device)
         self.model = bundle.model.to(self.device).eval()
         self.feature_map = bundle.feature_map
-        self.encoder = RecordEncoder(bundle.feature_map)
+        self.encoder = RecordColumns(bundle.feature_map)
         self.runtime = runtime
         self._onnx = None
         if runtime == "onnx":
@@ -127,7 +98,7 @@ class Predictor:
     def encode(
         self, records: Sequence[Record] | pa.Table, *, strict: bool = False
     ) -> EncodedArrays:
-        """Encode records (dicts) or a table with the bundle's feature map.
+        """Encode records (dicts) or a table of raw columns with the bundle's codecs.
 
         ``strict``: a key that is not a field of the model raises :class:`DataError` (by default
         such keys are ignored).
