@@ -20,7 +20,7 @@ from conftest import REPO, criteo_line, shared_file
 from deepfm.cli import main
 from deepfm.data.formats import DataFormat, get_format, table_chunk
 from deepfm.data.pipeline import load_dataset
-from deepfm.data.prepare import DistinctValues, KeyTable, prepare_store, string_keys
+from deepfm.data.prepare import prepare_store
 from deepfm.data.reader import BadRows
 from deepfm.data.schema import FieldSpec, Schema
 from deepfm.data.splits import SplitSpec
@@ -181,17 +181,21 @@ KILLED = textwrap.dedent(
     import sys, time, pyarrow as pa
     from deepfm.data.formats import DataFormat, table_chunk
     from deepfm.data.prepare import prepare_store
+    from deepfm.data.reader import Block
     from deepfm.data.schema import FieldSpec, Schema
     from deepfm.data.splits import SplitSpec
 
     class Stalling(DataFormat):
         name = "stalling"
-        def read_file(self, path, bad_rows, *, block_bytes, digests=None):
+        def blocks(self, path, *, block_bytes, hasher=None):
+            for number in range(3):
+                yield Block(str(path), number, first_line=1 + 10000 * number)
+        def read_block(self, block, bad_rows, *, block_bytes):
+            if block.number == 2:
+                open(sys.argv[2], "w").close()  # the store's files are being written: kill me
+                time.sleep(60)
             table = pa.table({"x": ["a", "b"] * 5000, "label": [0.0, 1.0] * 5000})
-            yield table_chunk(table, str(path))
-            yield table_chunk(table, str(path))
-            open(sys.argv[2], "w").close()  # the store's files are being written: kill me now
-            time.sleep(60)
+            return table_chunk(table, block.path, block.first_line), 0
 
     prepare_store(Stalling(Schema((FieldSpec("x"),))), ["in"], sys.argv[1],
                   split=SplitSpec.parse("random:0.9"))
@@ -292,40 +296,6 @@ def test_bags_value_fields_and_truncation_match_the_in_memory_encoder(tmp_path):
         assert_same(store, dataset)
         # bags longer than max_len 2 among the training rows are counted
         assert result.manifest["truncated_bags"]["tags"] > 0
-
-
-def test_string_keys_and_distinct_values_are_exact():
-    words = pa.array(["", "a", "ab", "abcdefgh", "abcdefghi", "é", "abcdefgh" * 3, "a\x00"])
-    keys, lengths = string_keys(words)
-    assert len(set(keys.tolist())) == len(words) and lengths.tolist()[:3] == [0, 1, 2]
-    np.testing.assert_array_equal(string_keys(words.slice(3, 2))[0], keys[3:5])  # offsets
-    distinct = DistinctValues("f", "string")
-    first = distinct.ids_of(pa.array(["x", "y", "x", "zzzzzzzzzz"]))
-    assert first[0] == first[2] and len({*first.tolist()}) == 3 and sorted({*first}) == [1, 2, 3]
-    again = distinct.ids_of(pa.array(["zzzzzzzzzz", "new", "y"]))
-    assert again[0] == first[3] and again[2] == first[1] and again[1] == 4
-    stored = distinct.values.to_pylist()
-    assert [stored[i - 1] for i in [*first, *again]] == [
-        "x",
-        "y",
-        "x",
-        "zzzzzzzzzz",
-        "zzzzzzzzzz",
-        "new",
-        "y",
-    ]
-    table = KeyTable(bits=4)  # grows from 16 slots while inserting
-    keys = np.unique(np.random.default_rng(1).integers(0, 2**63, 5000).astype(np.uint64))
-    ids, inserted = table.get_or_insert(np.concatenate([keys[:4000], keys[:10]]))
-    assert sorted(ids[:4000].tolist()) == list(range(1, 4001))  # distinct keys, distinct ids
-    np.testing.assert_array_equal(ids[4000:], ids[:10])  # repeated keys share their id
-    assert len(inserted) == 4000 and np.array_equal(ids[inserted], np.arange(1, 4001))
-    found = table.lookup(keys)
-    np.testing.assert_array_equal(found[:4000], ids[:4000])
-    assert not found[4000:].any()
-    again, inserted = table.get_or_insert(keys)
-    np.testing.assert_array_equal(again[:4000], ids[:4000])
-    assert sorted(again[4000:].tolist()) == list(range(4001, 4001 + len(keys) - 4000))
 
 
 def test_cli_prepare_then_train_from_store_then_predict_unlabeled(

@@ -174,6 +174,13 @@ def add_data_options(parser: argparse.ArgumentParser, *, fitting: bool) -> None:
         )
         group.add_argument("--valid-fraction", type=float, default=0.1)
         group.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
+        group.add_argument(
+            "--hash-buckets",
+            type=int,
+            metavar="N",
+            help="hash every categorical field with more than N distinct training values into "
+            "N buckets (no vocabulary)",
+        )
 
 
 def model_config_from(args: argparse.Namespace):
@@ -303,6 +310,7 @@ def _train(args, model_config, train_config, context) -> int:
             seed=args.seed,
             bad_rows=BadRows(args.bad_rows),
             min_count=args.min_count,
+            hash_buckets=args.hash_buckets,
             test_paths=args.test,
         )
     trained = fit_and_evaluate(dataset, model_config, train_config)
@@ -336,6 +344,7 @@ def _store_dataset(args: argparse.Namespace):
             ("--test", args.test),
             ("--split", args.split),
             ("--min-count", args.min_count),
+            ("--hash-buckets", args.hash_buckets),
             ("--schema", args.schema),
             ("--format", args.format),
         )

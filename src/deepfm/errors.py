@@ -27,6 +27,7 @@ class DataError(DeepFMError):
         self.path = path
         self.line = line
         self.field = field
+        self.hint = hint
         where = ":".join(str(p) for p in (path, line) if p is not None)
         parts = [where] if where else []
         if field is not None:

@@ -442,51 +442,64 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class Run:
-    """A sorted run of ``(key, count, check)`` rows: in memory, or a file of the three columns
-    one after the other (``keys`` uint64, ``counts`` int64, ``checks`` uint32)."""
+    """A sorted run of ``(key, count, check)`` rows: in memory, or a file holding the three
+    columns one after the other (``keys`` uint64, ``counts`` int64, ``checks`` uint32), read
+    window by window (never mapped whole: a merge streams through it)."""
 
     BYTES = 20
 
-    def __init__(self, keys, counts, checks, path: Path | None = None) -> None:
-        self.keys, self.counts, self.checks, self.path = keys, counts, checks, path
+    def __init__(self, keys=None, counts=None, checks=None, path: Path | None = None) -> None:
+        self.path = path
+        if path is not None:
+            self.rows = path.stat().st_size // self.BYTES
+        else:
+            self.rows = len(keys)
+            self._arrays = (keys, counts.astype(np.int64, copy=False), checks)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self.rows
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``[start, stop)`` as three arrays."""
+        if self.path is None:
+            keys, counts, checks = self._arrays
+            return keys[start:stop], counts[start:stop], checks[start:stop]
+        count, n = stop - start, self.rows
+        keys = np.fromfile(self.path, np.uint64, count, offset=8 * start)
+        counts = np.fromfile(self.path, np.int64, count, offset=8 * n + 8 * start)
+        checks = np.fromfile(self.path, np.uint32, count, offset=16 * n + 4 * start)
+        return keys, counts, checks
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.read(0, self.rows)
 
     @classmethod
     def write(cls, path: Path, keys, counts, checks) -> Run:
         with open(path, "wb") as handle:
             for array in (keys, counts.astype(np.int64), checks):
                 handle.write(np.ascontiguousarray(array).data)
-        return cls.open(path)
-
-    @classmethod
-    def open(cls, path: Path) -> Run:
-        n = path.stat().st_size // cls.BYTES
-        if n == 0:
-            return cls(np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.uint32), path)
-        data = np.memmap(path, np.uint8, mode="r")
-        keys = data[: 8 * n].view(np.uint64)
-        counts = data[8 * n : 16 * n].view(np.int64)
-        checks = data[16 * n : 20 * n].view(np.uint32)
-        return cls(keys, counts, checks, path)
+        return cls(path=path)
 
 
 def reduce_sorted(keys, counts, checks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum the counts of equal keys (``keys`` sorted); a key whose checks differ is COLLIDED."""
     if len(keys) < 2:
         return keys, counts, checks
-    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
-    if len(starts) == len(keys):
+    new = np.concatenate([[True], keys[1:] != keys[:-1]])
+    if new.all():
         return keys, counts, checks
+    starts = np.flatnonzero(new)
+    group = np.cumsum(new) - 1
     group_checks = checks[starts]
-    group = np.cumsum(np.concatenate([[False], keys[1:] != keys[:-1]]))
     differ = np.bitwise_or.reduceat((checks != group_checks[group]).astype(np.uint8), starts)
     group_checks = np.where(differ.astype(bool), COLLIDED, group_checks)
     return keys[starts], np.add.reduceat(counts, starts), group_checks
 
 
 def _sorted_union(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    """Rows of sorted pieces as one sorted, reduced piece."""
+    if len(pieces) == 1:
+        return reduce_sorted(*pieces[0])
     keys = np.concatenate([p[0] for p in pieces])
     order = np.argsort(keys, kind="stable")  # timsort: the pieces are sorted runs already
     counts = np.concatenate([p[1] for p in pieces])[order]
@@ -520,7 +533,7 @@ class KeyCounts:
             return
         pieces = self.pending
         if self.spill_dir is None:
-            pieces = [*((r.keys, r.counts, r.checks) for r in self.runs), *pieces]
+            pieces = [*(r.arrays() for r in self.runs), *pieces]
             self.runs = []
         keys, counts, checks = _sorted_union(pieces)
         self.pending, self.pending_bytes = [], 0
@@ -540,9 +553,9 @@ def merge_runs(
     runs: Sequence[Run], budget_bytes: int = 256 << 20
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The rows of sorted ``runs`` merged in key order, equal keys reduced, in chunks: each
-    round takes a window of every run (together about ``budget_bytes`` with the sort's copies),
-    up to the smallest last key among the runs that go on (all rows of every run up to that key
-    are then in the round)."""
+    round reads a window of every run (together about ``budget_bytes`` with the sort's copies),
+    and takes the rows up to the smallest last key among the runs that go on (all rows of every
+    run up to that key are then in the round)."""
     runs = [r for r in runs if len(r)]
     chunk_rows = int(np.clip(budget_bytes // (4 * Run.BYTES * max(len(runs), 1)), 4096, 1 << 21))
     position = [0] * len(runs)
@@ -550,24 +563,20 @@ def merge_runs(
         live = [i for i, r in enumerate(runs) if position[i] < len(r)]
         if not live:
             return
-        windows = {i: (position[i], min(position[i] + chunk_rows, len(runs[i]))) for i in live}
-        going_on = [runs[i].keys[b - 1] for i, (_, b) in windows.items() if b < len(runs[i])]
+        windows = {}
+        for i in live:
+            stop = min(position[i] + chunk_rows, len(runs[i]))
+            windows[i] = (stop, runs[i].read(position[i], stop))
+        going_on = [w[0][-1] for i, (stop, w) in windows.items() if stop < len(runs[i])]
         bound = min(going_on) if going_on else None
         pieces = []
-        for i, (a, b) in windows.items():
-            keys = runs[i].keys[a:b]
-            stop = b if bound is None else a + int(np.searchsorted(keys, bound, side="right"))
-            if stop > a:
-                pieces.append(
-                    (
-                        np.asarray(runs[i].keys[a:stop]),
-                        np.asarray(runs[i].counts[a:stop]),
-                        np.asarray(runs[i].checks[a:stop]),
-                    )
-                )
-            position[i] = stop
+        for i, (_, (keys, counts, checks)) in windows.items():
+            take = len(keys) if bound is None else int(np.searchsorted(keys, bound, side="right"))
+            if take:
+                pieces.append((keys[:take], counts[:take], checks[:take]))
+            position[i] += take
         if pieces:
-            yield _sorted_union(pieces) if len(pieces) > 1 else pieces[0]
+            yield _sorted_union(pieces)
 
 
 @dataclass
@@ -578,92 +587,112 @@ class FittedVocabulary:
     top: list[tuple[int, int, int]]  # (key, count, check) of the most frequent values
 
 
+class NpyWriter:
+    """A 1-D ``.npy`` file of known length written by appending (file writes, not a mapping:
+    the pages go to the page cache, not to this process's memory)."""
+
+    def __init__(self, path: Path, dtype, rows: int) -> None:
+        self.handle = open(path, "wb")  # noqa: SIM115 - closed by close()
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": (rows,),
+        }
+        np.lib.format.write_array_header_1_0(self.handle, header)
+
+    def write(self, array: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(array).data)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def fit_vocabulary(
     merged: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
     min_count: int,
     *,
     work_dir: Path | None = None,
+    out_stem: Path | None = None,
     top: int = TOP_VALUES,
 ) -> FittedVocabulary:
     """Vocabulary of the merged counts: keys counted at least ``min_count`` times (and not
     collided), local ids by decreasing count, ties by key.
 
-    Pass 1 keeps the qualifying rows (in ``work_dir`` if given, else in memory) and counts how
-    many keys have each count; pass 2 gives each key ``FIRST_VALUE`` + (keys with a larger
-    count) + (keys with its count and a smaller key), in key order, chunk by chunk.
+    Pass 1 keeps the qualifying rows (in files under ``work_dir`` if given, else in memory) and
+    counts how many keys have each count; pass 2 gives each key ``FIRST_VALUE`` + (keys with a
+    larger count) + (keys with its count and a smaller key), in key order, chunk by chunk. With
+    ``out_stem`` the vocabulary is written there as it is made (and returned memory-mapped).
     """
-    kept: list = []
-    handle = None
-    kept_path = None
-    if work_dir is not None:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        kept_path = work_dir / f"kept-{os.getpid()}-{secrets.token_hex(6)}.bin"
-        handle = open(kept_path, "wb")  # noqa: SIM115 - closed below
-    distinct = collisions = kept_rows = 0
+    kept: list[Run] = []
+    distinct = collisions = 0
     classes: dict[int, int] = {}
-    try:
-        for keys, counts, checks in merged:
-            distinct += len(keys)
-            collided = checks == COLLIDED
-            collisions += int(np.count_nonzero(collided))
-            keep = (counts >= min_count) & ~collided
-            keys, counts, checks = keys[keep], counts[keep], checks[keep]
-            values, sizes = np.unique(counts, return_counts=True)
-            for value, size in zip(values.tolist(), sizes.tolist(), strict=True):
-                classes[value] = classes.get(value, 0) + size
-            kept_rows += len(keys)
-            piece = np.empty(len(keys), _KEPT)
-            piece["key"], piece["count"], piece["check"] = keys, counts, checks
-            if handle is not None:
-                handle.write(piece.data)
-            else:
-                kept.append(piece)
-    finally:
-        if handle is not None:
-            handle.close()
-    if kept_path is not None:
-        rows = np.memmap(kept_path, _KEPT, mode="r") if kept_rows else np.zeros(0, _KEPT)
-    else:
-        rows = np.concatenate(kept) if kept else np.zeros(0, _KEPT)
+    for keys, counts, checks in merged:
+        distinct += len(keys)
+        collided = checks == COLLIDED
+        collisions += int(np.count_nonzero(collided))
+        keep = (counts >= min_count) & ~collided
+        piece = (keys[keep], counts[keep], checks[keep])
+        if not len(piece[0]):
+            continue
+        values, sizes = np.unique(piece[1], return_counts=True)
+        for value, size in zip(values.tolist(), sizes.tolist(), strict=True):
+            classes[value] = classes.get(value, 0) + size
+        if work_dir is not None:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            kept.append(Run.write(work_dir / f"kept-{len(kept):06d}.bin", *piece))
+        else:
+            kept.append(Run(*piece))
+    rows = sum(len(r) for r in kept)
     # ids: the count classes in decreasing order, each a contiguous range
     values = np.array(sorted(classes), dtype=np.int64)  # increasing
     sizes = np.array([classes[v] for v in values.tolist()], dtype=np.int64)
     above = np.cumsum(sizes[::-1])[::-1] - sizes  # keys with a larger count than each class
     used = np.zeros(len(values), np.int64)
-    keys_out = np.empty(kept_rows, np.uint64)
-    ids_out = np.empty(kept_rows, np.int32)
+    fences = -(-rows // Vocabulary.FENCE)
+    writers: list[NpyWriter] = []
+    if out_stem is not None:
+        out_stem.parent.mkdir(parents=True, exist_ok=True)
+        for part, dtype, n in (("keys", np.uint64, rows), ("ids", np.int32, rows),
+                               ("fences", np.uint64, fences)):  # fmt: skip
+            writers.append(NpyWriter(out_stem.with_name(f"{out_stem.name}.{part}.npy"), dtype, n))
+    out_keys: list[np.ndarray] = []
+    out_ids: list[np.ndarray] = []
     best: list[tuple[int, int, int, int]] = []
-    step = 1 << 20
-    for start in range(0, kept_rows, step):
-        piece = np.asarray(rows[start : start + step])
-        cls = np.searchsorted(values, piece["count"])
+    written = 0
+    for run in kept:
+        keys, counts, checks = run.arrays()
+        cls = np.searchsorted(values, counts)
         order = np.argsort(cls, kind="stable")
         sorted_cls = cls[order]
         first = np.searchsorted(sorted_cls, sorted_cls, side="left")
-        rank = np.empty(len(piece), np.int64)
-        rank[order] = np.arange(len(piece)) - first
-        ids = FIRST_VALUE + above[cls] + used[cls] + rank
+        rank = np.empty(len(keys), np.int64)
+        rank[order] = np.arange(len(keys)) - first
+        ids = (FIRST_VALUE + above[cls] + used[cls] + rank).astype(np.int32)
         used += np.bincount(cls, minlength=len(values))
-        keys_out[start : start + len(piece)] = piece["key"]
-        ids_out[start : start + len(piece)] = ids
+        if writers:
+            writers[0].write(keys)
+            writers[1].write(ids)
+            writers[2].write(keys[-written % Vocabulary.FENCE :: Vocabulary.FENCE])
+        else:
+            out_keys.append(keys)
+            out_ids.append(ids)
+        written += len(keys)
         head = np.flatnonzero(ids < FIRST_VALUE + top)
-        best.extend(
-            (int(ids[i]), int(piece["key"][i]), int(piece["count"][i]), int(piece["check"][i]))
-            for i in head
-        )
-    del rows
-    if kept_path is not None:
-        kept_path.unlink()
+        best.extend((int(ids[i]), int(keys[i]), int(counts[i]), int(checks[i])) for i in head)
+        if run.path is not None:
+            run.path.unlink()
+    for writer in writers:
+        writer.close()
+    if out_stem is not None:
+        vocabulary = Vocabulary.load(out_stem)
+    elif out_keys:
+        vocabulary = Vocabulary(np.concatenate(out_keys), np.concatenate(out_ids))
+    else:
+        vocabulary = Vocabulary.empty()
     best.sort()
     return FittedVocabulary(
-        Vocabulary(keys_out, ids_out),
-        distinct,
-        collisions,
-        [(key, count, check) for _, key, count, check in best],
+        vocabulary, distinct, collisions, [(key, count, check) for _, key, count, check in best]
     )
-
-
-_KEPT = np.dtype([("key", "<u8"), ("count", "<i8"), ("check", "<u4")])
 
 
 # -- statistics of the training rows -----------------------------------------------------------
@@ -745,7 +774,7 @@ class FieldStats:
             self.counts.flush()
             self.counts.runs.extend(other.counts.finish())
             if self.counts.spill_dir is None and len(self.counts.runs) > 1:
-                merged = _sorted_union([(r.keys, r.counts, r.checks) for r in self.counts.runs])
+                merged = _sorted_union([r.arrays() for r in self.counts.runs])
                 self.counts.runs = [Run(*merged)]
         for key, (count, text) in other.names.items():
             seen, _ = self.names.get(key, (0, text))
@@ -758,10 +787,7 @@ class FieldStats:
             state["counts"] = (
                 self.counts.budget,
                 self.counts.spill_dir,
-                [
-                    r.path if r.path is not None else (r.keys, r.counts, r.checks)
-                    for r in self.counts.runs
-                ],
+                [r.path if r.path is not None else r.arrays() for r in self.counts.runs],
             )
         return state
 
@@ -772,7 +798,7 @@ class FieldStats:
         if counts is not None:
             budget, spill_dir, runs = counts
             self.counts = KeyCounts(budget, spill_dir)
-            self.counts.runs = [Run.open(r) if isinstance(r, Path) else Run(*r) for r in runs]
+            self.counts.runs = [Run(path=r) if isinstance(r, Path) else Run(*r) for r in runs]
 
 
 # -- codecs -------------------------------------------------------------------------------------
@@ -817,6 +843,11 @@ class Codec:
 
     def encode(self, column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None]:
         return self.encode_tokens(self.tokens(column))
+
+    def local_id(self, value: Any) -> int:
+        """The local id of one raw value (for inspection; encoding goes by columns)."""
+        ids, _ = self.encode(pa.array([value]))
+        return int(ids[0, 0]) - self.offset
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "spec": asdict(self.spec),
@@ -1015,6 +1046,7 @@ def fit_codec(
     *,
     hash_buckets: int | None = None,
     work_dir: Path | None = None,
+    out_stem: Path | None = None,
     budget_bytes: int = 256 << 20,
 ) -> Codec:
     """The codec of one field from its training statistics (offset 0; the feature map places it).
@@ -1033,7 +1065,8 @@ def fit_codec(
         return StandardCodec(spec, mean=mean, std=std)
     assert stats.counts is not None
     runs = stats.counts.finish()
-    fitted = fit_vocabulary(merge_runs(runs, budget_bytes), min_count, work_dir=work_dir)
+    merged = merge_runs(runs, budget_bytes)
+    fitted = fit_vocabulary(merged, min_count, work_dir=work_dir, out_stem=out_stem)
     for run in runs:
         if run.path is not None:
             run.path.unlink(missing_ok=True)

@@ -19,7 +19,13 @@ def register_commands(subparsers) -> None:
         + "; ".join(f"{k}: {v}" for k, v in formats.items()),
     )
     parser.add_argument("--format", default="criteo", choices=sorted(formats))
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH", help="input file(s)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="input files or glob patterns ('logs/day_*.gz'); .gz and .zst are read as streams",
+    )
     parser.add_argument("--out", required=True, metavar="STORE", help="store directory to write")
     parser.add_argument(
         "--split", default="random:0.9", help="random:0.9 (default), sequential:6/7, or none"
@@ -32,6 +38,13 @@ def register_commands(subparsers) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
     parser.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
+    parser.add_argument(
+        "--hash-buckets",
+        type=int,
+        metavar="N",
+        help="hash every categorical field with more than N distinct training values into N "
+        "buckets (no vocabulary; distinct values may share an id)",
+    )
     parser.add_argument("--schema", help="YAML schema (needed by --format csv and parquet)")
     parser.add_argument(
         "--bad-rows",
@@ -43,6 +56,23 @@ def register_commands(subparsers) -> None:
     parser.add_argument("--ratings", help="movielens-100k: ratings file name (default u.data)")
     parser.add_argument("--featindex", help="ipinyou: feature dictionary (default: beside data)")
     parser.add_argument("--block-mb", type=int, default=16, help="bytes parsed per block (MiB)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes parsing and encoding (default: the cores; 1: this process)",
+    )
+    parser.add_argument(
+        "--memory-mb",
+        type=int,
+        default=256,
+        help="memory for counting values, all workers together (past it, sorted runs go to disk)",
+    )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="files per split array; a DDP rank of a world dividing it reads whole shards",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.set_defaults(handler=cmd_prepare)
@@ -70,9 +100,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         valid_fraction=args.valid_fraction,
         seed=args.seed,
         min_count=args.min_count,
+        hash_buckets=args.hash_buckets,
         bad_rows=BadRows(args.bad_rows),
         overwrite=args.overwrite,
         block_bytes=args.block_mb << 20,
+        workers=args.workers,
+        memory_mb=args.memory_mb,
+        shards=args.shards,
         progress=say,
     )
     manifest = result.manifest

@@ -32,13 +32,17 @@ import pyarrow.compute as pc
 from deepfm.data.reader import (
     DEFAULT_BLOCK_BYTES,
     BadRows,
+    Block,
     ColumnType,
     DelimitedReader,
     RawChunk,
     TextLayout,
     check_values,
+    in_file_order,
     map_labels,
     open_text,
+    parse_collecting,
+    prefetch,
     read_header,
     reject_rows,
 )
@@ -101,6 +105,26 @@ class DataFormat:
         digests: dict[str, str] | None = None,
     ) -> Iterator[RawChunk]:
         raise NotImplementedError
+
+    def blocks(
+        self, path: str | Path, *, block_bytes: int = DEFAULT_BLOCK_BYTES, hasher=None
+    ) -> Iterator[Block]:
+        """The parts of ``path`` that parse on their own, in order (:meth:`read_block`). By
+        default the whole file is one block (formats that join side files)."""
+        yield Block(str(path), 0, first_line=1)
+
+    def read_block(
+        self, block: Block, bad_rows: BadRows, *, block_bytes: int = DEFAULT_BLOCK_BYTES
+    ) -> tuple[RawChunk | None, int]:
+        """Parse one block: its rows (lines numbered from 1 within the block unless the block
+        knows its first line) and its line breaks; bad rows go to ``bad_rows``."""
+        chunks = [
+            c for c in self.read_file(block.path, bad_rows, block_bytes=block_bytes) if len(c)
+        ]
+        if not chunks:
+            return None, 0
+        table = pa.concat_tables([c.table for c in chunks])
+        return RawChunk(table, np.concatenate([c.lines for c in chunks]), block.path), 0
 
     def source_files(self, paths: Sequence[str | Path]) -> list[Path]:
         """Every file the input ``paths`` stand for (side files included), for the manifest."""
@@ -192,6 +216,40 @@ class DelimitedFormat(DataFormat):
         """Turn parsed raw columns into the schema's fields (formats with derived fields)."""
         return chunk
 
+    def layout_of(self, path: str | Path) -> tuple[TextLayout, bool]:
+        """How ``path`` is laid out, and whether it carries the label (read once per file)."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        key = str(path)
+        if key not in cache:
+            columns, labeled = self.columns_of(path)
+            layout = TextLayout(
+                delimiter=self.delimiter,
+                columns=columns,
+                types=self.column_types(labeled),
+                header=self.header,
+                quoting=self.quoting,
+                label_values=self.label_values,
+            )
+            cache[key] = (layout, labeled)
+        return cache[key]
+
+    def blocks(self, path, *, block_bytes=DEFAULT_BLOCK_BYTES, hasher=None) -> Iterator[Block]:
+        layout, _ = self.layout_of(path)
+        reader = DelimitedReader(path, layout, BadRows(), block_bytes=block_bytes, hasher=hasher)
+        return reader.blocks()
+
+    def read_block(self, block, bad_rows, *, block_bytes=DEFAULT_BLOCK_BYTES):
+        layout, labeled = self.layout_of(block.path)
+        reader = DelimitedReader(block.path, layout, bad_rows, block_bytes=block_bytes)
+        chunk, breaks = reader.read_block(block)
+        if chunk is not None and len(chunk):
+            chunk = self.transform(chunk, bad_rows)
+        if chunk is None or not len(chunk):
+            return None, breaks
+        return finish_chunk(
+            chunk, self.schema.label if labeled else None, self.label_values
+        ), breaks
+
     def read_file(
         self,
         path: str | Path,
@@ -200,21 +258,15 @@ class DelimitedFormat(DataFormat):
         block_bytes: int,
         digests: dict[str, str] | None = None,
     ) -> Iterator[RawChunk]:
-        columns, labeled = self.columns_of(path)
-        layout = TextLayout(
-            delimiter=self.delimiter,
-            columns=columns,
-            types=self.column_types(labeled),
-            header=self.header,
-            quoting=self.quoting,
-            label_values=self.label_values,
-        )
         hasher = hashlib.sha256() if digests is not None and Path(path).is_file() else None
-        reader = DelimitedReader(path, layout, bad_rows, block_bytes=block_bytes, hasher=hasher)
-        for chunk in reader:
-            chunk = self.transform(chunk, bad_rows)
-            if len(chunk):
-                yield finish_chunk(chunk, self.schema.label if labeled else None, self.label_values)
+
+        def parse(block: Block):
+            return parse_collecting(
+                lambda b, tally: self.read_block(b, tally, block_bytes=block_bytes), block
+            )
+
+        blocks = self.blocks(path, block_bytes=block_bytes, hasher=hasher)
+        yield from in_file_order(prefetch(parse, blocks, threads=2), bad_rows, str(path))
         if hasher is not None and digests is not None:
             digests[str(path)] = hasher.hexdigest()
 
@@ -514,6 +566,10 @@ class IpinyouFormat(OneHotFormat):
     def read_file(self, path, bad_rows, *, block_bytes, digests=None):
         self.dictionary_for(path)
         yield from super().read_file(path, bad_rows, block_bytes=block_bytes, digests=digests)
+
+    def read_block(self, block, bad_rows, *, block_bytes=DEFAULT_BLOCK_BYTES):
+        self.dictionary_for(block.path)
+        return super().read_block(block, bad_rows, block_bytes=block_bytes)
 
     def decode(
         self, position: int, index: pa.Array, valid: np.ndarray

@@ -9,6 +9,12 @@ left out and counted per reason. No row is ever dropped without being counted.
 
 Line numbers are 1-based physical line numbers in the file. Quoted fields holding line breaks are
 not supported (no CTR log format uses them).
+
+A file is cut into :class:`Block` s that parse on their own, in any process: byte ranges of a
+plain file (each block owns the lines that start in its range) or the bytes of a compressed file
+(``.gz``, ``.zst``), which is read as one stream. A block is parsed with its lines numbered from
+1 and its bad rows collected; whoever reads the blocks in order shifts both to the file's line
+numbers (:meth:`BadRows.replay`), so messages name the right line whichever process parsed it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import csv
 import gzip
 import io
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +61,13 @@ class BadRows:
     by_reason: Counter = field(default_factory=Counter)
     examples: list[dict] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
+    #: a block's tally: every bad row kept as ``(path, line, column, reason, kind)``, neither
+    #: raised nor counted, for :meth:`replay` in file order
+    entries: list[tuple] | None = None
+
+    @classmethod
+    def collecting(cls) -> BadRows:
+        return cls("skip", entries=[])
 
     def __post_init__(self) -> None:
         if self.policy not in ("error", "skip"):
@@ -66,6 +79,9 @@ class BadRows:
 
     def add(self, path: str, line: int | None, column: str | None, reason: str, kind: str) -> None:
         """Record one bad row; raises under the ``error`` policy. ``kind`` is the count key."""
+        if self.entries is not None:
+            self.entries.append((path, line, column, reason, kind))
+            return
         if self.policy == "error":
             raise DataError(
                 reason,
@@ -80,8 +96,60 @@ class BadRows:
         if len(self.examples) < _EXAMPLES_KEPT:
             self.examples.append({"path": path, "line": line, "field": column, "reason": reason})
 
+    def replay(self, entries: list[tuple], line_shift: int) -> None:
+        """Record a block's collected bad rows, their lines shifted by ``line_shift``."""
+        for path, line, column, reason, kind in entries:
+            self.add(path, None if line is None else line + line_shift, column, reason, kind)
+
     def to_dict(self) -> dict:
         return {"total": self.total, "by_reason": dict(self.by_reason), "examples": self.examples}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A part of an input file that parses on its own: the lines that start in the byte range
+    ``[start, stop)`` of a plain file, or ``data`` (bytes of a compressed file, read in order).
+    ``first_line``: the file line of its first line, when known before the blocks before it
+    are parsed."""
+
+    path: str
+    number: int
+    start: int = 0
+    stop: int = 0
+    data: bytes | None = None
+    first_line: int | None = None
+
+
+def _finish_line(handle: IO[bytes]) -> bytes:
+    """The bytes up to and including the next line break (or the end of the file)."""
+    out = bytearray()
+    while True:
+        piece = handle.read(1 << 16)
+        if not piece:
+            return bytes(out)
+        cut = piece.find(b"\n")
+        if cut >= 0:
+            out += piece[: cut + 1]
+            return bytes(out)
+        out += piece
+
+
+def read_range(path: str | Path, start: int, stop: int) -> bytes:
+    """The lines of a plain file that start at a byte in ``[start, stop)``: a line under way at
+    ``start`` belongs to the range before, the last line is read to its end."""
+    with open(path, "rb") as handle:
+        begin = start
+        if start > 0:
+            handle.seek(start - 1)
+            if handle.read(1) != b"\n":
+                begin = start + len(_finish_line(handle))
+        if begin >= stop:
+            return b""
+        handle.seek(begin)
+        data = handle.read(stop - begin)
+        if data and not data.endswith(b"\n"):
+            data += _finish_line(handle)
+        return data
 
 
 @dataclass
@@ -143,8 +211,38 @@ class HashingFile(io.RawIOBase):
         super().close()
 
 
+class _ArrowRaw(io.RawIOBase):
+    """A PyArrow input stream (zstd) as a Python raw file (buffered for ``readline``)."""
+
+    def __init__(self, stream, path: str) -> None:
+        super().__init__()
+        self._stream, self._path = stream, path
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._stream.readinto(buffer)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+            raise DataError(
+                f"the compressed file is truncated or damaged ({exc})", path=self._path
+            ) from None
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+
+
+def is_compressed(path: str | Path) -> bool:
+    return Path(path).suffix in COMPRESSED_SUFFIXES
+
+
 def open_text(path: str | Path, hasher=None) -> IO[bytes]:
-    """Open a text file for binary reading, transparently decompressing ``.gz``.
+    """Open a text file for binary reading, transparently decompressing ``.gz`` and ``.zst``.
 
     With ``hasher`` (e.g. ``hashlib.sha256()``) the file's bytes as stored (compressed for
     ``.gz``) are hashed as they are read.
@@ -161,6 +259,9 @@ def open_text(path: str | Path, hasher=None) -> IO[bytes]:
         unzipped = gzip.GzipFile(fileobj=raw, mode="rb")
         unzipped.myfileobj = raw  # closed with the GzipFile, as when it opens the file itself
         return unzipped
+    if path.suffix in (".zst", ".zstd"):
+        stream = pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd")
+        return io.BufferedReader(_ArrowRaw(stream, str(path)), buffer_size=1 << 20)
     return raw
 
 
@@ -234,53 +335,64 @@ class DelimitedReader:
         self._read_names = [c for c in layout.columns if c in layout.types]
         self._arrow_types = {c: _ARROW_TYPES[layout.types[c]] for c in self._read_names}
 
-    def __iter__(self) -> Iterator[RawChunk]:
-        saw_data = False
-        with open_text(self.path, self.hasher) as handle:
-            header_lines = 0
-            if self.layout.header:
-                first = handle.readline()
-                if not first:
+    def blocks(self) -> Iterator[Block]:
+        """The file's blocks in order: byte ranges of a plain file (nothing is read here but the
+        header), the bytes themselves for a compressed file or when hashing."""
+        path = Path(self.path)
+        header = 0
+        if self.layout.header:
+            with open_text(path) as handle:
+                if not handle.readline():
                     raise DataError("file is empty", path=self.path)
-                header_lines = 1
-            lines_seen = header_lines
-            for block, parsed in self._parsed_blocks(iter_blocks(handle, self.block_bytes)):
-                chunk = self._finish_block(block, parsed, lines_seen + 1)
-                lines_seen += parsed[1]
-                if chunk is not None and len(chunk):
-                    saw_data = True
-                    yield chunk
-        if not saw_data and self.bad_rows.total == 0:
-            raise DataError("file holds no data rows", path=self.path)
-
-    def _parsed_blocks(self, blocks: Iterator[bytes | memoryview]):
-        """``(block or None, fast-path result)`` in file order. With ``workers`` > 1 the next
-        blocks are parsed in a thread pool (PyArrow releases the GIL) while this one is
-        consumed; at most ``workers`` blocks are in flight (memory). The block itself is only
-        kept when the fast path failed (the slow path needs it)."""
-        if self.workers <= 1:
-            for block in blocks:
-                parsed = self._fast_parse(block)
-                yield (block if parsed[0] is None else None), parsed
+                header = handle.tell() if not is_compressed(path) else 0
+        first = 2 if self.layout.header else 1
+        if not is_compressed(path) and self.hasher is None:
+            if not path.exists():
+                raise DataError("file does not exist", path=self.path)
+            if path.is_dir():
+                raise DataError("is a directory, expected a file", path=self.path)
+            size = path.stat().st_size
+            if size <= header:  # no data: one empty block, so that the reader sees the file
+                yield Block(self.path, 0, header, header, first_line=first)
+            for number, start in enumerate(range(header, size, self.block_bytes)):
+                stop = min(start + self.block_bytes, size)
+                yield Block(
+                    self.path, number, start, stop, first_line=first if number == 0 else None
+                )
             return
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            pending: deque = deque()
-            try:
-                for block in blocks:
-                    pending.append((block, pool.submit(self._fast_parse, block)))
-                    del block
-                    if len(pending) >= self.workers:
-                        done, future = pending.popleft()
-                        parsed = future.result()
-                        yield (done if parsed[0] is None else None), parsed
-                        del done
-                while pending:
-                    done, future = pending.popleft()
-                    parsed = future.result()
-                    yield (done if parsed[0] is None else None), parsed
-            finally:
-                for _, future in pending:
-                    future.cancel()
+        with open_text(path, self.hasher) as handle:
+            if self.layout.header:
+                handle.readline()
+            for number, data in enumerate(iter_blocks(handle, self.block_bytes)):
+                yield Block(
+                    self.path, number, data=bytes(data), first_line=first if number == 0 else None
+                )
+
+    def read_block(self, block: Block) -> tuple[RawChunk | None, int]:
+        """Parse one block: its rows with lines numbered from 1 within the block, and the line
+        breaks it holds. Bad rows go to this reader's tally, numbered the same way (a
+        collecting tally in a worker: :meth:`BadRows.replay` shifts them)."""
+        data = (
+            block.data if block.data is not None else read_range(self.path, block.start, block.stop)
+        )
+        if not data:
+            return None, 0
+        parsed = self._fast_parse(data)
+        return self._finish_block(data, parsed, 1), parsed[1]
+
+    def __iter__(self) -> Iterator[RawChunk]:
+        """Every block in order, rows numbered by file line; bad rows recorded in order. With
+        ``workers`` > 1 the next blocks parse in threads (PyArrow releases the GIL)."""
+        parsed = prefetch(
+            lambda b: parse_collecting(self._parse_into, b), self.blocks(), self.workers
+        )
+        yield from in_file_order(parsed, self.bad_rows, self.path)
+
+    def _parse_into(self, block: Block, bad_rows: BadRows) -> tuple[RawChunk | None, int]:
+        reader = DelimitedReader(
+            self.path, self.layout, bad_rows, block_bytes=self.block_bytes, workers=self.workers
+        )
+        return reader.read_block(block)
 
     # -- fast path -----------------------------------------------------------------------------
 
@@ -436,6 +548,81 @@ class DelimitedReader:
     def _check_values(self, chunk: RawChunk) -> RawChunk:
         kinds = {name: self.layout.types[name] for name in self._read_names}
         return check_values(chunk, kinds, self.layout.label_values, self.bad_rows)
+
+
+@dataclass
+class ParsedBlock:
+    """A block's rows (lines numbered from 1 within the block, or by file line when the block
+    knows its first line), its line breaks, its collected bad rows, and the error that stopped
+    it (lines numbered the same way)."""
+
+    block: Block
+    chunk: RawChunk | None
+    breaks: int
+    bad: list[tuple]
+    error: DataError | None = None
+
+
+def parse_collecting(parse, block: Block) -> ParsedBlock:
+    """``parse(block, bad_rows) -> (chunk, breaks)`` with a collecting tally; an error that
+    stops the block is kept for the reader in file order to raise (with the right line)."""
+    tally = BadRows.collecting()
+    try:
+        chunk, breaks = parse(block, tally)
+    except DataError as exc:
+        return ParsedBlock(block, None, 0, tally.entries or [], exc)
+    return ParsedBlock(block, chunk, breaks, tally.entries or [])
+
+
+def prefetch(function, items: Iterable, threads: int) -> Iterator:
+    """``map(function, items)`` in order, the next ``threads`` items computed ahead in threads."""
+    if threads <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def in_file_order(
+    parsed: Iterable[ParsedBlock], bad_rows: BadRows, path: str
+) -> Iterator[RawChunk]:
+    """The rows of one file's parsed blocks (given in order), numbered by file line; each
+    block's bad rows recorded (or raised) in order. A file with no row, good or bad, is an
+    error."""
+    next_line = 1
+    saw_data = False
+    for block in parsed:
+        if block.block.first_line is not None:
+            next_line = block.block.first_line
+        shift = next_line - 1
+        bad_rows.replay(block.bad, shift)
+        if block.error is not None:
+            raise shifted(block.error, shift)
+        if block.chunk is not None and len(block.chunk):
+            saw_data = True
+            yield RawChunk(block.chunk.table, block.chunk.lines + shift, block.chunk.path)
+        next_line += block.breaks
+    if not saw_data and bad_rows.total == 0:
+        raise DataError("file holds no data rows", path=path)
+
+
+def shifted(error: DataError, lines: int) -> DataError:
+    """``error`` with its line moved by ``lines`` (a block's line → the file's)."""
+    if error.line is None or lines == 0:
+        return error
+    return DataError(
+        error.reason, path=error.path, line=error.line + lines, field=error.field, hint=error.hint
+    )
 
 
 def reject_rows(chunk: RawChunk, bad: np.ndarray, reasons: list, bad_rows: BadRows) -> RawChunk:

@@ -4,12 +4,18 @@ Layout of a store ``STORE/``::
 
     manifest.json            feature map, cardinalities, split sizes, row and bad-row counts,
                              source files with their sha256, rows_per_s, and every array below
+    vocab/NNN.{keys,ids,fences}.npy   each vocabulary field's sorted value keys and local ids
     train/ids.i32            int32   [rows, slots]   global feature ids (field offset + local id)
     train/values.f32         float32 [rows, slots]   only when the feature map ``needs_values``
     train/labels.f32         float32 [rows]          absent for unlabeled input
     train/lines.i64          int64   [rows]          1-based line (row) of the source file
     train/ordinals.i64       int64   [rows]          ordinal of the row among all input rows
     valid/...  test/...      the same per split; each split is contiguous in its own files
+
+With ``--shards N`` each array of a split is ``N`` files (``train/ids.00003.i32``) holding
+consecutive rows, shard ``k`` the rows ``[rows·k/N, rows·(k+1)/N)``: the rows a DDP rank of
+``world`` ranks reads (:class:`Shard`) are whole shard files when ``world`` divides ``N``, so each
+rank streams its own files.
 
 Arrays are plain C-ordered binary files, opened as :class:`numpy.memmap` (copy-on-write, so
 PyTorch can wrap them without copying). Writing is atomic: everything goes into a hidden
@@ -41,7 +47,9 @@ from deepfm.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "deepfm-store"
-STORE_VERSION = 1
+STORE_VERSION = 2
+#: store versions this code opens (1: before codecs, vocabularies in the manifest's JSON)
+READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "valid", "test")
 #: array name → (file suffix, dtype); ``ids``/``values`` are 2-D ``[rows, slots]``
 ARRAYS: dict[str, tuple[str, str]] = {
@@ -57,6 +65,70 @@ PENDING_WRITE_BYTES = 32 << 20
 
 def array_file(split: str, name: str) -> str:
     return f"{split}/{name}.{ARRAYS[name][0]}"
+
+
+def array_files(split: str, name: str, shards: int) -> list[str]:
+    """The files of one array of a split: one, or one per shard."""
+    if shards == 1:
+        return [array_file(split, name)]
+    return [f"{split}/{name}.{k:05d}.{ARRAYS[name][0]}" for k in range(shards)]
+
+
+def shard_bounds(rows: int, shards: int) -> list[int]:
+    """First row of each shard, and ``rows``: shard ``k`` holds ``[rows·k//N, rows·(k+1)//N)``
+    (the bounds of :class:`Shard`, so rank ``r`` of ``world`` ranks gets whole shards when
+    ``world`` divides ``N``)."""
+    return [rows * k // shards for k in range(shards + 1)]
+
+
+class ShardedArray:
+    """Rows of several memory-mapped files as one read-only array: row indexing (slices, index
+    arrays) reads only the files the rows are in; ``np.asarray`` concatenates."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0, *(len(p) for p in parts)])
+        first = parts[0]
+        self.shape = (int(self.starts[-1]), *first.shape[1:])
+        self.dtype = first.dtype
+        self.ndim = first.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.parts) if self.parts else np.zeros(self.shape, self.dtype)
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return np.asarray(self)[index]
+            first = int(np.searchsorted(self.starts, start, side="right")) - 1
+            last = int(np.searchsorted(self.starts, max(stop - 1, start), side="right")) - 1
+            pieces = [
+                self.parts[k][max(start - self.starts[k], 0) : stop - self.starts[k]]
+                for k in range(max(first, 0), min(last, len(self.parts) - 1) + 1)
+            ]
+            if len(pieces) == 1:
+                return pieces[0]
+            if not pieces:
+                return np.zeros((0, *self.shape[1:]), self.dtype)
+            return ShardedArray(pieces)
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        part = np.searchsorted(self.starts, index, side="right") - 1
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        for k in np.unique(part).tolist():
+            chosen = part == k
+            out[chosen] = self.parts[k][index[chosen] - self.starts[k]]
+        return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -273,30 +345,33 @@ class Store:
             raise DataError(
                 f"the store manifest is not valid JSON: {exc}", path=str(path)
             ) from None
-        if manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
+        version = manifest.get("version")
+        if manifest.get("format") != STORE_FORMAT or version not in READABLE_VERSIONS:
             raise DataError(
-                f"unsupported store (format {manifest.get('format')!r}, version "
-                f"{manifest.get('version')!r}; this version reads {STORE_FORMAT} {STORE_VERSION})",
+                f"unsupported store (format {manifest.get('format')!r}, version {version!r}; "
+                f"this version reads {STORE_FORMAT} {', '.join(map(str, READABLE_VERSIONS))}): "
+                "prepare it again with this version",
                 path=str(path),
             )
         store = cls(path, manifest)
         for split, arrays in manifest["arrays"].items():
             for name, meta in arrays.items():
-                expected = int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
-                file = path / meta["file"]
-                actual = file.stat().st_size if file.exists() else -1
-                if actual != expected:
-                    raise DataError(
-                        f"store array {split}/{name} has {actual} bytes, the manifest says "
-                        f"{expected}: the store is damaged, prepare it again",
-                        path=str(file),
-                    )
+                row_bytes = int(np.prod(meta["shape"][1:])) * np.dtype(meta["dtype"]).itemsize
+                for file, rows in _parts(meta):
+                    expected = rows * row_bytes
+                    actual = (path / file).stat().st_size if (path / file).exists() else -1
+                    if actual != expected:
+                        raise DataError(
+                            f"store array {split}/{name} has {actual} bytes, the manifest says "
+                            f"{expected}: the store is damaged, prepare it again",
+                            path=str(path / file),
+                        )
         return store
 
     @property
     def feature_map(self) -> FeatureMap:
         if self._feature_map is None:
-            self._feature_map = FeatureMap.from_dict(self.manifest["feature_map"])
+            self._feature_map = FeatureMap.from_dict(self.manifest["feature_map"], self.path)
         return self._feature_map
 
     @property
@@ -306,15 +381,24 @@ class Store:
     def rows(self, split: str) -> int:
         return int(self.manifest["rows"].get(split, 0))
 
-    def _array(self, split: str, name: str, start: int, stop: int) -> np.ndarray | None:
+    def _array(self, split: str, name: str, start: int, stop: int):
+        """Rows ``[start, stop)`` of an array: a memory map of the one file they are in, or a
+        :class:`ShardedArray` over the shard files they span (only those are opened)."""
         meta = self.manifest["arrays"].get(split, {}).get(name)
         if meta is None:
             return None
         shape = tuple(meta["shape"])
-        if shape[0] == 0:
+        parts, first = [], 0
+        for file, rows in _parts(meta):
+            a, b = max(start, first), min(stop, first + rows)
+            if a < b:
+                mapped = np.memmap(self.path / file, dtype=meta["dtype"], mode="c",
+                                   shape=(rows, *shape[1:]))  # fmt: skip
+                parts.append(mapped[a - first : b - first])
+            first += rows
+        if not parts:
             return np.zeros((0, *shape[1:]), dtype=meta["dtype"])
-        full = np.memmap(self.path / meta["file"], dtype=meta["dtype"], mode="c", shape=shape)
-        return full[start:stop]
+        return parts[0] if len(parts) == 1 else ShardedArray(parts)
 
     def split(self, split: str, shard: Shard | None = None) -> EncodedArrays:
         """Split ``split`` (or a rank's contiguous shard of it) as memory-mapped arrays."""
@@ -369,3 +453,10 @@ class Store:
 
 def open_store(path: str | Path) -> Store:
     return Store.open(path)
+
+
+def _parts(meta: dict) -> list[tuple[str, int]]:
+    """(file, rows) of each part of an array (version 1 stores: one file)."""
+    if "files" in meta:
+        return list(zip(meta["files"], meta["shard_rows"], strict=True))
+    return [(meta["file"], meta["shape"][0])]
