@@ -1,6 +1,6 @@
 """Write Criteo-format rows (Kaggle ``train.txt`` layout) for benchmarks, fast and seeded.
 
-``python benchmarks/make_criteo.py OUT.txt --rows 10000000 [--seed 0] [--unlabeled]``
+``python benchmarks/make_criteo.py OUT.txt --rows 10000000 [--seed 0] [--unlabeled] [--long-tail]``
 
 Each row: label, I1-I13 (counts, empty when missing), C1-C26 (8 hex digits, empty when
 missing), tab-separated, about 240 bytes like the real file. Missing rates per column follow the
@@ -13,6 +13,12 @@ rows measures growth with rows, not with vocabulary; the real file's long tail o
 (33M distinct) costs memory per distinct value on top (reported by the benchmark). The label
 follows a planted logistic model (order-1 effects on a few
 fields and one order-2 interaction), click rate about 0.25, so a trained model has signal to find.
+
+``--long-tail`` gives the four fields whose real vocabularies are the largest (C3, C12, C16, C21,
+5-10M values each) the real file's unbounded tail: a share ``--tail-share`` (default 0.9) of their
+values is new, never seen before (a per-field counter through a bijection of 32 bits, written as
+8 hex digits like the others), the rest drawn as above. 3M rows then hold ~10.8M distinct values
+and the count grows with the rows (~70M at 20M rows), as in the real logs.
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ MISSING_CAT = (0.0,) * 5 + (0.14,) + (0.0,) * 5 + (0.03,) + (0.0,) * 3 + (0.03,)
 MISSING_CAT += (0.45, 0.45, 0.03, 0.80, 0.0, 0.03, 0.45, 0.45)
 INT_SCALE = (1.0, 2.5, 2.0, 1.5, 7.0, 4.0, 2.0, 2.3, 3.5, 0.5, 1.2, 0.8, 1.5)  # log-scale sizes
 CHUNK_ROWS = 250_000
+LONG_TAIL = (2, 11, 15, 20)  # C3, C12, C16, C21
+
+
+def _fresh32(counter: np.ndarray, salt: int) -> np.ndarray:
+    """Distinct uint32 values for distinct counters (a bijection of 32 bits, salted per field)."""
+    x = (counter.astype(np.uint64) * 0x9E3779B1 + salt) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x.astype(np.uint32)
 
 
 def _hex8(x: np.ndarray) -> pa.Array:
@@ -52,10 +70,20 @@ def _hex8(x: np.ndarray) -> pa.Array:
 class CriteoGenerator:
     """Seeded source of Criteo-format tables; ``table(rows)`` draws the next ``rows`` rows."""
 
-    def __init__(self, seed: int = 0, *, labeled: bool = True, vocab_cap: int = CAP) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        labeled: bool = True,
+        vocab_cap: int = CAP,
+        tail_share: float = 0.0,
+    ) -> None:
         self.rng = np.random.default_rng(seed)
         self.labeled = labeled
+        self.tail_share = tail_share
+        self.fresh = dict.fromkeys(LONG_TAIL, 0)  # new values drawn so far, per long-tail field
         vocab_rng = np.random.default_rng(seed + 1_000_003)
+        self.seed_salt = seed * 7919
         self.sizes = [min(c, vocab_cap) for c in REAL_CARDINALITY]
         # distinct random 32-bit "hashes" per field: draw with replacement, then deduplicate
         self.vocab: list[pa.Array] = []
@@ -104,15 +132,31 @@ class CriteoGenerator:
         for j in range(26):
             r, missing = columns[f"C{j + 1}"]
             taken = self.vocab[j].take(pa.array(r))
+            if self.tail_share and j in self.fresh:
+                new = np.flatnonzero(rng.random(rows) < self.tail_share)
+                counter = self.fresh[j] + np.arange(len(new))
+                self.fresh[j] += len(new)
+                fresh = _hex8(_fresh32(counter, salt=1_000_003 * (j + 1) + self.seed_salt))
+                mixed = np.zeros(rows, np.int64)
+                mixed[new] = np.arange(1, len(new) + 1)
+                taken = pa.concat_arrays([taken, fresh]).take(
+                    pa.array(np.where(mixed > 0, rows + mixed - 1, np.arange(rows)))
+                )
             out[f"C{j + 1}"] = pc.if_else(pa.array(missing), pa.scalar(None, pa.string()), taken)
         return pa.table(out)
 
 
 def write_criteo(
-    path: str | Path, rows: int, *, seed: int = 0, labeled: bool = True, vocab_cap: int = CAP
+    path: str | Path,
+    rows: int,
+    *,
+    seed: int = 0,
+    labeled: bool = True,
+    vocab_cap: int = CAP,
+    tail_share: float = 0.0,
 ) -> int:
     """Write ``rows`` generated rows to ``path``; returns the number of bytes written."""
-    generator = CriteoGenerator(seed, labeled=labeled, vocab_cap=vocab_cap)
+    generator = CriteoGenerator(seed, labeled=labeled, vocab_cap=vocab_cap, tail_share=tail_share)
     options = pa_csv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
     path = Path(path)
     with pa.OSFile(str(path), "wb") as sink:
@@ -131,10 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unlabeled", action="store_true", help="no label column (test file)")
     parser.add_argument("--vocab-cap", type=int, default=CAP, help="values per field, at most")
+    parser.add_argument("--long-tail", action="store_true", help="C3, C12, C16, C21 never end")
+    parser.add_argument("--tail-share", type=float, default=0.9, help="new values among them")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     size = write_criteo(
-        args.out, args.rows, seed=args.seed, labeled=not args.unlabeled, vocab_cap=args.vocab_cap
+        args.out,
+        args.rows,
+        seed=args.seed,
+        labeled=not args.unlabeled,
+        vocab_cap=args.vocab_cap,
+        tail_share=args.tail_share if args.long_tail else 0.0,
     )
     seconds = time.perf_counter() - started
     print(f"wrote {args.rows:,} rows, {size / 1e9:.2f} GB to {args.out} in {seconds:.1f} s")

@@ -213,11 +213,52 @@ def _distinct(
     return Tokens(unique, unique_checks, index, values=values)
 
 
+def _as_strings(parts: list[pa.Array]) -> pa.Array:
+    parts = [p if pa.types.is_string(p.type) else p.cast(pa.string()) for p in parts]
+    return parts[0] if len(parts) == 1 else pa.concat_arrays(parts)
+
+
+def _many_distinct(strings: pa.Array, sample: int = 2048) -> bool:
+    """Whether most values of a sample of the column's head are distinct."""
+    head = strings.slice(0, sample).drop_null()
+    if len(head) < 64:
+        return False
+    return len(np.unique(string_keys(head)[0])) > len(head) // 2
+
+
+def _row_tokens(strings: pa.Array, keep_values: bool) -> Tokens:
+    """Tokens of plain strings keyed row by row, then sorted (for columns of many distinct
+    values, where a hash table over the strings costs ~10x more: 81 ms against 8 for 65k rows
+    of 65k distinct Criteo ids)."""
+    filled = pc.fill_null(strings, "")
+    keys, checks = string_keys(filled)
+    present = pc.binary_length(filled).to_numpy(zero_copy_only=False) > 0
+    rows = np.flatnonzero(present)
+    unique, first, inverse = np.unique(keys[rows], return_index=True, return_inverse=True)
+    unique_checks = checks[rows][first]
+    differ = checks[rows] != unique_checks[inverse]
+    if differ.any():
+        unique_checks[inverse[differ]] = COLLIDED
+    index = np.full(len(strings), -1, np.int32)
+    index[rows] = inverse
+    values = None
+    if keep_values and (unique_checks > 8).any():  # only long values need their text kept
+        values = filled.take(pa.array(rows[first]))
+    return Tokens(unique, unique_checks, index, values=values)
+
+
 def string_tokens(column: pa.Array | pa.ChunkedArray, keep_values: bool = False) -> Tokens:
     """Tokens of a column of strings (plain or dictionary-encoded; other types are cast to
-    strings). Null and empty values are missing."""
+    strings). Null and empty values are missing. Plain strings of many distinct values are
+    keyed row by row (:func:`_row_tokens`), others per distinct value."""
+    parts = _chunks(column)
+    if parts and not any(pa.types.is_dictionary(p.type) for p in parts):
+        strings = _as_strings(parts)
+        if _many_distinct(strings):
+            return _row_tokens(strings, keep_values)
+        parts = [strings]
     dictionaries, indices, base = [], [], 0
-    for part in _chunks(column):
+    for part in parts:
         if not pa.types.is_dictionary(part.type):
             if not pa.types.is_string(part.type) and not pa.types.is_large_string(part.type):
                 part = part.cast(pa.string())

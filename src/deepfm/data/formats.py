@@ -1,8 +1,8 @@
 """Named input formats: each knows its schema and turns files into :class:`RawChunk` s.
 
-Every chunk a format yields holds one column per schema field (categorical: dictionary-encoded
-strings, numeric: float64, multi: strings) and, for labeled input, a ``label`` column of float32
-0/1. A format is looked up by name with :func:`get_format`; new formats register with
+Every chunk a format yields holds one column per schema field (categorical: strings, plain or
+dictionary-encoded, numeric: float64, multi: strings) and, for labeled input, a ``label`` column
+of float32 0/1. A format is looked up by name with :func:`get_format`; new formats register with
 :func:`register_format`.
 
 =================  ===============================================================================
@@ -134,16 +134,9 @@ class DataFormat:
 
 
 def field_column_types(schema: Schema) -> dict[str, ColumnType]:
-    """How each schema field's raw column is parsed."""
-    types: dict[str, ColumnType] = {}
-    for spec in schema.fields:
-        if spec.kind == "numeric":
-            types[spec.name] = "float"
-        elif spec.kind == "multi":
-            types[spec.name] = "string"
-        else:
-            types[spec.name] = "dictionary"
-    return types
+    """How each schema field's raw column is parsed: numbers as float64, the rest as strings
+    (the codecs find each block's distinct values themselves)."""
+    return {s.name: "float" if s.kind == "numeric" else "string" for s in schema.fields}
 
 
 def finish_chunk(
@@ -387,7 +380,7 @@ class AvazuFormat(DelimitedFormat):
         types: dict[str, ColumnType] = {"hour": "dictionary"}
         for name in self.schema.names:
             if name not in ("hour_of_day", "weekday"):
-                types[name] = "dictionary"
+                types[name] = "string"
         if labeled:
             types[self.schema.label] = "label"
         return types
@@ -808,7 +801,7 @@ class ParquetFormat(DataFormat):
                 elif pa.types.is_dictionary(column.type):
                     out[spec.name] = map_dictionary(column, lambda d: d.cast(pa.string()))
                 else:
-                    out[spec.name] = pc.dictionary_encode(column.cast(pa.string()))
+                    out[spec.name] = column.cast(pa.string())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise DataError(
                     f"column of type {column.type} cannot be read as {spec.kind}: {exc}",
