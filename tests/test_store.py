@@ -332,3 +332,122 @@ def test_prepare_command_starts_without_torch(tmp_path, criteo_csv):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _generated(path: Path, rows: int, seed: int = 0) -> Path:
+    """Criteo-format rows from benchmarks/make_criteo.py, with the long tail."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from make_criteo import write_criteo
+    finally:
+        sys.path.pop(0)
+    write_criteo(path, rows, seed=seed, vocab_cap=2000, tail_share=0.9)
+    return path
+
+
+def _same_stores(a: Path, b: Path) -> None:
+    left, right = Store.open(a), Store.open(b)
+    assert json.loads(left.feature_map.to_json()) == json.loads(right.feature_map.to_json())
+    for split in SPLITS:
+        x, y = left.split(split), right.split(split)
+        for name in ("ids", "values", "labels", "lines"):
+            first, second = getattr(x, name), getattr(y, name)
+            assert (first is None) == (second is None)
+            if first is not None:
+                np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_two_workers_and_small_blocks_make_the_same_store_as_one(tmp_path):
+    data = _generated(tmp_path / "data.txt", 20_000)
+    fmt = get_format("criteo")
+    common = {"split": SplitSpec.parse("random:0.9"), "seed": 3, "min_count": 1}
+    one = prepare_store(fmt, [str(data)], tmp_path / "one", workers=1, **common)
+    two = prepare_store(fmt, [str(data)], tmp_path / "two", workers=2, block_bytes=1 << 20,
+                        memory_mb=16, **common)  # fmt: skip
+    assert two.manifest["workers"] == 2 and one.manifest["workers"] == 1
+    _same_stores(one.path, two.path)
+    assert sum(one.manifest["distinct_values"].values()) > 50_000  # the long tail is there
+    lines = np.concatenate([Store.open(two.path).split(s).lines for s in SPLITS])
+    np.testing.assert_array_equal(np.sort(lines), np.arange(1, 20_001))
+
+
+def test_bad_rows_in_later_blocks_are_named_by_their_file_line(tmp_path):
+    data = _generated(tmp_path / "data.txt", 12_000)
+    lines = data.read_text().splitlines(keepends=True)
+    lines[9_876] = "1\tnot-a-number" + "\t" * 38 + "\n"  # line 9,877, in the third MiB
+    data.write_text("".join(lines))
+    fmt = get_format("criteo")
+    small = {"split": SplitSpec.parse("random:0.9"), "block_bytes": 1 << 20}
+    with pytest.raises(DataError, match=r"data.txt:9877, field 'I1'"):
+        prepare_store(fmt, [str(data)], tmp_path / "s", workers=2, **small)
+    result = prepare_store(fmt, [str(data)], tmp_path / "s", workers=2,
+                           bad_rows=BadRows("skip"), **small)  # fmt: skip
+    assert result.manifest["bad_rows"]["examples"][0]["line"] == 9877
+    assert result.manifest["rows"]["total"] == 11_999
+
+
+def test_globs_gzip_and_zstd_inputs_make_the_same_store_as_plain_files(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+
+    data = _generated(tmp_path / "day_0.txt", 3_000)
+    text = data.read_bytes()
+    (tmp_path / "day_1.txt.gz").write_bytes(gzip.compress(text))
+    with pa.output_stream(str(tmp_path / "day_2.txt.zst"), compression="zstd") as sink:
+        sink.write(text)
+    fmt = get_format("criteo")
+    split = {"split": SplitSpec.parse("sequential:6/7")}
+    plain = prepare_store(fmt, [str(data)] * 3, tmp_path / "plain", **split)
+    globbed = prepare_store(fmt, [str(tmp_path / "day_*")], tmp_path / "globbed", workers=2,
+                            block_bytes=1 << 18, **split)  # fmt: skip
+    _same_stores(plain.path, globbed.path)
+    sources = globbed.manifest["sources"]
+    assert [Path(s["path"]).name for s in sources] == ["day_0.txt", "day_1.txt.gz", "day_2.txt.zst"]
+    assert (
+        sources[1]["sha256"] == hashlib.sha256((tmp_path / "day_1.txt.gz").read_bytes()).hexdigest()
+    )
+    with pytest.raises(DataError, match="no file matches"):
+        prepare_store(fmt, [str(tmp_path / "nothing_*")], tmp_path / "x", **split)
+    (tmp_path / "broken.txt.zst").write_bytes((tmp_path / "day_2.txt.zst").read_bytes()[:-50])
+    with pytest.raises(DataError, match="truncated or damaged"):
+        prepare_store(fmt, [str(tmp_path / "broken.txt.zst")], tmp_path / "y", **split)
+
+
+def test_a_sharded_store_gives_each_rank_its_own_files(tmp_path):
+    from deepfm.data.store import Shard, ShardedArray
+
+    data = _generated(tmp_path / "data.txt", 5_000)
+    fmt = get_format("criteo")
+    common = {"split": SplitSpec.parse("random:0.9"), "seed": 1}
+    whole = prepare_store(fmt, [str(data)], tmp_path / "whole", **common)
+    sharded = prepare_store(fmt, [str(data)], tmp_path / "sharded", shards=4, **common)
+    _same_stores(whole.path, sharded.path)
+    store = Store.open(sharded.path)
+    files = store.manifest["arrays"]["train"]["ids"]["files"]
+    assert len(files) == 4 and store.manifest["shards"] == 4
+    everything = store.split("train").ids
+    assert isinstance(everything, ShardedArray) and len(everything) == store.rows("train")
+    for rank in range(2):  # 2 ranks of 4 shards: each maps its two files only
+        part = store.split("train", Shard(rank, 2)).ids
+        assert isinstance(part, ShardedArray)
+        assert [Path(p.filename).name for p in part.parts] == [
+            Path(f).name for f in files[2 * rank : 2 * rank + 2]
+        ]
+        start, stop = Shard(rank, 2).bounds(store.rows("train"))
+        np.testing.assert_array_equal(np.asarray(part), np.asarray(everything)[start:stop])
+    rank = store.split("train", Shard(3, 4)).ids  # one shard: a plain memory map
+    assert isinstance(rank, np.memmap) and Path(rank.filename).name == Path(files[3]).name
+    order = np.random.default_rng(0).permutation(len(everything))[:100]
+    np.testing.assert_array_equal(everything[order], np.asarray(everything)[order])
+
+
+def test_training_reads_a_sharded_store(tmp_path):
+    data = _generated(tmp_path / "data.txt", 3_000)
+    store = tmp_path / "store"
+    assert main(["prepare", "--input", str(data), "--out", str(store), "--shards", "3",
+                 "--quiet", "--min-count", "2"]) == 0  # fmt: skip
+    fast = ["--epochs", "1", "--hidden", "8", "--quiet", "--batch-size", "256", "--threads", "1"]
+    assert main(["train", "--store", str(store), "--out", str(tmp_path / "b"), *fast]) == 0
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["rows"]["train"] == Store.open(store).rows("train")

@@ -58,6 +58,8 @@ FIRST_VALUE = 2
 TOP_VALUES = 20
 #: the check of a key that two distinct values share
 COLLIDED = np.uint32(0xFFFFFFFF)
+#: rows read from each run per merge round, at least (the budget sets it above this)
+MERGE_MIN_ROWS = 4096
 _SIGN = np.uint64(1 << 63)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SECOND = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -598,7 +600,8 @@ def merge_runs(
     and takes the rows up to the smallest last key among the runs that go on (all rows of every
     run up to that key are then in the round)."""
     runs = [r for r in runs if len(r)]
-    chunk_rows = int(np.clip(budget_bytes // (4 * Run.BYTES * max(len(runs), 1)), 4096, 1 << 21))
+    share = budget_bytes // (4 * Run.BYTES * max(len(runs), 1))
+    chunk_rows = int(np.clip(share, MERGE_MIN_ROWS, 1 << 21))
     position = [0] * len(runs)
     while True:
         live = [i for i, r in enumerate(runs) if position[i] < len(r)]

@@ -143,8 +143,10 @@ class Batches:
 
     def __init__(self, data: EncodedArrays, device: torch.device | str = "cpu") -> None:
         self.ids = torch.from_numpy(np.ascontiguousarray(data.ids)).to(device)
-        self.values = None if data.values is None else torch.from_numpy(data.values).to(device)
-        self.labels = None if data.labels is None else torch.from_numpy(data.labels).to(device)
+        # np.asarray: a sharded store's split is several files (a ShardedArray)
+        values, labels = data.values, data.labels
+        self.values = None if values is None else torch.from_numpy(np.asarray(values)).to(device)
+        self.labels = None if labels is None else torch.from_numpy(np.asarray(labels)).to(device)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
