@@ -51,8 +51,15 @@ def test_vocabulary_lookup_matches_a_dictionary_and_extends_without_moving_old_i
     ids = rng.permutation(len(keys)).astype(np.int32) + FIRST_VALUE
     vocabulary = Vocabulary(keys, ids)
     known = dict(zip(keys.tolist(), ids.tolist(), strict=True))
-    queries = np.concatenate([rng.choice(keys, 5000), rng.integers(0, 2**63, 5000).astype(np.uint64),
-                              keys[:1], keys[-1:], np.array([0, 2**64 - 1], np.uint64)])  # fmt: skip
+    queries = np.concatenate(
+        [
+            rng.choice(keys, 5000),
+            rng.integers(0, 2**63, 5000).astype(np.uint64),
+            keys[:1],
+            keys[-1:],
+            np.array([0, 2**64 - 1], np.uint64),
+        ]
+    )
     expected = [known.get(k, OOV) for k in queries.tolist()]
     assert vocabulary.lookup(np.sort(queries)).tolist() == [
         known.get(k, OOV) for k in np.sort(queries).tolist()
@@ -98,8 +105,13 @@ def test_counting_spilled_to_disk_in_a_tiny_budget_equals_counting_in_memory(tmp
     fitted = fit_vocabulary(iter(merged), 3, work_dir=tmp_path / "kept", out_stem=tmp_path / "v")
     keep = truth_counts >= 3
     order = np.lexsort((truth_keys[keep], -truth_counts[keep]))
-    expected = dict(zip(truth_keys[keep][order].tolist(), range(FIRST_VALUE, FIRST_VALUE + len(order)),
-                        strict=True))  # fmt: skip
+    expected = dict(
+        zip(
+            truth_keys[keep][order].tolist(),
+            range(FIRST_VALUE, FIRST_VALUE + len(order)),
+            strict=True,
+        )
+    )
     vocabulary = fitted.vocabulary
     assert isinstance(vocabulary.keys, np.memmap) and len(vocabulary) == keep.sum()
     assert dict(zip(vocabulary.keys.tolist(), vocabulary.ids.tolist(), strict=True)) == expected
@@ -127,8 +139,13 @@ def test_a_hash_collision_is_detected_when_fitting_and_both_values_become_oov(mo
     # a deliberately weak hash for long values: every value of one length shares its key
     def weak(padded, starts, lengths):
         keys = lengths.astype(np.uint64) * np.uint64(1_000_003)
-        return keys, np.array([hash(bytes(padded[s : s + n])) & 0xFFFF for s, n in
-                               zip(starts.tolist(), lengths.tolist(), strict=True)], np.uint32)  # fmt: skip
+        return keys, np.array(
+            [
+                hash(bytes(padded[s : s + n])) & 0xFFFF
+                for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)
+            ],
+            np.uint32,
+        )
 
     monkeypatch.setattr(codecs, "_long_keys", weak)
     first = ["long-value-one"] * 3 + ["other"] * 2
@@ -152,21 +169,31 @@ def test_hashed_fields_need_no_vocabulary_and_encode_alike_in_files_and_records(
         hash_buckets=20,
     )
     rng = np.random.default_rng(3)
-    table = pa.table({
-        "user": [f"u{v}" for v in rng.integers(0, 1000, 400)],
-        "item": [f"i{v}" for v in rng.integers(0, 100, 400)],  # 100 distinct > 20: hashed
-        "shop": [f"s{v}" for v in rng.integers(0, 10, 400)],  # 10 distinct: a vocabulary
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "user": [f"u{v}" for v in rng.integers(0, 1000, 400)],
+            "item": [f"i{v}" for v in rng.integers(0, 100, 400)],  # 100 distinct > 20: hashed
+            "shop": [f"s{v}" for v in rng.integers(0, 10, 400)],  # 10 distinct: a vocabulary
+        }
+    )
     fm = _fit(schema, table)
     user, item, shop = fm.fields
     assert (user.kind, user.size, item.kind, item.size, shop.kind) == (
-        "hashed", 52, "hashed", 22, "vocabulary")  # fmt: skip
+        "hashed",
+        52,
+        "hashed",
+        22,
+        "vocabulary",
+    )
     assert user.vocabularies() == {} and json.dumps(fm.to_dict())  # nothing to save but JSON
     encoded = fm.encode(table_chunk(table))
     local = encoded.ids - np.array([f.offset for f in fm.fields])
     assert local[:, 0].min() >= FIRST_VALUE and local[:, 0].max() < 52
     assert len(np.unique(local[:, 0])) > 30  # the values spread over the buckets
-    records = [{"user": u, "item": i, "shop": s} for u, i, s in zip(*table.to_pydict().values(), strict=True)]  # fmt: skip
+    records = [
+        {"user": u, "item": i, "shop": s}
+        for u, i, s in zip(*table.to_pydict().values(), strict=True)
+    ]
     np.testing.assert_array_equal(RecordColumns(fm).encode(records).ids, encoded.ids)
     assert RecordColumns(fm).encode([{"user": None}]).ids[0, 0] == user.offset + MISSING
 

@@ -316,8 +316,20 @@ def test_cli_prepare_then_train_from_store_then_predict_unlabeled(
     assert main(["train", "--store", str(store), "--data", "x", "--out", "b", *fast]) == 2
     assert "cannot be combined with --store" in capsys.readouterr().err
     out = tmp_path / "p.txt"
-    assert main(["predict", "--model", str(bundle), "--data", str(criteo_test_unlabeled),
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(bundle),
+                "--data",
+                str(criteo_test_unlabeled),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     p = np.loadtxt(out)
     assert len(p) == 9999 and np.all((p > 0) & (p < 1))
 
@@ -362,8 +374,9 @@ def test_two_workers_and_small_blocks_make_the_same_store_as_one(tmp_path):
     fmt = get_format("criteo")
     common = {"split": SplitSpec.parse("random:0.9"), "seed": 3, "min_count": 1}
     one = prepare_store(fmt, [str(data)], tmp_path / "one", workers=1, **common)
-    two = prepare_store(fmt, [str(data)], tmp_path / "two", workers=2, block_bytes=1 << 20,
-                        memory_mb=16, **common)  # fmt: skip
+    two = prepare_store(
+        fmt, [str(data)], tmp_path / "two", workers=2, block_bytes=1 << 20, memory_mb=16, **common
+    )
     assert two.manifest["workers"] == 2 and one.manifest["workers"] == 1
     _same_stores(one.path, two.path)
     assert sum(one.manifest["distinct_values"].values()) > 50_000  # the long tail is there
@@ -380,8 +393,9 @@ def test_bad_rows_in_later_blocks_are_named_by_their_file_line(tmp_path):
     small = {"split": SplitSpec.parse("random:0.9"), "block_bytes": 1 << 20}
     with pytest.raises(DataError, match=r"data.txt:9877, field 'I1'"):
         prepare_store(fmt, [str(data)], tmp_path / "s", workers=2, **small)
-    result = prepare_store(fmt, [str(data)], tmp_path / "s", workers=2,
-                           bad_rows=BadRows("skip"), **small)  # fmt: skip
+    result = prepare_store(
+        fmt, [str(data)], tmp_path / "s", workers=2, bad_rows=BadRows("skip"), **small
+    )
     assert result.manifest["bad_rows"]["examples"][0]["line"] == 9877
     assert result.manifest["rows"]["total"] == 11_999
 
@@ -399,8 +413,14 @@ def test_globs_gzip_and_zstd_inputs_make_the_same_store_as_plain_files(tmp_path)
     fmt = get_format("criteo")
     split = {"split": SplitSpec.parse("sequential:6/7")}
     plain = prepare_store(fmt, [str(data)] * 3, tmp_path / "plain", **split)
-    globbed = prepare_store(fmt, [str(tmp_path / "day_*")], tmp_path / "globbed", workers=2,
-                            block_bytes=1 << 18, **split)  # fmt: skip
+    globbed = prepare_store(
+        fmt,
+        [str(tmp_path / "day_*")],
+        tmp_path / "globbed",
+        workers=2,
+        block_bytes=1 << 18,
+        **split,
+    )
     _same_stores(plain.path, globbed.path)
     sources = globbed.manifest["sources"]
     assert [Path(s["path"]).name for s in sources] == ["day_0.txt", "day_1.txt.gz", "day_2.txt.zst"]
@@ -445,8 +465,23 @@ def test_a_sharded_store_gives_each_rank_its_own_files(tmp_path):
 def test_training_reads_a_sharded_store(tmp_path):
     data = _generated(tmp_path / "data.txt", 3_000)
     store = tmp_path / "store"
-    assert main(["prepare", "--input", str(data), "--out", str(store), "--shards", "3",
-                 "--quiet", "--min-count", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(data),
+                "--out",
+                str(store),
+                "--shards",
+                "3",
+                "--quiet",
+                "--min-count",
+                "2",
+            ]
+        )
+        == 0
+    )
     fast = ["--epochs", "1", "--hidden", "8", "--quiet", "--batch-size", "256", "--threads", "1"]
     assert main(["train", "--store", str(store), "--out", str(tmp_path / "b"), *fast]) == 0
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())

@@ -696,8 +696,11 @@ def fit_vocabulary(
     writers: list[NpyWriter] = []
     if out_stem is not None:
         out_stem.parent.mkdir(parents=True, exist_ok=True)
-        for part, dtype, n in (("keys", np.uint64, rows), ("ids", np.int32, rows),
-                               ("fences", np.uint64, fences)):  # fmt: skip
+        for part, dtype, n in (
+            ("keys", np.uint64, rows),
+            ("ids", np.int32, rows),
+            ("fences", np.uint64, fences),
+        ):
             writers.append(NpyWriter(out_stem.with_name(f"{out_stem.name}.{part}.npy"), dtype, n))
     out_keys: list[np.ndarray] = []
     out_ids: list[np.ndarray] = []
@@ -800,8 +803,9 @@ class FieldStats:
         if len(long) > self.NAMES_KEPT:
             long = long[np.argpartition(-counts[long], self.NAMES_KEPT)[: self.NAMES_KEPT]]
         texts = tokens.values.take(pa.array(long)).to_pylist()
-        for key, count, text in zip(tokens.keys[long].tolist(), counts[long].tolist(), texts,
-                                    strict=True):  # fmt: skip
+        for key, count, text in zip(
+            tokens.keys[long].tolist(), counts[long].tolist(), texts, strict=True
+        ):
             seen, _ = self.names.get(key, (0, text))
             self.names[key] = (seen + count, text)
         if len(self.names) > 4 * self.NAMES_KEPT:
@@ -894,8 +898,14 @@ class Codec:
         return int(ids[0, 0]) - self.offset
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "spec": asdict(self.spec),
-                "offset": self.offset, "size": self.size, "slots": self.slots}  # fmt: skip
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "spec": asdict(self.spec),
+            "offset": self.offset,
+            "size": self.size,
+            "slots": self.slots,
+        }
 
     def vocabularies(self) -> dict[str, Vocabulary]:
         """Binary parts to save beside the JSON."""
@@ -922,9 +932,11 @@ class VocabularyCodec(Codec):
         return self.vocabulary.lookup(tokens.keys)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), **self.summary,
-                "vocabulary": {"values": len(self.vocabulary),
-                               "sha256": self.vocabulary.digest()}}  # fmt: skip
+        return {
+            **super().to_dict(),
+            **self.summary,
+            "vocabulary": {"values": len(self.vocabulary), "sha256": self.vocabulary.digest()},
+        }
 
     def vocabularies(self) -> dict[str, Vocabulary]:
         return {"vocabulary": self.vocabulary}
@@ -1115,10 +1127,16 @@ def fit_codec(
         if run.path is not None:
             run.path.unlink(missing_ok=True)
     kind = "int" if spec.kind == "numeric" else "string"
-    top = [[stats.names[key][1] if key in stats.names else describe_key(key, check, kind), count]
-           for key, count, check in fitted.top]  # fmt: skip
-    summary = {"distinct": fitted.distinct, "collisions": fitted.collisions,
-               "min_count": min_count, "top": top}  # fmt: skip
+    top = [
+        [stats.names[key][1] if key in stats.names else describe_key(key, check, kind), count]
+        for key, count, check in fitted.top
+    ]
+    summary = {
+        "distinct": fitted.distinct,
+        "collisions": fitted.collisions,
+        "min_count": min_count,
+        "top": top,
+    }
     if spec.kind == "categorical" and hash_buckets and fitted.distinct > hash_buckets:
         hashed = FieldSpec(spec.name, "hashed", buckets=hash_buckets)
         return HashedCodec(hashed, buckets=hash_buckets, summary={"distinct": fitted.distinct})

@@ -495,9 +495,16 @@ def prepare_store(
     with StoreWriter(out, overwrite=overwrite) as writer:
         work = writer.path(_WORK)
         (work / "blocks").mkdir(parents=True)
-        state = {"format": data_format, "schema": schema, "block_bytes": block_bytes,
-                 "work": str(work), "store": str(writer.tmp), "split": split,
-                 "valid_fraction": valid_fraction, "seed": seed}  # fmt: skip
+        state = {
+            "format": data_format,
+            "schema": schema,
+            "block_bytes": block_bytes,
+            "work": str(work),
+            "store": str(writer.tmp),
+            "split": split,
+            "valid_fraction": valid_fraction,
+            "seed": seed,
+        }
         pool = _Pool(workers, state)
         try:
             read = _read_blocks(data_format, paths, pool, bad_rows, block_bytes, say)
@@ -521,10 +528,24 @@ def prepare_store(
         seconds = time.perf_counter() - started
         rows = {s: arrays[s]["ids"]["shape"][0] for s in SPLITS}
         manifest = _manifest(
-            data_format, schema, paths, feature_map, arrays, rows, total, labeled,
-            rows_by_source, bad_rows, digests, split, valid_fraction, seed, seconds,
-            parsed - started, workers,
-        )  # fmt: skip
+            data_format,
+            schema,
+            paths,
+            feature_map,
+            arrays,
+            rows,
+            total,
+            labeled,
+            rows_by_source,
+            bad_rows,
+            digests,
+            split,
+            valid_fraction,
+            seed,
+            seconds,
+            parsed - started,
+            workers,
+        )
         path = writer.commit(manifest)
     return PrepareResult(manifest, path)
 
@@ -637,10 +658,15 @@ def _fit_all(schema: Schema, stats, pool: _Pool, budget: int, store: Path) -> Fe
         key=lambda i: -sum(len(r) for r in (stats[schema.fields[i].name].counts or _NoRuns).runs),
     )
     tasks = [
-        (i, stats[schema.fields[i].name], schema.min_count_of(schema.fields[i]),
-         schema.hash_buckets, budget)
+        (
+            i,
+            stats[schema.fields[i].name],
+            schema.min_count_of(schema.fields[i]),
+            schema.hash_buckets,
+            budget,
+        )
         for i in order
-    ]  # fmt: skip
+    ]
     fitted = dict(zip(order, pool.imap(_fit, tasks, ahead=len(tasks)), strict=True))
     codecs = []
     for i in range(len(schema.fields)):
@@ -678,15 +704,34 @@ def _allocate(store: Path, infos, feature_map: FeatureMap, labeled: bool, shards
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(target, "wb") as handle:
                     handle.truncate(count * row_bytes)
-            arrays[split][name] = {"files": files, "shard_rows": shard_rows,
-                                   "dtype": dtype, "shape": shape}  # fmt: skip
+            arrays[split][name] = {
+                "files": files,
+                "shard_rows": shard_rows,
+                "dtype": dtype,
+                "shape": shape,
+            }
     return arrays
 
 
 def _manifest(
-    data_format, schema, paths, feature_map, arrays, rows, total, labeled, rows_by_source,
-    bad_rows, digests, split, valid_fraction, seed, seconds, read_seconds, workers,
-) -> dict[str, Any]:  # fmt: skip
+    data_format,
+    schema,
+    paths,
+    feature_map,
+    arrays,
+    rows,
+    total,
+    labeled,
+    rows_by_source,
+    bad_rows,
+    digests,
+    split,
+    valid_fraction,
+    seed,
+    seconds,
+    read_seconds,
+    workers,
+) -> dict[str, Any]:
     sources = []
     for path in data_format.source_files(paths):
         key = str(path)

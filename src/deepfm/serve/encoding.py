@@ -173,8 +173,9 @@ class RecordColumns:
         if values is not None and not np.isfinite(values).all():
             # a value field standardised past float32: the record is refused, not scored inf
             row, slot = (int(v) for v in np.argwhere(~np.isfinite(values))[0])
-            codec = self.fields[int(np.searchsorted(np.cumsum(self.feature_map.field_slots), slot,
-                                                    side="right"))]  # fmt: skip
+            codec = self.fields[
+                int(np.searchsorted(np.cumsum(self.feature_map.field_slots), slot, side="right"))
+            ]
             place = f"{where}[{row}]" if len(columns[codec.name]) == n else "user/context"
             raise DataError("number too large for a float32 value", path=place, field=codec.name)
         return EncodedArrays(ids, values, None, np.arange(1, n + 1, dtype=np.int64))
