@@ -119,10 +119,19 @@ class BlockFile:
                 offset += array.nbytes
         return cls(path, rows, layout)
 
+    def load(self) -> BlockFile:
+        """This block with its bytes read once (its arrays are then views of them)."""
+        loaded = BlockFile(self.path, self.rows, self.layout)
+        loaded._data = self.path.read_bytes()
+        return loaded
+
     def read(self, name: str) -> np.ndarray | None:
         if name not in self.layout:
             return None
         offset, dtype, count = self.layout[name]
+        data = self.__dict__.get("_data")
+        if data is not None:
+            return np.frombuffer(data, dtype, count, offset)
         return np.fromfile(self.path, dtype, count, offset=offset)
 
     def tokens(self, i: int) -> Tokens:
@@ -236,12 +245,13 @@ def _count(task: tuple[list[BlockInfo], int, int]) -> tuple[dict[str, FieldStats
     for info in infos:
         codes = _codes(info, total)
         train = codes == 0
+        block = info.file.load()
         split_rows.append(np.bincount(codes, minlength=3))
         block_moments = {}
         for i, spec in enumerate(schema.fields):
             field_stats = stats[spec.name]
             before = field_stats.moments.copy()
-            field_stats.add(info.file.tokens(i), train)
+            field_stats.add(block.tokens(i), train)
             if spec.is_value:
                 block_moments[spec.name] = field_stats.moments - before
                 field_stats.moments = before
@@ -292,10 +302,9 @@ class _Writer:
             if a < b:
                 os.pwrite(fd, rows[a - first : b - first].data, (a - start) * row_bytes)
 
-    def close(self) -> None:
+    def close(self) -> None:  # the store's commit fsyncs every file
         for parts in self.files.values():
             for _, _, fd in parts:
-                os.fsync(fd)
                 os.close(fd)
 
 
@@ -309,6 +318,7 @@ def _encode(task: tuple[list[BlockInfo], int, dict, dict]) -> None:
     try:
         for info in infos:
             n = info.file.rows
+            block = info.file.load()
             ids = np.empty((n, feature_map.num_slots), np.int32)
             values = (
                 np.ones((n, feature_map.num_slots), np.float32)
@@ -316,7 +326,7 @@ def _encode(task: tuple[list[BlockInfo], int, dict, dict]) -> None:
                 else None
             )
             for i, codec in enumerate(feature_map.fields):
-                field_ids, field_values = codec.encode_tokens(info.file.tokens(i))
+                field_ids, field_values = codec.encode_tokens(block.tokens(i))
                 ids[:, slots[i] : slots[i + 1]] = field_ids
                 if field_values is not None:
                     values[:, slots[i] : slots[i + 1]] = field_values
@@ -324,8 +334,8 @@ def _encode(task: tuple[list[BlockInfo], int, dict, dict]) -> None:
             columns = {
                 "ids": ids,
                 "values": values,
-                "labels": info.file.read("labels"),
-                "lines": info.file.read("lines") + info.line_shift,
+                "labels": block.read("labels"),
+                "lines": block.read("lines") + info.line_shift,
                 "ordinals": np.arange(first, first + n, dtype=np.int64),
             }
             codes = _codes(info, total)

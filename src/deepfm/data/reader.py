@@ -134,7 +134,7 @@ def _finish_line(handle: IO[bytes]) -> bytes:
         out += piece
 
 
-def read_range(path: str | Path, start: int, stop: int) -> bytes:
+def read_range(path: str | Path, start: int, stop: int) -> bytearray | bytes:
     """The lines of a plain file that start at a byte in ``[start, stop)``: a line under way at
     ``start`` belongs to the range before, the last line is read to its end."""
     with open(path, "rb") as handle:
@@ -146,9 +146,10 @@ def read_range(path: str | Path, start: int, stop: int) -> bytes:
         if begin >= stop:
             return b""
         handle.seek(begin)
-        data = handle.read(stop - begin)
+        data = bytearray(stop - begin)
+        data = data[: handle.readinto(data)]
         if data and not data.endswith(b"\n"):
-            data += _finish_line(handle)
+            data += _finish_line(handle)  # in place, no copy of the block
         return data
 
 
