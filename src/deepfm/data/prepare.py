@@ -236,11 +236,11 @@ def _count(task: tuple[list[BlockInfo], int, int]) -> tuple[dict[str, FieldStats
     infos, total, budget = task
     schema: Schema = _STATE["schema"]
     runs = Path(_STATE["work"]) / "runs"
-    per_field = max(budget // max(len(schema.fields), 1), 1 << 20)
     stats = {
-        spec.name: FieldStats.create(spec, per_field, runs / f"{i:03d}")
+        spec.name: FieldStats.create(spec, None, runs / f"{i:03d}")
         for i, spec in enumerate(schema.fields)
     }
+    counted = [s.counts for s in stats.values() if s.counts is not None]
     split_rows, moments = [], []
     for info in infos:
         codes = _codes(info, total)
@@ -256,9 +256,12 @@ def _count(task: tuple[list[BlockInfo], int, int]) -> tuple[dict[str, FieldStats
                 block_moments[spec.name] = field_stats.moments - before
                 field_stats.moments = before
         moments.append(block_moments)
-    for field_stats in stats.values():
-        if field_stats.counts is not None:
-            field_stats.counts.flush()
+        # one budget for all fields (a long-tail field may take it all): a third of it
+        # pending, as sorting a run takes about twice its size again
+        while sum(c.pending_bytes for c in counted) > budget // 3:
+            max(counted, key=lambda c: c.pending_bytes).flush()
+    for counts in counted:
+        counts.flush()
     return stats, split_rows, moments
 
 
