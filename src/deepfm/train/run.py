@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from deepfm.data.pipeline import Dataset
@@ -31,6 +32,7 @@ def fit_and_evaluate(
     ``train_samples_per_s`` (over the training steps only, evaluation excluded).
     """
     entry = get_entry(model_config.name)
+    torch.manual_seed(train_config.seed)  # the initial weights too follow the seed
     model = build_model(InputLayout.of(dataset.feature_map), model_config)
     batch = train_config.eval_batch_size
     metrics: dict[str, Any] = {"model": model_config.name}
