@@ -302,8 +302,10 @@ def bucketize(x: np.ndarray) -> np.ndarray:
         return np.where(x > 2, large, np.trunc(x)).astype(np.int64)
 
 
-def numbers_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def numbers_of(column: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
     """A numeric column as float64 with NaN for null."""
+    if isinstance(column, np.ndarray):
+        return column.astype(np.float64, copy=False)
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if not pa.types.is_float64(column.type):
@@ -311,8 +313,10 @@ def numbers_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
 
 
-def bucket_tokens(column: pa.Array | pa.ChunkedArray) -> Tokens:
+def bucket_tokens(column: pa.Array | pa.ChunkedArray | np.ndarray) -> Tokens:
     """Tokens of a bucketised numeric column: the buckets of its distinct numbers."""
+    if isinstance(column, np.ndarray):
+        column = pa.array(column, pa.float64(), from_pandas=False)
     parts = [p if pa.types.is_float64(p.type) else p.cast(pa.float64()) for p in _chunks(column)]
     column = pa.chunked_array(parts, pa.float64())
     encoded = pc.dictionary_encode(column.combine_chunks())
@@ -886,9 +890,16 @@ class Codec:
     def tokens(self, column: pa.Array | pa.ChunkedArray, keep_values: bool = False) -> Tokens:
         raise NotImplementedError
 
+    #: how a value becomes a key: "string", "int" (bucketised numbers), or "" (no keys)
+    key_kind: ClassVar[str] = ""
+
+    def ids_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Local id (int32) of each value key: the rule of this codec."""
+        raise NotImplementedError
+
     def local_ids(self, tokens: Tokens) -> np.ndarray:
         """Local id (int32) of each distinct key of ``tokens``."""
-        raise NotImplementedError
+        return self.ids_of_keys(tokens.keys)
 
     def encode_tokens(self, tokens: Tokens) -> tuple[np.ndarray, np.ndarray | None]:
         """Global ids int32 ``[rows, slots]`` and values float32 ``[rows, slots]`` (None when
@@ -936,8 +947,10 @@ class VocabularyCodec(Codec):
     def tokens(self, column, keep_values=False) -> Tokens:
         return string_tokens(column, keep_values)
 
-    def local_ids(self, tokens: Tokens) -> np.ndarray:
-        return self.vocabulary.lookup(tokens.keys)
+    key_kind: ClassVar[str] = "string"
+
+    def ids_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        return self.vocabulary.lookup(keys)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -956,6 +969,7 @@ class BucketCodec(VocabularyCodec):
     ``int(x)`` for ``x <= 2`` and ``3 + floor(ln(x)^2)`` above, then a vocabulary of buckets."""
 
     kind: ClassVar[str] = "bucket"
+    key_kind: ClassVar[str] = "int"
 
     def tokens(self, column, keep_values=False) -> Tokens:
         return bucket_tokens(column)
@@ -970,6 +984,7 @@ class BagCodec(VocabularyCodec):
     bag_slots: int = 1
 
     kind: ClassVar[str] = "bag"
+    key_kind: ClassVar[str] = ""  # a bag has several values per row: encoded by columns
     needs_values: ClassVar[bool] = True
 
     @property
@@ -1049,8 +1064,10 @@ class HashedCodec(Codec):
     def tokens(self, column, keep_values=False) -> Tokens:
         return string_tokens(column, keep_values)
 
-    def local_ids(self, tokens: Tokens) -> np.ndarray:
-        bucket = mix64(tokens.keys ^ _GOLDEN) % np.uint64(self.buckets)
+    key_kind: ClassVar[str] = "string"
+
+    def ids_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        bucket = mix64(keys ^ _GOLDEN) % np.uint64(self.buckets)
         return (bucket + np.uint64(FIRST_VALUE)).astype(np.int32)
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from deepfm.data.codecs import (
     FIRST_VALUE,
@@ -43,6 +44,9 @@ from deepfm.data.codecs import (
     codec_from_dict,
     field_tokens,
     fit_codec,
+    int_keys,
+    numbers_of,
+    string_keys,
 )
 from deepfm.data.encoded import EncodedArrays
 from deepfm.data.reader import RawChunk
@@ -59,6 +63,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2
+#: inputs up to this many rows are keyed row by row across fields (see ``encode_columns``)
+ROW_KEYS_UP_TO = 4096
 FEATURE_MAP_FILE = "feature_map.json"
 VOCABULARY_DIR = "vocab"
 
@@ -187,15 +193,57 @@ class FeatureMap:
         self, columns: dict[str, pa.Array | pa.ChunkedArray], rows: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """``ids [rows, slots]`` int32 and ``values`` float32 (None if not needed) of raw
-        ``columns`` by field name; a column of length 1 is broadcast to every row."""
+        ``columns`` by field name; a column of length 1 is broadcast to every row.
+
+        Up to ``ROW_KEYS_UP_TO`` rows (a request), the values of all string fields are keyed in
+        one pass and those of all bucketised fields in another, each row's key looked up as it
+        is (no per-field distinct values: their cost is per call, not per value); larger
+        inputs go field by field through the distinct values. Both apply each codec's
+        ``ids_of_keys``."""
         ids = np.empty((rows, self.num_slots), dtype=np.int32)
         values = np.ones((rows, self.num_slots), dtype=np.float32) if self.needs_values else None
+        keyed = self._encode_row_keys(columns, ids) if rows <= ROW_KEYS_UP_TO else set()
         for codec, slot in zip(self.fields, self._slot, strict=False):
+            if codec.name in keyed:
+                continue
             field_ids, field_values = codec.encode(columns[codec.name])
             ids[:, slot : slot + codec.slots] = field_ids
             if field_values is not None:
                 values[:, slot : slot + codec.slots] = field_values  # type: ignore[index]
         return ids, values
+
+    def _encode_row_keys(self, columns: dict, ids: np.ndarray) -> set[str]:
+        """Encode the single-slot keyed fields row by row (see ``encode_columns``); returns the
+        names of the fields done."""
+        done = set()
+        strings = [(c, s) for c, s in zip(self.fields, self._slot, strict=False)
+                   if c.key_kind == "string"]  # fmt: skip
+        if strings:
+            parts = [_plain_strings(columns[c.name]) for c, _ in strings]
+            joined = pc.fill_null(pa.concat_arrays(parts), "")
+            keys, _ = string_keys(joined)
+            missing = pc.binary_length(joined).to_numpy(zero_copy_only=False) == 0
+            start = 0
+            for (codec, slot), part in zip(strings, parts, strict=True):
+                end = start + len(part)
+                local = np.where(missing[start:end], MISSING, codec.ids_of_keys(keys[start:end]))
+                ids[:, slot] = local + codec.offset
+                done.add(codec.name)
+                start = end
+        numbers = [(c, s) for c, s in zip(self.fields, self._slot, strict=False)
+                   if c.key_kind == "int"]  # fmt: skip
+        if numbers:
+            rows = len(ids)
+            x = np.empty((rows, len(numbers)))
+            for j, (codec, _) in enumerate(numbers):
+                x[:, j] = numbers_of(columns[codec.name])  # one row broadcasts
+            missing = np.isnan(x)
+            keys = int_keys(bucketize(np.where(missing, 0.0, x)))
+            for j, (codec, slot) in enumerate(numbers):
+                local = codec.ids_of_keys(np.ascontiguousarray(keys[:, j]))
+                ids[:, slot] = np.where(missing[:, j], MISSING, local) + codec.offset
+                done.add(codec.name)
+        return done
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -274,6 +322,15 @@ class FeatureMap:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"feature map {path} is not valid JSON: {exc}") from None
         return cls.from_dict(data, path.parent)
+
+
+def _plain_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column as one plain string array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column if pa.types.is_string(column.type) else column.cast(pa.string())
 
 
 def _from_format_1(data: dict[str, Any]) -> FeatureMap:

@@ -138,7 +138,7 @@ class RecordColumns:
 
     def columns(
         self, records: Sequence[Record], shared: Record | None = None, *, where: str = "records"
-    ) -> dict[str, pa.Array]:
+    ) -> dict[str, pa.Array | np.ndarray]:
         """One raw column per field: ``len(records)`` rows for the fields some record carries,
         one row (``shared``'s value, broadcast when encoding) for the others."""
         shared = shared or {}
@@ -181,11 +181,12 @@ class RecordColumns:
         return EncodedArrays(ids, values, None, np.arange(1, n + 1, dtype=np.int64))
 
 
-def _column(codec: Codec, raw: list, place) -> pa.Array:
-    """The raw column a file reader would give for ``raw`` values of ``codec``'s field."""
+def _column(codec: Codec, raw: list, place) -> pa.Array | np.ndarray:
+    """The raw column a file reader would give for ``raw`` values of ``codec``'s field (numbers
+    as a float64 array, NaN for missing)."""
     kind = codec.spec.kind
     if kind == "numeric":
-        return pa.array(_numbers(raw, codec.name, place))
+        return _numbers(raw, codec.name, place)
     if kind == "multi":
         separator = codec.spec.separator
         texts = []
@@ -195,8 +196,10 @@ def _column(codec: Codec, raw: list, place) -> pa.Array:
             except ValueError as exc:
                 raise _BadValue(place(i), codec.name, str(exc)) from None
         return pa.array(texts, pa.string())
-    if all(type(v) is str or v is None for v in raw):  # the usual case: one conversion
+    try:  # the usual case, strings and None: one conversion
         return pa.array(raw, pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass  # numbers (written as text) or bad values (named below)
     texts = []
     for i, value in enumerate(raw):
         try:
