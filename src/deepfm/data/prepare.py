@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,13 @@ class BlockInfo:
 _STATE: dict[str, Any] = {}
 
 
+def _release() -> None:
+    """Give freed memory back to the system between tasks (PyArrow's pool and glibc keep it)."""
+    pa.default_memory_pool().release_unused()
+    with suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _init_worker(state: dict[str, Any]) -> None:
     """Each worker parses on one core: its process is the unit of parallelism."""
     _STATE.clear()
@@ -262,6 +269,7 @@ def _count(task: tuple[list[BlockInfo], int, int]) -> tuple[dict[str, FieldStats
             max(counted, key=lambda c: c.pending_bytes).flush()
     for counts in counted:
         counts.flush()
+    _release()
     return stats, split_rows, moments
 
 
@@ -278,6 +286,8 @@ def _fit(task: tuple[int, FieldStats, int, int | None, int]) -> dict[str, Any]:
         budget_bytes=budget,
     )
     out = codec.to_dict()
+    del codec
+    _release()
     if "vocabulary" in out:
         out["vocabulary"]["file"] = f"{VOCABULARY_DIR}/{i:03d}"
     return out
@@ -352,6 +362,7 @@ def _encode(task: tuple[list[BlockInfo], int, dict, dict]) -> None:
     finally:
         for writer in writers.values():
             writer.close()
+        _release()
 
 
 # -- the pool -----------------------------------------------------------------------------------

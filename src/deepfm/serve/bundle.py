@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from deepfm import __version__
 from deepfm.data.featuremap import FeatureMap
@@ -171,23 +172,40 @@ def _verify(directory: Path, files: dict[str, str]) -> None:
             )
 
 
+class _NoInitialisation(TorchFunctionMode):
+    """Tensor initialisers do nothing: the weights are replaced by the saved ones anyway, and the
+    untouched (lazily allocated) tables cost no memory. Building on the meta device instead costs
+    seconds of imports in a fresh process (PyTorch's meta kernels are Python)."""
+
+    SKIPPED = frozenset(
+        (torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_)
+    ) | frozenset(
+        getattr(torch.nn.init, name)
+        for name in dir(torch.nn.init)
+        if name.endswith("_") and not name.startswith("_")
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:  # the tensor being initialised, left as it is
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def _model_from(layout: InputLayout, config: ModelConfig, state: dict) -> nn.Module:
     """The model whose parameters are the saved tensors themselves (memory-mapped from the file,
-    copy-on-write: loading initialises and copies nothing, rows are read as they are used). It is
-    built on the meta device; the index buffers a model does not save (they follow from the
-    field layout) come from a twin with a one-row table."""
-    with torch.device("meta"):
+    copy-on-write: loading initialises and copies nothing, rows are read as they are used). The
+    buffers a model does not save (index tables that follow from the field layout) come from a
+    twin built as usual with a one-row table."""
+    with _NoInitialisation():
         model = build_model(layout, config)
     model.load_state_dict(state, assign=True)
     twin = build_model(InputLayout(1, layout.field_slots), config)
+    saved = set(state)
     for name, buffer in twin.named_buffers():
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
-        if module._buffers[leaf] is not None and module._buffers[leaf].is_meta:
-            module._buffers[leaf] = buffer
-    unset = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if unset:
-        raise RuntimeError(f"the weights file does not hold {', '.join(unset)}")
+        if name not in saved:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buffer
     return model
 
 
