@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-counts", default="1", help="long tail: min counts to prepare with")
     parser.add_argument("--workers", type=int, default=2, help="long tail: prepare's workers")
     parser.add_argument("--before", help="long tail: also prepare with this git revision")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="long tail: no bundle, no 1-worker run"
+    )
     args = parser.parse_args(argv)
     if args.parse_only:
         parse_only(args.parse_only)
@@ -342,7 +345,7 @@ def long_tail(args: argparse.Namespace) -> int:
     for i, min_count in enumerate(int(m) for m in args.min_counts.split(",")):
         entry = {"workers_2": prepare_run(data, store, min_count, args.workers)}
         print(json.dumps({"min_count": min_count, **entry}), flush=True)
-        if i == 0:
+        if i == 0 and not args.prepare_only:
             bundle = work / "bundle_longtail"
             entry["bundle"] = build_bundle(store, bundle)
             load = measured([sys.executable, __file__, "--load-bundle", str(bundle)])
