@@ -7,9 +7,11 @@ The exported graph takes the *encoded* sample and returns the click probability:
   kept as a value, or a multi-valued bag); otherwise every value is 1 and the input is left out;
 * ``ctr`` float32 ``[batch]``: ``sigmoid(logit)``.
 
-The batch axis is dynamic. Raw records are encoded with the bundle's ``feature_map.json`` (the
-graph holds no vocabularies), so a non-Python client encodes with that file. The graph's metadata
-(``deepfm.model``, ``deepfm.feature_map_sha256``, ...) says which bundle it came from.
+The batch axis is dynamic. Raw records are encoded by the bundle's field codecs (the graph holds
+no vocabularies): ``feature_map.json`` and the sorted keys and ids of ``vocab/``; a non-Python
+client keys values as :func:`deepfm.data.codecs.string_keys` does and looks them up there (hashed
+fields need only the key and the bucket count). The graph's metadata (``deepfm.model``,
+``deepfm.feature_map_sha256``, ...) says which bundle it came from.
 
 Every model of the registry exports with PyTorch's ``torch.export``-based exporter (embedding
 lookups become ``Gather``, multi-valued pooling's ``index_add`` a ``ScatterND`` with addition);
