@@ -88,6 +88,7 @@ MULTI_SCHEMA = Schema(
         FieldSpec("history", kind="multi", max_len=4),
         FieldSpec("price", kind="numeric", numeric="value"),
         FieldSpec("tags", kind="multi", pooling="mean", max_len=3),
+        FieldSpec("device", kind="hashed", buckets=16),  # no vocabulary: ids by hashing
     ),
     label=None,
 )
@@ -102,7 +103,8 @@ CROSSED_LR = ModelConfig(
 
 @pytest.mark.parametrize("name", [*model_names(), "lr+crosses"])
 def test_multi_valued_fields_and_values_export(name, tmp_path):
-    """Bags (``index_add`` pooling over slots) and value fields: a ``values`` input. Weights are
+    """Bags (``index_add`` pooling over slots), value fields (a ``values`` input) and a hashed
+    field. Weights are
     drawn with a large spread (std 0.3) so that every term of the model moves the output."""
     config = CROSSED_LR if name == "lr+crosses" else ModelConfig(name=name, hidden=(16, 16))
     table = pa.table(
@@ -111,6 +113,7 @@ def test_multi_valued_fields_and_values_export(name, tmp_path):
             "history": ["|".join(f"a{j}" for j in range(i % 5)) for i in range(60)],
             "price": [float(i % 11) for i in range(60)],
             "tags": [f"t{i % 3}|t{i % 4}" for i in range(60)],
+            "device": [f"device-{i * 7919}" for i in range(60)],
         }
     )
     builder = FeatureMapBuilder(MULTI_SCHEMA)

@@ -146,3 +146,40 @@ def test_errors_name_the_record_and_field():
         ENCODER.encode([{"bag": [["a"]]}])
     with pytest.raises(DataError, match=r"user/context, field 'cat'"):
         ENCODER.encode([{}], {"cat": {"x": 1}})
+
+
+REAL_SAMPLES = {
+    "criteo": ("criteo", "criteo_train_sample.txt"),
+    "criteo-csv": ("criteo", "criteo_sample_deepctr.txt"),
+    "avazu": ("avazu", "avazu_train_sample.csv"),
+    "frappe": ("frappe", "frappe.validation.libfm"),
+    "ipinyou": ("ipinyou", "train.fm.txt"),
+    "movielens-100k": ("movielens_100k",),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(REAL_SAMPLES))
+def test_records_encode_as_files_do_on_every_real_sample(fmt):
+    """Each real sample read from its file and encoded (the training path) equals its rows sent
+    as JSON-like records through the serving layer, id for id and value for value."""
+    from conftest import shared_file
+    from deepfm.data.formats import get_format
+    from deepfm.data.reader import BadRows
+
+    data_format = get_format(fmt)
+    chunks = list(data_format.read([str(shared_file(*REAL_SAMPLES[fmt]))], BadRows()))
+    builder = FeatureMapBuilder(data_format.schema)
+    for chunk in chunks:
+        builder.update(chunk)
+    feature_map = builder.build()
+    encoder = RecordColumns(feature_map)
+    for chunk in chunks:
+        expected = feature_map.encode(chunk)
+        columns = {name: chunk.table.column(name).to_pylist() for name in encoder.names}
+        records = [
+            dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
+        ]
+        got = encoder.encode(records)
+        np.testing.assert_array_equal(got.ids, expected.ids)
+        if expected.values is not None:
+            np.testing.assert_array_equal(got.values, expected.values)
