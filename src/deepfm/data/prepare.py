@@ -542,10 +542,13 @@ def prepare_store(
             feature_map = _fit_all(schema, stats, pool, budget, writer.tmp)
             arrays = _allocate(writer.tmp, infos, feature_map, labeled, shards)
             say(f"encoding {total:,} rows")
-            groups = _groups(infos, 4 * workers)
+            groups = _groups(infos, max(4 * workers, total // 1_000_000))  # progress ~1M rows
             fm_dict = feature_map.to_dict()
-            for _ in pool.imap(_encode, [(g, total, fm_dict, arrays) for g in groups]):
-                pass
+            progress, encoded = _Progress(say), 0
+            tasks = [(g, total, fm_dict, arrays) for g in groups]
+            for group, _ in zip(groups, pool.imap(_encode, tasks), strict=True):
+                encoded += sum(info.file.rows for info in group)
+                progress.tick(f"encoded {encoded:,} of {total:,} rows")
         finally:
             pool.close()
         writer.remove(_WORK)
