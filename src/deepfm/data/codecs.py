@@ -422,11 +422,20 @@ class Vocabulary:
         return Vocabulary(all_keys[order], all_ids[order])
 
     def digest(self) -> str:
+        """sha256 of the keys and ids. A memory-mapped vocabulary is read with file reads (its
+        pages would otherwise stay resident in this process)."""
         if self._digest is None:
             hasher = hashlib.sha256()
+            step = 1 << 22
             for array in (self.keys, self.ids):
-                for start in range(0, len(array), 1 << 22):
-                    hasher.update(np.ascontiguousarray(array[start : start + (1 << 22)]).data)
+                for start in range(0, len(array), step):
+                    count = min(step, len(array) - start)
+                    if isinstance(array, np.memmap):
+                        offset = array.offset + start * array.itemsize
+                        piece = np.fromfile(array.filename, array.dtype, count, offset=offset)
+                    else:
+                        piece = np.ascontiguousarray(array[start : start + count])
+                    hasher.update(piece.data)
             self._digest = hasher.hexdigest()
         return self._digest
 
@@ -1094,6 +1103,9 @@ def codec_from_dict(data: dict[str, Any], vocabulary_stem: Path | None) -> Codec
         return HashedCodec(spec, offset, int(data["buckets"]), summary)
     assert vocabulary_stem is not None
     vocabulary = Vocabulary.load(vocabulary_stem, int(data["size"]))
+    # the sha256 recorded when the vocabulary was written (the files themselves are checked by
+    # the bundle's hashes); not read again, which would map every page of it into this process
+    vocabulary._digest = data["vocabulary"].get("sha256")
     expected = data["vocabulary"]["values"]
     if len(vocabulary) != expected:
         raise ConfigError(
