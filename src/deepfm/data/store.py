@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import secrets
 import shutil
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +58,6 @@ ARRAYS: dict[str, tuple[str, str]] = {
     "ordinals": ("i64", "<i8"),
 }
 _PARTIAL = ".partial-"
-PENDING_WRITE_BYTES = 32 << 20
 
 
 def array_file(split: str, name: str) -> str:
@@ -160,8 +157,8 @@ class StoreWriter:
     """Writes a store into a temporary sibling directory; :meth:`commit` moves it into place.
 
     Use as a context manager: leaving the block with an exception removes the partial
-    directory. Arrays are appended block by block with :meth:`append`, or written at offsets
-    with :meth:`open_array` (pre-sized files for parallel writers).
+    directory. Writers put their files under :meth:`path` (``prepare``'s workers write the
+    split arrays at their rows' offsets in pre-sized files).
     """
 
     def __init__(self, out: str | Path, *, overwrite: bool = False) -> None:
@@ -182,14 +179,6 @@ class StoreWriter:
             self.out.parent / f".{self.out.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
         )
         self.tmp.mkdir()
-        self._handles: dict[str, Any] = {}
-        self._queue: queue.Queue = queue.Queue()
-        # pending writes are bounded by bytes, not items: when the disk is slower than the
-        # producer (page-cache writeback of a multi-GB store) memory must not fill up
-        self._pending = 0
-        self._room = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self.committed = False
 
     def _remove_stale_partials(self) -> None:
@@ -206,69 +195,7 @@ class StoreWriter:
     def path(self, relative: str) -> Path:
         return self.tmp / relative
 
-    def append(self, relative: str, array: np.ndarray) -> None:
-        """Append the raw bytes of ``array`` (C order) to the file ``relative``.
-
-        The write happens in a background thread (file writes release the GIL), in call order;
-        ``array`` must not be modified afterwards. Errors surface on the next call.
-        """
-        self._raise_write_error()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._write_loop, daemon=True)
-            self._thread.start()
-        array = np.ascontiguousarray(array)
-        with self._room:
-            self._room.wait_for(lambda: self._pending < PENDING_WRITE_BYTES or self._error)
-            self._pending += array.nbytes
-        self._queue.put((relative, array))
-
-    def _write_loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            relative, array = item
-            if self._error is not None:
-                continue
-            try:
-                handle = self._handles.get(relative)
-                if handle is None:
-                    target = self.path(relative)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    handle = self._handles[relative] = open(target, "ab")  # noqa: SIM115
-                array.tofile(handle)
-            except BaseException as exc:  # surfaced by the caller's next call
-                self._error = exc
-            finally:
-                with self._room:
-                    self._pending -= array.nbytes
-                    self._room.notify_all()
-
-    def _raise_write_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            if isinstance(error, OSError):
-                raise DataError(f"writing the store failed: {error}", path=str(self.out)) from error
-            raise error
-
-    def _stop_thread(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def close_files(self) -> None:
-        """Wait for pending writes, then flush, fsync and close every appended file."""
-        self._stop_thread()
-        for handle in self._handles.values():
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
-        self._handles.clear()
-        self._raise_write_error()
-
     def remove(self, relative: str) -> None:
-        self.close_files()
-        handle = self._handles.pop(relative, None)
-        if handle is not None:
-            handle.close()
         target = self.path(relative)
         if target.is_dir():
             shutil.rmtree(target)
@@ -277,7 +204,6 @@ class StoreWriter:
 
     def commit(self, manifest: dict[str, Any]) -> Path:
         """fsync every file, write the manifest last, then rename the directory into place."""
-        self.close_files()
         for root, _, files in os.walk(self.tmp):
             for name in files:
                 with open(Path(root) / name, "rb") as handle:
@@ -298,10 +224,6 @@ class StoreWriter:
         return self.out
 
     def abort(self) -> None:
-        self._stop_thread()
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> StoreWriter:
