@@ -173,9 +173,10 @@ def _verify(directory: Path, files: dict[str, str]) -> None:
 
 
 class _NoInitialisation(TorchFunctionMode):
-    """Tensor initialisers do nothing: the weights are replaced by the saved ones anyway, and the
-    untouched (lazily allocated) tables cost no memory. Building on the meta device instead costs
-    seconds of imports in a fresh process (PyTorch's meta kernels are Python)."""
+    """Initialisers of parameters do nothing: the saved weights replace them anyway, and an
+    untouched (lazily allocated) table costs no memory. Buffers are computed as usual (the index
+    tables a model derives from its layout). Building on the meta device instead costs seconds
+    of imports in a fresh process (PyTorch's meta kernels are Python)."""
 
     SKIPPED = frozenset(
         (torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_)
@@ -187,25 +188,19 @@ class _NoInitialisation(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.SKIPPED:  # the tensor being initialised, left as it is
-            return args[0] if args else kwargs["tensor"]
+        if func in self.SKIPPED:
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, nn.Parameter):  # left as allocated, replaced when loading
+                return target
         return func(*args, **kwargs)
 
 
 def _model_from(layout: InputLayout, config: ModelConfig, state: dict) -> nn.Module:
     """The model whose parameters are the saved tensors themselves (memory-mapped from the file,
-    copy-on-write: loading initialises and copies nothing, rows are read as they are used). The
-    buffers a model does not save (index tables that follow from the field layout) come from a
-    twin built as usual with a one-row table."""
+    copy-on-write: loading initialises and copies nothing, rows are read as they are used)."""
     with _NoInitialisation():
         model = build_model(layout, config)
     model.load_state_dict(state, assign=True)
-    twin = build_model(InputLayout(1, layout.field_slots), config)
-    saved = set(state)
-    for name, buffer in twin.named_buffers():
-        if name not in saved:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = buffer
     return model
 
 
