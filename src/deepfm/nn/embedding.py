@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepfm.nn.cpu_kernels import gather_rows
+
 
 @dataclass(frozen=True)
 class InputLayout:
@@ -80,14 +82,14 @@ class Regularized(nn.Module):
 def lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """``table(ids)``: ``ids [*] -> [*, dim]``.
 
-    On CPU with dense gradients the rows are gathered with ``index_select``, whose backward
-    (``index_add``) costs 6 ms for 4096x39 ids where ``embedding_dense_backward``'s sort costs
-    15 (BENCHMARKS.md, training speed). Sparse-gradient tables and other devices use the
+    On CPU with dense gradients the rows are gathered by :func:`gather_rows`, whose backward
+    scatters in one threaded pass where ``embedding_dense_backward`` sorts the ids first
+    (BENCHMARKS.md, training speed). Sparse-gradient tables and other devices use the
     embedding kernel itself.
     """
     if table.sparse or ids.device.type != "cpu":
         return table(ids)
-    return table.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, table.embedding_dim)
+    return gather_rows(table.weight, ids).view(*ids.shape, table.embedding_dim)
 
 
 def regularization(model: nn.Module) -> torch.Tensor | float:

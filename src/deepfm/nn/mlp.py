@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfm.errors import ConfigError
+from deepfm.nn.cpu_kernels import dropout, relu_dropout
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -31,10 +32,10 @@ class Dropout(nn.Module):
     """Inverted dropout, ``[*] -> [*]``: each unit is zeroed with probability ``p`` in training
     and the survivors scaled by ``1/(1-p)``.
 
-    The same law as ``nn.Dropout``; on CPU the mask comes from ``torch.rand_like`` compared in
-    place, because ``bernoulli_`` costs about 3x as much there (19 vs 6 ms forward and backward
-    for a 4096x400 activation: it was the largest cost of a DeepFM training step, see
-    BENCHMARKS.md). CUDA keeps PyTorch's fused dropout kernel.
+    The same law as ``nn.Dropout``. On CPU the mask comes from the counter-based stream of
+    :mod:`deepfm.nn.cpu_kernels` (PyTorch's CPU masks come from one single-threaded Mersenne
+    Twister: the largest cost of a DeepFM step after the matmuls, see BENCHMARKS.md); CUDA keeps
+    PyTorch's fused dropout kernel.
     """
 
     def __init__(self, p: float) -> None:
@@ -46,8 +47,7 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        scaled_keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
-        return x * scaled_keep
+        return dropout(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -57,7 +57,8 @@ class MLP(nn.Module):
     """``[B, in] -> [B, out]``: (Linear → activation → dropout) per hidden layer, then Linear.
 
     ``dropout`` is the probability of *dropping* a unit (the paper reports the keep probability:
-    keep 0.5 is dropout 0.5, keep 0.9 is dropout 0.1).
+    keep 0.5 is dropout 0.5, keep 0.9 is dropout 0.1). In training on CPU, ReLU and dropout run
+    as one fused pass (:func:`~deepfm.nn.cpu_kernels.relu_dropout`).
     """
 
     def __init__(
@@ -81,6 +82,12 @@ class MLP(nn.Module):
             width = size
         layers.append(nn.Linear(width, out_dim))
         self.layers = nn.Sequential(*layers)
+        self.fused_relu_dropout = activation_name == "relu" and dropout > 0
 
-    def forward(self, x):
-        return self.layers(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.fused_relu_dropout and x.device.type == "cpu"):
+            return self.layers(x)
+        *hidden, last = self.layers
+        for linear, drop in zip(hidden[0::3], hidden[2::3], strict=True):
+            x = relu_dropout(linear(x), drop.p)
+        return last(x)

@@ -53,6 +53,9 @@ EMBEDDING_UPDATES = ("auto", "dense", "sparse")
 MONITORS = ("auc-logloss", "auc", "logloss")
 #: steps between updates of the progress bar's running loss (each costs a device sync)
 RUNNING_LOSS_EVERY = 20
+#: optimiser settings that choose an implementation, not the algorithm: never taken from a
+#: checkpoint
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 #: a split is kept on a CUDA device when it needs at most this share of the free memory
 RESIDENT_SHARE = 0.5
 
@@ -303,8 +306,16 @@ class Optimizers:
         return [o.state_dict() for o in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
+        """Restore saved states, keeping this run's implementation flags (``fused``,
+        ``foreach``, ...): a checkpoint written on another device (or by another PyTorch) carries
+        its own, which may not run here."""
         for optimizer, state in zip(self.optimizers, states, strict=True):
+            flags = [
+                {k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups
+            ]
             optimizer.load_state_dict(state)
+            for group, kept in zip(optimizer.param_groups, flags, strict=True):
+                group.update(kept)
 
 
 def monitor_score(metrics: dict[str, float], monitor: str) -> float:
@@ -373,8 +384,9 @@ def make_optimizer(
         table.sparse = sparse
     sparse_ids = {id(t.weight) for t in tables}
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
-    fused = _device_of(model).type == "cuda"
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, fused=fused or None)]
+    # fused: one pass over all parameters (CPU: 1.5 vs 10.6 ms per step for DeepFM-D's 1.5M
+    # parameters, the per-tensor loop's temporaries included)
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, fused=True)]
     if tables:
         optimizers.append(LazyAdam([t.weight for t in tables], lr=lr))
     return Optimizers(optimizers)
