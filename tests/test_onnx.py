@@ -170,3 +170,26 @@ def test_export_refuses_a_broken_bundle(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "bundle" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_leaves_the_callers_model_where_and_as_it_was(criteo_path, tmp_path, monkeypatch):
+    from deepfm.serve import onnx_export
+
+    bundle = load_bundle(criteo_bundle(str(criteo_path), "deepfm", (16, 16)))
+    model = bundle.model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def no_moves(fn, recurse=True):
+        raise AssertionError("the caller's model was moved (.to / .cpu)")
+
+    monkeypatch.setattr(model, "_apply", no_moves)
+    export_onnx(bundle, tmp_path / "m.onnx")
+    assert all(m.training for m in model.modules())  # still in training mode
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a model elsewhere (a GPU) is copied to the CPU for tracing, the original untouched
+    monkeypatch.undo()
+    assert onnx_export.cpu_model(bundle) is model  # on the CPU already: traced in place
+    monkeypatch.setattr(onnx_export, "device_of", lambda m: torch.device("cuda", 0))
+    copy = onnx_export.cpu_model(bundle)
+    assert copy is not model
+    assert all(torch.equal(before[k], v) for k, v in copy.state_dict().items())

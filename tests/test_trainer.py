@@ -99,7 +99,7 @@ def test_the_restored_epoch_is_the_best_by_the_monitored_score():
 
 def test_device_resident_batches_equal_streamed_batches(criteo, monkeypatch):
     _, streamed = fit(criteo)
-    monkeypatch.setattr(trainer_module, "fits_on", lambda device, data: True)
+    monkeypatch.setattr(trainer_module, "plan_residency", lambda *args: (True, True))
     _, resident = fit(criteo)
     assert resident.setup["batches"] == "device-resident"
     assert history(resident) == history(streamed)
@@ -124,10 +124,16 @@ def test_embedding_updates_are_chosen_per_device_and_table_size(criteo):
     entry = get_entry("deepfm")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     slots = criteo.feature_map.num_slots
-    # 2,365 features: small next to the 4 x 64 x 39 ids of a batch → dense; large → sparse
+    # 4,686 table rows: small next to the 4 x 64 x 39 ids of a batch → dense; large → sparse
     assert not use_sparse_updates(model, entry, TrainConfig(batch_size=64), cpu, slots)
     assert use_sparse_updates(model, entry, TrainConfig(batch_size=4), cpu, slots)
+    # one GPU: dense up to 64x the ids of a batch (4,686 rows in the two tables: sparse at
+    # batch 1, 64 x 39 ids; dense at batch 4)
     assert not use_sparse_updates(model, entry, TrainConfig(batch_size=4), cuda, slots)
+    assert use_sparse_updates(model, entry, TrainConfig(batch_size=1), cuda, slots)
+    # under DDP a dense table is all-reduced whole every step: the CPU rule, on any device
+    assert use_sparse_updates(model, entry, TrainConfig(batch_size=4), cuda, slots, world=2)
+    assert not use_sparse_updates(model, entry, TrainConfig(batch_size=64), cuda, slots, 2)
     forced = TrainConfig(batch_size=64, embedding_updates="sparse")
     assert use_sparse_updates(model, entry, forced, cuda, slots)
     lr_model = build_model(layout, ModelConfig("lr"))
@@ -185,3 +191,78 @@ def test_lazy_adam_is_sparse_adam_on_the_touched_rows_only():
     # the same rule, computed with other kernels: equal up to float32 rounding (1e-6 of ~1)
     torch.testing.assert_close(ours.weight, reference.weight, atol=1e-6, rtol=0)
     assert torch.equal(ours.weight.data[40:], untouched)
+
+
+class FakeCuda:
+    """The torch.cuda calls the device code makes, answered without a GPU."""
+
+    def __init__(self, free: int, reserved: int = 0, allocated: int = 0) -> None:
+        self.free, self.reserved, self.allocated = free, reserved, allocated
+        self.current: list[torch.device] = []
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (self.free, 1 << 40))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: self.reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "set_device", self.current.append)
+
+
+def test_residency_weighs_both_splits_and_the_training_state_against_free_memory(
+    criteo, monkeypatch
+):
+    from deepfm.train.trainer import plan_residency, split_bytes, training_bytes
+
+    cuda = torch.device("cuda", 0)
+    train, valid = criteo.train, criteo.valid
+    t, v = split_bytes(train), split_bytes(valid)
+    model = build_model(InputLayout.of(criteo.feature_map), ModelConfig("deepfm", hidden=(400,)))
+    need = training_bytes(model, sparse=False, batch_size=4096, eval_batch_size=65536, slots=39)
+    params = sum(p.numel() for p in model.parameters())
+    assert need > 4 * 3 * params  # Adam's moments and the gradients, besides activations
+    fake = FakeCuda(free=need + 2 * (t + v))  # RESIDENT_SHARE = 0.5: exactly both splits
+    fake.install(monkeypatch)
+    assert plan_residency(cuda, need, train, valid) == (True, True)
+    fake.free -= 2  # one byte short: the training split first, validation streamed
+    assert plan_residency(cuda, need, train, valid) == (True, False)
+    # each split alone would fit in what is free: together they do not
+    fake.free = need + 2 * max(t, v) + 2
+    assert plan_residency(cuda, need, train, valid) == (True, False)
+    fake.free = need + 2 * t - 2
+    assert plan_residency(cuda, need, train, valid)[0] is False
+    # PyTorch's cached but unused blocks count as free
+    fake.reserved, fake.allocated = 4, 2
+    assert plan_residency(cuda, need, train, valid)[0] is True
+    # without the training state, the old check kept splits that leave no room to train
+    assert plan_residency(cuda, 0, train, valid) == (True, True)
+    assert plan_residency(torch.device("cpu"), need, train, valid) == (False, True)
+
+
+def test_the_training_device_becomes_the_current_cuda_device(monkeypatch):
+    from deepfm.train.distributed import Distributed
+    from deepfm.train.trainer import use_device
+
+    fake = FakeCuda(free=0)
+    fake.install(monkeypatch)
+    device = use_device(Distributed().device("cuda:1"))
+    assert device == torch.device("cuda", 1) and fake.current == [device]
+    # under torchrun each rank takes the GPU of its LOCAL_RANK; another index is refused
+    rank = Distributed(rank=1, world=2, local_rank=1)
+    assert rank.device("cuda") == torch.device("cuda", 1) == rank.device("cuda:1")
+    with pytest.raises(ConfigError, match="LOCAL_RANK"):
+        rank.device("cuda:0")
+    with pytest.raises(ConfigError, match="cuda:N"):
+        rank.device("gpu")
+
+
+def test_a_resumed_optimiser_keeps_this_runs_implementation_flags(criteo):
+    from deepfm.train.trainer import make_optimizer
+
+    model = build_model(InputLayout.of(criteo.feature_map), ModelConfig("deepfm", hidden=(8,)))
+    optimizer = make_optimizer(model, get_entry("deepfm"), TrainConfig())
+    saved = optimizer.state_dict()
+    saved[0]["param_groups"][0].update(fused=None, foreach=True)  # written elsewhere
+    saved[0]["param_groups"][0]["lr"] = 0.5
+    optimizer.load_state_dict(saved)
+    group = optimizer.primary.param_groups[0]
+    assert group["fused"] is True and not group["foreach"] and group["lr"] == 0.5

@@ -35,6 +35,8 @@ from torch import nn
 
 from deepfm import __version__
 from deepfm.errors import ConfigError
+from deepfm.models import build_model
+from deepfm.nn import InputLayout
 from deepfm.serve.bundle import Bundle
 
 #: registry name → why the model cannot be expressed in ONNX (none so far)
@@ -84,6 +86,34 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def cpu_model(bundle: Bundle) -> nn.Module:
+    """The bundle's model on the CPU for tracing, leaving the caller's model where it is: the
+    model itself when it is on the CPU, else a CPU copy of it."""
+    model = bundle.model
+    if device_of(model).type == "cpu":
+        return model
+    copy = build_model(InputLayout.of(bundle.feature_map), bundle.config)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode for the block, then every submodule back in the mode the caller
+    had it in."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def export_onnx(bundle: Bundle, path: str | Path) -> Path:
     """Write the bundle's model as ONNX to ``path`` (atomically: a temp file, then a rename).
 
@@ -95,7 +125,8 @@ def export_onnx(bundle: Bundle, path: str | Path) -> Path:
         raise ConfigError(f"model {name!r} cannot be exported to ONNX: {NOT_EXPORTABLE[name]}")
     feature_map = bundle.feature_map
     with_values = feature_map.needs_values
-    module = ScoringModule(bundle.model, with_values).eval().cpu()
+    model = cpu_model(bundle)
+    module = ScoringModule(model, with_values)
     # example inputs: valid ids of every slot's field, so tracing sees a realistic graph
     generator = torch.Generator().manual_seed(0)
     columns = []
@@ -116,7 +147,7 @@ def export_onnx(bundle: Bundle, path: str | Path) -> Path:
     # model over 2 GB comes with a weights file named after it, moved before the graph
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+        with _quiet_exporter(), evaluating(module), torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 args,

@@ -2,10 +2,16 @@
 
 ``torchrun --nproc-per-node N -m deepfm train ...`` starts N processes with ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address in their environment;
-:meth:`Distributed.from_env` joins the process group (gloo on CPU, nccl on CUDA). Each rank
-trains on its own contiguous shard of the training rows, DDP averages gradients, rank 0 writes
-the bundle and the metrics. The paper scales the learning rate by √N for N workers at the same
-per-worker batch (``--lr-scaling sqrt``); ``linear`` multiplies by N.
+:meth:`Distributed.from_env` joins the process group (gloo on CPU, nccl on CUDA), each rank on
+the GPU of its ``LOCAL_RANK``. Each rank trains on its own contiguous shard of the training rows,
+DDP averages gradients, rank 0 writes the bundle and the metrics. The paper scales the learning
+rate by √N for N workers at the same per-worker batch (``--lr-scaling sqrt``); ``linear``
+multiplies by N.
+
+Embedding tables with sparse (row) updates are left out of DDP: their gradients are averaged by
+:meth:`Distributed.average_row_gradients`, which exchanges only the rows a step touched (NCCL
+cannot all-reduce sparse tensors at all, and a dense all-reduce of a 10M-row table moves
+440 MB per step, see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -70,15 +76,26 @@ class Distributed:
         return cls()
 
     def device(self, wanted: str = "auto") -> torch.device:
-        """``auto``: this rank's GPU if there is one, else the CPU."""
+        """``auto``: this rank's GPU if there is one, else the CPU. Under torchrun every rank
+        takes the GPU of its ``LOCAL_RANK`` (an explicit other index would put several ranks
+        on one GPU: refused)."""
         if wanted == "auto":
             wanted = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(wanted)
+        try:
+            device = torch.device(wanted)
+        except RuntimeError:
+            raise ConfigError(f"--device {wanted!r}: use auto, cpu, cuda or cuda:N") from None
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError("--device cuda: no CUDA device is available")
-            if device.index is None:
-                device = torch.device("cuda", self.local_rank if self.enabled else 0)
+            mine = self.local_rank if self.enabled else 0
+            if self.enabled and device.index not in (None, mine):
+                raise ConfigError(
+                    f"--device {wanted} under torchrun: each rank uses the GPU of its "
+                    f"LOCAL_RANK (this rank: cuda:{mine}); give --device cuda, and choose the "
+                    "GPUs with CUDA_VISIBLE_DEVICES"
+                )
+            device = torch.device("cuda", mine if device.index is None else device.index)
         return device
 
     # -- data ------------------------------------------------------------------------------------
@@ -110,9 +127,55 @@ class Distributed:
         bounds = [total * r // self.world for r in range(self.world + 1)]
         return torch.cat([p[: bounds[r + 1] - bounds[r]] for r, p in enumerate(parts)])
 
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of ``value`` over the ranks (every rank gets it)."""
+        if not self.enabled:
+            return value
+        total = value.clone()
+        dist.all_reduce(total)
+        return total
+
+    def average_row_gradients(self, parameters: list[torch.Tensor]) -> None:
+        """Average the sparse row gradients of ``parameters`` (``[rows, dim]`` tables) over the
+        ranks, as DDP averages dense ones, by exchanging only the rows each rank touched.
+
+        Each rank sums its duplicate rows (coalesce); all-gathers of dense tensors (the row
+        counts, then per table the row ids and the gradient rows, padded to the longest rank)
+        bring every rank's rows to every rank, where they are summed and divided by the world
+        size. Dense collectives only: NCCL and gloo alike.
+        """
+        if not self.enabled or not parameters:
+            return
+        local = [_coalesced_rows(p) for p in parameters]
+        counts = torch.tensor([len(ids) for ids, _ in local], device=parameters[0].device)
+        per_table = self._gather_padded(counts, len(counts)).view(self.world, -1).T.tolist()
+        for parameter, (ids, values), per_rank in zip(parameters, local, per_table, strict=True):
+            longest, dim = max(per_rank), parameter.shape[1]
+            all_ids = self._gather_padded(ids, longest).view(self.world, longest)
+            all_values = self._gather_padded(values.reshape(-1), longest * dim)
+            all_values = all_values.view(self.world, longest, dim)
+            rows = torch.cat([all_ids[r, :n] for r, n in enumerate(per_rank)])
+            grads = torch.cat([all_values[r, :n] for r, n in enumerate(per_rank)])
+            parameter.grad = torch.sparse_coo_tensor(
+                rows.unsqueeze(0), grads / self.world, parameter.shape
+            ).coalesce()
+
+    def _gather_padded(self, local: torch.Tensor, longest: int) -> torch.Tensor:
+        """Every rank's 1-D ``local`` padded to ``longest``, concatenated in rank order."""
+        padded = local.new_zeros(longest)
+        padded[: len(local)] = local
+        out = local.new_empty(longest * self.world)
+        dist.all_gather_into_tensor(out, padded)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Rank 0's ``tensor`` on every rank, in place."""
+        if self.enabled:
+            dist.broadcast(tensor, 0)
 
     def broadcast_flag(self, flag: bool, device: torch.device) -> bool:
         """Rank 0's ``flag`` on every rank."""
@@ -121,6 +184,20 @@ class Distributed:
         value = torch.tensor([int(flag)], device=device)
         dist.broadcast(value, 0)
         return bool(value.item())
+
+
+def _coalesced_rows(parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row ids ``[n]``, gradient rows ``[n, dim]``) of a parameter's sparse gradient, each row
+    once (none when it has no gradient)."""
+    grad = parameter.grad
+    if grad is None:
+        return (
+            torch.zeros(0, dtype=torch.int64, device=parameter.device),
+            parameter.new_zeros(0, parameter.shape[1]),
+        )
+    assert grad.is_sparse, "row exchange is for sparse gradients"
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
 
 
 @contextmanager

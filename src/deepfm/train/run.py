@@ -11,7 +11,7 @@ from torch import nn
 from deepfm.data.pipeline import Dataset
 from deepfm.models.registry import ModelConfig, ModelEntry, build_model, get_entry
 from deepfm.nn import InputLayout
-from deepfm.train.trainer import Batches, FitResult, TrainConfig, Trainer, evaluate, torch_threads
+from deepfm.train.trainer import FitResult, TrainConfig, Trainer
 
 
 @dataclass
@@ -34,14 +34,14 @@ def fit_and_evaluate(
     entry = get_entry(model_config.name)
     torch.manual_seed(train_config.seed)  # the initial weights too follow the seed
     model = build_model(InputLayout.of(dataset.feature_map), model_config)
-    batch = train_config.eval_batch_size
     metrics: dict[str, Any] = {"model": model_config.name}
-    with torch_threads(train_config.threads):  # evaluation with the training's thread count
-        fit = Trainer(train_config).fit(model, entry, dataset.train, dataset.valid)
-        if len(dataset.valid):
-            metrics["valid"] = evaluate(model, Batches(dataset.valid), batch)
-        if dataset.test is not None and len(dataset.test):
-            metrics["test"] = evaluate(model, Batches(dataset.test), batch)
+    trainer = Trainer(train_config)
+    fit = trainer.fit(model, entry, dataset.train, dataset.valid)
+    # with the training's thread count; under DDP each rank scores its shard of each split
+    if len(dataset.valid):
+        metrics["valid"] = trainer.evaluate(model, dataset.valid)
+    if dataset.test is not None and len(dataset.test):
+        metrics["test"] = trainer.evaluate(model, dataset.test)
     metrics.update(
         rows=dataset.rows(),
         bad_rows=dataset.bad_rows.to_dict(),

@@ -2,18 +2,22 @@
 
 The model maps a batch to logits and knows nothing else; everything about training lives here:
 
-* **Batches.** A split that fits in the device's memory is moved there once and batches are cut
-  by index on the device (no per-batch host work); otherwise (and always on CPU) the batch loader
+* **Batches.** Splits that fit in the device's memory beside the training state (both splits
+  together, :func:`plan_residency`) are moved there once and batches are cut by index on the
+  device (no per-batch host work); otherwise (and always on CPU) the batch loader
   gathers rows from the (memory-mapped) arrays, pins them and copies them without blocking,
   one batch ahead in a thread (``sync_loading`` turns that off). No per-sample Python anywhere.
 * **Precision.** ``bf16`` autocasts on CUDA (TF32 matmuls are always on there); CPU runs fp32.
-* **Embedding updates.** ``auto`` picks per device: dense (fused) Adam on CUDA, where updating
-  the whole table costs little; on CPU, sparse row updates (lazy Adam: only the rows a batch
-  uses) when the table has more rows than 4x the ids in a batch, because a dense Adam step
-  touches every row of the table at every step (see BENCHMARKS.md, "Training speed").
+* **Embedding updates.** ``auto`` picks sparse row updates (lazy Adam: only the rows a batch
+  uses) when the tables have more rows than 4x the ids in a batch on CPU and under DDP (a dense
+  Adam step touches, and DDP all-reduces, every row of the table at every step), 64x on one
+  GPU, where a fused dense step is cheap; dense fused Adam otherwise (:func:`use_sparse_updates`,
+  BENCHMARKS.md, "Training speed"). Under DDP sparse tables exchange only the touched rows.
 * **Metrics** accumulate on the device; they are synchronised once per epoch and evaluation.
-* **Data parallelism** (DDP, ``torchrun``): each rank trains on its own shard, gradients are
-  averaged, the learning rate is scaled (``lr_scaling``), evaluation gathers the ranks' logits.
+* **Data parallelism** (DDP, ``torchrun``): each rank trains on its own shard with its own
+  random stream (seed + rank: dropout masks differ), gradients are averaged, the learning rate
+  is scaled (``lr_scaling``), every evaluation scores each rank's shard and gathers the logits,
+  the epoch's loss is summed over the ranks (a non-finite loss stops every rank at once).
 * **Checkpoints** every ``checkpoint_every`` steps (model, optimiser, RNG states, data position,
   best-so-far), atomic; ``resume`` continues from the newest intact one, bit for bit on CPU.
 """
@@ -56,6 +60,9 @@ RUNNING_LOSS_EVERY = 20
 #: optimiser settings that choose an implementation, not the algorithm: never taken from a
 #: checkpoint
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+#: sparse row updates when the tables have more rows than this many times a batch's ids
+SPARSE_FACTOR = 4
+SPARSE_FACTOR_ONE_GPU = 64
 #: a split is kept on a CUDA device when it needs at most this share of the free memory
 RESIDENT_SHARE = 0.5
 
@@ -165,16 +172,69 @@ class Batches:
             yield Batch(*self.batch(order[begin : begin + batch_size]))
 
 
-def split_bytes(data: EncodedArrays) -> int:
+def split_bytes(data: EncodedArrays | None) -> int:
+    if data is None:
+        return 0
     return sum(a.nbytes for a in (data.ids, data.values, data.labels) if a is not None)
 
 
-def fits_on(device: torch.device, data: EncodedArrays) -> bool:
-    """Whether ``data`` is kept on ``device`` (CUDA, with room to spare) rather than streamed."""
-    if device.type != "cuda":
-        return False
+def activation_bytes(model: nn.Module, rows: int, slots: int) -> int:
+    """Activations of ``rows`` rows in a training step (values, gradients and masks of every
+    layer's input and output, and of the looked-up embeddings): an estimate from the shapes,
+    on the generous side (an evaluation batch needs less)."""
+    dims = sum(t.embedding_dim for t in embedding_tables(model))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    widths = sum(m.in_features + m.out_features for m in linears)
+    return 4 * 3 * (widths + slots * dims) * rows
+
+
+def training_bytes(
+    model: nn.Module, *, sparse: bool, batch_size: int, eval_batch_size: int, slots: int
+) -> int:
+    """Device memory training will still allocate once the model is on the device: Adam's two
+    moments of every parameter, the gradients (with sparse updates: those of the dense
+    parameters and of a batch's table rows), and the activations of the larger of a training
+    step and an evaluation batch."""
+    tables = {id(t.weight) for t in embedding_tables(model)}
+    params = sum(p.numel() for p in model.parameters())
+    table_params = sum(p.numel() for p in model.parameters() if id(p) in tables)
+    dims = sum(t.embedding_dim for t in embedding_tables(model))
+    grads = params - table_params + 2 * batch_size * slots * dims if sparse else params
+    activations = activation_bytes(model, max(batch_size, eval_batch_size), slots)
+    return 4 * (2 * params + grads) + activations
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device, counting the blocks PyTorch holds in its cache but does
+    not use as free (they are ours to reuse)."""
     free, _ = torch.cuda.mem_get_info(device)
-    return split_bytes(data) <= RESIDENT_SHARE * free
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def plan_residency(
+    device: torch.device,
+    need: int,
+    train: EncodedArrays | None,
+    valid: EncodedArrays | None,
+) -> tuple[bool, bool]:
+    """(train, valid): which splits are kept on ``device`` rather than streamed from host
+    memory. Both must fit together, beside ``need`` bytes of training state
+    (:func:`training_bytes`), in ``RESIDENT_SHARE`` of the free memory; the training split
+    first (it is read every epoch). On CPU the training split is streamed (the loader's
+    thread prepares batches) and the validation split read in place."""
+    if device.type != "cuda":
+        return False, True
+    budget = RESIDENT_SHARE * (free_device_bytes(device) - need)
+    keep_train = split_bytes(train) <= budget
+    if keep_train:
+        budget -= split_bytes(train)
+    return keep_train, valid is not None and split_bytes(valid) <= budget
+
+
+def placed(data: EncodedArrays, device: torch.device, resident: bool) -> Batches | EncodedArrays:
+    """``data`` as tensors on ``device`` (cut by index there) or as arrays the batch loader
+    streams (gathered, pinned and copied one batch ahead)."""
+    return Batches(data, device) if resident else data
 
 
 class StreamedBatches:
@@ -345,17 +405,28 @@ def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
 
 
 def use_sparse_updates(
-    model: nn.Module, entry: ModelEntry, config: TrainConfig, device: torch.device, slots: int
+    model: nn.Module,
+    entry: ModelEntry,
+    config: TrainConfig,
+    device: torch.device,
+    slots: int,
+    world: int = 1,
 ) -> bool:
-    """The embedding update rule for this run (see the module docs)."""
+    """The embedding update rule for this run (see the module docs): sparse row updates when
+    the tables have more rows than ``factor`` x the ids of a batch. A dense step costs in
+    proportion to the table (Adam over every row; under DDP also an all-reduce of every row),
+    a sparse one in proportion to the batch's ids (coalescing and gathering them). The factor:
+    4 on CPU and under DDP (measured on CPU, BENCHMARKS.md), 64 on one GPU, where a fused Adam
+    over the whole table is one memory-bound kernel (dense was 1.31x faster at 160k rows on an
+    H200; 64 x 4096 x 39 ids is about 10M rows, where a fused step over 10 + 1 floats per row
+    costs about what the sparse path does: ``gpu_suite.sh`` measures both at 10M rows)."""
     if entry.optimizer != "adam" or not embedding_tables(model):
         return False
     if config.embedding_updates != "auto":
         return config.embedding_updates == "sparse"
-    if device.type == "cuda":
-        return False
+    factor = SPARSE_FACTOR_ONE_GPU if device.type == "cuda" and world == 1 else SPARSE_FACTOR
     rows = sum(t.num_embeddings for t in embedding_tables(model))
-    return rows > 4 * config.batch_size * slots
+    return rows > factor * config.batch_size * slots
 
 
 def make_optimizer(
@@ -390,6 +461,38 @@ def make_optimizer(
     if tables:
         optimizers.append(LazyAdam([t.weight for t in tables], lr=lr))
     return Optimizers(optimizers)
+
+
+# -- devices and data parallelism --------------------------------------------------------------
+
+
+def use_device(device: torch.device) -> torch.device:
+    """Make ``device`` this process's current device: on CUDA ``set_device`` (a model on
+    ``cuda:1`` with ``cuda:0`` current would, among others, checkpoint ``cuda:0``'s random
+    state) and TF32 matmuls."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def data_parallel(
+    model: nn.Module, dist: Distributed, device: torch.device, row_tables: list[torch.Tensor]
+) -> nn.Module:
+    """``model`` wrapped in DDP when ranks train together. Tables with sparse row updates stay
+    out of DDP (it would all-reduce them densely, or, with NCCL, fail on sparse gradients):
+    they start from rank 0's weights here, and the training step averages their touched rows
+    (:meth:`Distributed.average_row_gradients`)."""
+    if not dist.enabled:
+        return model
+    ignored = {id(t) for t in row_tables}
+    names = [name for name, p in model.named_parameters() if id(p) in ignored]
+    DDP = nn.parallel.DistributedDataParallel
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names)  # TorchRec does the same
+    for table in row_tables:
+        dist.broadcast_(table.detach())
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -439,11 +542,10 @@ class Trainer:
         on_step: Callable[[int], None] | None,
     ) -> FitResult:
         config, dist = self.config, self.dist
-        device = dist.device(config.device)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(config.seed)
+        device = use_device(dist.device(config.device))
+        # this rank's stream (dropout masks): seed + rank, so ranks draw different masks; the
+        # initial weights are rank 0's on every rank (DDP broadcasts them)
+        torch.manual_seed(config.seed + dist.rank)
         if train.labels is None or len(train) == 0:
             raise ConfigError("training needs labeled rows")
         resumed = ckpt.load_latest(config.resume) if config.resume else None
@@ -459,10 +561,11 @@ class Trainer:
             model.init_from_pretrained(teacher.to(device))
             result.train_seconds += pre.train_seconds + time.perf_counter() - started
             result.train_samples += pre.train_samples
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed + dist.rank)
 
         shard = dist.shard(train)
-        sparse = use_sparse_updates(model, entry, config, device, int(train.ids.shape[1]))
+        slots = int(train.ids.shape[1])
+        sparse = use_sparse_updates(model, entry, config, device, slots, dist.world)
         optimizer = make_optimizer(
             model, entry, config, sparse=sparse, scale=lr_scale(config.lr_scaling, dist.world)
         )
@@ -474,12 +577,16 @@ class Trainer:
                 factor=config.lr_decay,
                 patience=config.decay_patience,
             )
-        resident = fits_on(device, shard)
-        valid_data: Batches | EncodedArrays | None = None
-        if valid is not None and len(valid):
-            valid_shard = dist.shard(valid)
-            keep = device.type == "cpu" or fits_on(device, valid_shard)
-            valid_data = Batches(valid_shard, device) if keep else valid_shard
+        valid_shard = dist.shard(valid) if valid is not None and len(valid) else None
+        need = training_bytes(
+            model,
+            sparse=sparse,
+            batch_size=config.batch_size,
+            eval_batch_size=config.eval_batch_size,
+            slots=slots,
+        )
+        resident, valid_resident = plan_residency(device, need, shard, valid_shard)
+        valid_data = None if valid_shard is None else placed(valid_shard, device, valid_resident)
         data = (
             Batches(shard, device)
             if resident
@@ -495,11 +602,8 @@ class Trainer:
             "world": dist.world,
             "lr": optimizer.lr,
         }
-        net: nn.Module = model
-        if dist.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
+        row_tables = [t.weight for t in embedding_tables(model)] if sparse else []
+        net = data_parallel(model, dist, device, row_tables)
         if config.compile:
             net = torch.compile(net)
 
@@ -542,6 +646,7 @@ class Trainer:
                 objective = objective + regularization(model)
                 optimizer.zero_grad()
                 objective.backward()
+                dist.average_row_gradients(row_tables)
                 optimizer.step()
                 loss_sum += loss.detach() * len(batch)
                 progress.step += 1
@@ -551,21 +656,28 @@ class Trainer:
                     running = float(loss_sum) / (progress.step * config.batch_size)
                     bar.set_postfix(loss=f"{running:.5f}", refresh=False)
                 if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
-                    progress.loss_sum = float(loss_sum)
+                    progress.loss_sum = float(dist.sum(loss_sum))  # the epoch's, all ranks
                     self._save(model, optimizer, scheduler, generator, progress, result, best_state)
                 if on_step is not None:
                     on_step(progress.global_step)
             bar.close()
-            epoch_loss = float(loss_sum)  # the one synchronisation of the epoch
+            # the one synchronisation of the epoch; summed over the ranks, so that every rank
+            # sees the same loss and a non-finite one stops them all together
+            epoch_loss = float(dist.sum(loss_sum))
             seconds = time.perf_counter() - started
             result.train_seconds += seconds
             result.train_samples += rows * dist.world
             record: dict[str, float] = {
                 "epoch": epoch,
-                "train_loss": epoch_loss / rows,
+                "train_loss": epoch_loss / (rows * dist.world),
                 "lr": optimizer.lr,
                 "seconds": seconds,
             }
+            if not math.isfinite(record["train_loss"]):
+                raise ConfigError(
+                    f"training diverged at epoch {epoch} (loss {record['train_loss']}); "
+                    "lower the learning rate"
+                )
             stop = False
             if valid_data is not None:
                 assert valid is not None
@@ -588,11 +700,6 @@ class Trainer:
             if config.progress and dist.is_main:
                 shown = {k: round(v, 5) for k, v in record.items() if k != "epoch"}
                 tqdm.write(f"[{entry.name}] epoch {epoch}: {shown}")
-            if not math.isfinite(record["train_loss"]):
-                raise ConfigError(
-                    f"training diverged at epoch {epoch} (loss {record['train_loss']}); "
-                    "lower the learning rate"
-                )
             progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
             progress.epoch_generator = None
             if stop:
@@ -606,6 +713,17 @@ class Trainer:
         return result
 
     # -- evaluation across ranks ---------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, data: EncodedArrays) -> dict[str, float]:
+        """AUC and Logloss of ``model`` on ``data``: each rank scores its shard (kept on the
+        device when it fits, else streamed through pinned memory one batch ahead) and every
+        rank gets the metrics of the whole set."""
+        device = _device_of(model)
+        shard = self.dist.shard(data)
+        need = activation_bytes(model, self.config.eval_batch_size, int(data.ids.shape[1]))
+        with torch_threads(self.config.threads):
+            _, resident = plan_residency(device, need, None, shard)
+            return self._evaluate(model, placed(shard, device, resident), data)
 
     def _evaluate(
         self, model: nn.Module, shard: Batches | EncodedArrays, valid: EncodedArrays
@@ -689,10 +807,9 @@ class Trainer:
         ckpt.restore_rng(rng, generator)
         saved = state["progress"]
         progress.epoch, progress.step = int(saved["epoch"]), int(saved["step"])
-        progress.global_step, progress.loss_sum = (
-            int(saved["global_step"]),
-            float(saved["loss_sum"]),
-        )
+        progress.global_step = int(saved["global_step"])
+        # the epoch's loss so far, summed over the ranks: counted once, on rank 0
+        progress.loss_sum = float(saved["loss_sum"]) if self.dist.is_main else 0.0
         progress.best_score, progress.stale = float(saved["best_score"]), int(saved["stale"])
         progress.epoch_generator = resumed.optimizer["epoch_generator"]
         saved_result = state["result"]
