@@ -10,9 +10,15 @@ a busy machine slows both alike); and 2 processes (torchrun, gloo, 1 thread each
 (2 threads) on the same rows. Table I of the paper, our version: async over sync reading, and
 2 processes over 1.
 
-CUDA (``benchmarks/gpu_suite.sh`` runs it on 10M generated rows): batch 4096 fp32 (TF32), batch
-65536 bf16, dense vs sparse updates, streamed (async/sync) vs device-resident batches, predict
-samples/s, and the time from a store on disk to the first training step.
+CUDA (``benchmarks/gpu_suite.sh`` runs it; ``--short``: 2M generated rows and the quick steps):
+named steps, each time-limited and written to the JSON file when it ends (a rerun with the same
+``--json`` continues after the last finished step): the time from a store on disk to the first
+training step; eager training at batch 4096 with TF32 matmuls (dense and sparse updates) and
+65536 bf16; the matmul rate; predict rows/s (TF32, bf16); dense vs sparse updates with a
+10M-row table; then compiled training (static shapes, CUDA graphs) at 4096 TF32 and 65536
+bf16, and compiled predict. The full run adds 65536 TF32, streamed (async/sync) batches and
+compiled TF32 predict. "fp32" training on CUDA runs its matmuls in TF32 (the trainer turns it
+on), and the results say ``tf32``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,14 +101,16 @@ def subset(data: EncodedArrays, rows: int) -> EncodedArrays:
 
 
 def train_rate(store: Store, train: EncodedArrays, *, epochs: int = 2, **options) -> dict:
-    """Samples/s of the trainer (its best epoch, so the first one's warm-up is left out)."""
+    """Samples/s of the trainer (its best epoch, so the first one's warm-up, or compilation,
+    is left out; ``first_epoch_s`` shows it)."""
     torch.manual_seed(0)
     model = build_model(InputLayout.of(store.feature_map), MODEL)
     config = TrainConfig(epochs=epochs, progress=False, lr=1e-3, **options)
     result = Trainer(config).fit(model, get_entry("deepfm"), train, None)
     seconds = min(h["seconds"] for h in result.history)
     samples = result.train_samples / len(result.history)
-    return {"samples_per_s": round(samples / seconds), **result.setup}
+    first = round(result.history[0]["seconds"], 2)
+    return {"samples_per_s": round(samples / seconds), "first_epoch_s": first, **result.setup}
 
 
 def ddp_worker(args) -> None:
@@ -190,71 +200,222 @@ def cpu_suite(args, store: Store, results: dict) -> None:
             results["two_over_one"] = round(two["samples_per_s"] / one["samples_per_s"], 3)
 
 
+class StepTimeout(Exception):
+    pass
+
+
+class Steps:
+    """The CUDA suite as named steps, each time-limited, its result written to the JSON file as
+    soon as it ends (``{"status": "ok", ...}`` or ``"error"``), so that a later failure loses
+    nothing. A step that overruns its limit is recorded as ``"timeout"`` and the process exits
+    (code 3): ``gpu_suite.sh`` starts it again and it continues with the next step (a step
+    found ``"started"`` was killed from outside: recorded as ``"killed"``, not retried)."""
+
+    def __init__(self, path: Path, results: dict) -> None:
+        self.path, self.results = path, results
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        self.done: dict = previous.get("steps", {})
+        for entry in self.done.values():
+            if entry.get("status") == "started":
+                entry["status"] = "killed"
+        results["steps"] = self.done
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+    def run(self, name: str, limit_s: float, measure) -> dict | None:
+        if name in self.done:
+            print(f"  {name}: {self.done[name]['status']} before, skipped", flush=True)
+            return self.done[name] if self.done[name]["status"] == "ok" else None
+        self.done[name] = {"status": "started", "limit_s": limit_s}
+        self.write()
+        started = time.perf_counter()
+
+        def overrun() -> None:
+            self.done[name] = {"status": "timeout", "limit_s": limit_s}
+            self.write()
+            print(f"  {name}: timed out after {limit_s:.0f} s", flush=True)
+            os._exit(3)
+
+        watchdog = threading.Timer(limit_s, overrun)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            entry = {"status": "ok", **measure()}
+        except Exception as exc:  # recorded; the next step may still work
+            entry = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        finally:
+            watchdog.cancel()
+        entry["wall_s"] = round(time.perf_counter() - started, 1)
+        self.done[name] = entry
+        self.write()
+        keys = ("samples_per_s", "rows_per_s", "tflops", "seconds", "error")
+        shown = {k: v for k, v in entry.items() if k in keys}
+        print(f"  {name}: {shown} ({entry['wall_s']} s)", flush=True)
+        return entry if entry["status"] == "ok" else None
+
+
+def matmul_label(precision: str) -> str:
+    """What the matmuls run in (the trainer's ``setup["precision"]`` says the same): the
+    trainer turns TF32 on for CUDA, so "fp32" means TF32 there."""
+    return "bf16" if precision == "bf16" else "tf32"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The CUDA suite's sizes; ``REHEARSAL`` runs every step on the CPU at toy sizes (a check
+    of the script before spending device time, it measures nothing)."""
+
+    small_batch: int = 4096
+    large_batch: int = 65536
+    predict_batch: int = 1 << 18
+    large_table: int = 10_000_000
+    rows: int | None = None  # training rows used (None: the whole split)
+
+
+REHEARSAL = Sizes(small_batch=256, large_batch=1024, predict_batch=4096, large_table=200_000,
+                  rows=8192)  # fmt: skip
+
+
 def cuda_suite(args, store: Store, results: dict) -> None:
     device = torch.device(args.device)
-    results["gpu"] = torch.cuda.get_device_name(device)
+    sizes = REHEARSAL if args.rehearse else Sizes()
+    results["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "rehearsal"
+    steps = Steps(Path(args.json), results)
     fields = store.feature_map.num_fields
-    # from the store on disk to the first finished step: open, move the split, build, step
-    started = time.perf_counter()
-    first: dict[str, float] = {}
-    opened = Store.open(store.path)
-    train = opened.split("train")
-    torch.manual_seed(0)
-    model = build_model(InputLayout.of(opened.feature_map), MODEL)
+    train = subset(store.split("train"), sizes.rows) if sizes.rows else store.split("train")
+    short = args.short
+    small, large = sizes.small_batch, sizes.large_batch
+    # compiled runs: long enough that the second epoch is steady (the first compiles)
+    compiled_rows = 200 * small if short else len(train)
 
-    class FirstStep(Exception):
-        pass
-
-    def stop_after_first(step: int) -> None:
-        sync(device)
-        first["seconds"] = time.perf_counter() - started
-        raise FirstStep
-
-    with contextlib.suppress(FirstStep):
-        Trainer(TrainConfig(epochs=1, progress=False, batch_size=4096, device=args.device)).fit(
-            model, get_entry("deepfm"), train, None, on_step=stop_after_first
-        )
-    results["store_to_first_step_s"] = round(first["seconds"], 2)
-    runs = {}
-    plans = [
-        ("4096/fp32/dense", dict(batch_size=4096, precision="fp32", embedding_updates="dense")),
-        ("4096/fp32/sparse", dict(batch_size=4096, precision="fp32", embedding_updates="sparse")),
-        ("65536/bf16/dense", dict(batch_size=65536, precision="bf16", embedding_updates="dense")),
-        ("65536/fp32/dense", dict(batch_size=65536, precision="fp32", embedding_updates="dense")),
-    ]
-    for key, options in plans:
-        runs[key] = train_rate(store, train, device=args.device, epochs=args.epochs, **options)
-        print(f"  {key}: {runs[key]['samples_per_s']:,} samples/s", flush=True)
-    # Table I: the same run with batches streamed from host memory, async vs sync reading
-    resident_check = trainer_module.fits_on
-    trainer_module.fits_on = lambda device, data: False
-    try:
-        for loading in ("async", "sync"):
-            key = f"4096/fp32/dense/streamed-{loading}"
-            runs[key] = train_rate(
-                store, subset(train, 200 * 4096), device=args.device, batch_size=4096,
-                embedding_updates="dense", sync_loading=loading == "sync",
-            )  # fmt: skip
-            print(f"  {key}: {runs[key]['samples_per_s']:,} samples/s", flush=True)
-    finally:
-        trainer_module.fits_on = resident_check
-    results["runs"] = runs
-    a, s = runs["4096/fp32/dense/streamed-async"], runs["4096/fp32/dense/streamed-sync"]
-    results["async_over_sync"] = round(a["samples_per_s"] / s["samples_per_s"], 3)
-    # prediction: the training split on the device, large batches, inference mode
-    model.to(device)
-    data = trainer_module.Batches(train, device)
-    flops = mlp_flops(4096, fields)
-    results["matmul_tflops_fp32"] = round(flops / matmul_seconds(4096, fields, device) / 1e12, 1)
-    for precision in ("fp32", "bf16"):
-        predict_logits(model, data, 1 << 18, precision=precision, as_tensor=True)  # warm up
-        sync(device)
+    def store_to_first_step() -> dict:
+        """From the store on disk to the end of the first step: open, move, build, step."""
         started = time.perf_counter()
-        predict_logits(model, data, 1 << 18, precision=precision, as_tensor=True)
-        sync(device)
-        rate = len(data) / (time.perf_counter() - started)
-        results[f"predict_samples_per_s_{precision}"] = round(rate)
-        print(f"  predict {precision}: {rate:,.0f} samples/s", flush=True)
+        first: dict[str, float] = {}
+        opened = Store.open(store.path)
+        torch.manual_seed(0)
+        model = build_model(InputLayout.of(opened.feature_map), MODEL)
+
+        class FirstStep(Exception):
+            pass
+
+        def stop_after_first(step: int) -> None:
+            sync(device)
+            first["seconds"] = time.perf_counter() - started
+            raise FirstStep
+
+        config = TrainConfig(epochs=1, progress=False, batch_size=small, device=args.device)
+        with contextlib.suppress(FirstStep):
+            Trainer(config).fit(
+                model, get_entry("deepfm"), opened.split("train"), None, on_step=stop_after_first
+            )
+        return {"seconds": round(first["seconds"], 2)}
+
+    steps.run("store_to_first_step", 120, store_to_first_step)
+
+    def training(rows: EncodedArrays, **options):
+        def measure() -> dict:
+            return train_rate(store, rows, device=args.device, epochs=args.epochs, **options)
+
+        return measure
+
+    for batch, precision in ((small, "fp32"), (large, "bf16")):
+        for updates in ("dense", "sparse") if batch == small else ("dense",):
+            name = f"eager/{batch}/{matmul_label(precision)}/{updates}"
+            steps.run(name, 90, training(
+                train, batch_size=batch, precision=precision, embedding_updates=updates
+            ))  # fmt: skip
+    if not short:
+        steps.run(f"eager/{large}/tf32/dense", 90, training(train, batch_size=large))
+        # Table I: the same run with batches streamed from host memory, async vs sync reading
+        streamed = subset(train, 200 * small)
+        for loading in ("async", "sync"):
+
+            def measure_streamed(loading=loading) -> dict:
+                planned = trainer_module.plan_residency
+                trainer_module.plan_residency = lambda *a: (False, False)
+                try:
+                    return training(
+                        streamed, batch_size=small, embedding_updates="dense",
+                        sync_loading=loading == "sync",
+                    )()  # fmt: skip
+                finally:
+                    trainer_module.plan_residency = planned
+
+            steps.run(f"eager/{small}/tf32/dense/streamed-{loading}", 90, measure_streamed)
+
+    def matmul_rate() -> dict:
+        flops = mlp_flops(small, fields)
+        return {"tflops": round(flops / matmul_seconds(small, fields, device) / 1e12, 1)}
+
+    steps.run(f"matmul/{small}/tf32", 60, matmul_rate)
+
+    def predict(precision: str, compiled: bool):
+        def measure() -> dict:
+            torch.manual_seed(0)
+            model = build_model(InputLayout.of(store.feature_map), MODEL).to(device).eval()
+            data = trainer_module.Batches(train, device)
+            net = torch.compile(model, mode="reduce-overhead", dynamic=False) if compiled else model
+            batch = sizes.predict_batch
+            predict_logits(net, data, batch, precision=precision, as_tensor=True, static=compiled)
+            sync(device)  # warm-up (compilation included) done
+            started = time.perf_counter()
+            predict_logits(net, data, batch, precision=precision, as_tensor=True, static=compiled)
+            sync(device)
+            return {"rows_per_s": round(len(data) / (time.perf_counter() - started))}
+
+        return measure
+
+    for precision in ("fp32", "bf16"):
+        steps.run(f"predict/eager/{matmul_label(precision)}", 60, predict(precision, False))
+
+    def large_table(updates: str):
+        """Dense vs sparse updates with a 10M-row table (the data uses its first rows): the
+        cost of a dense step over the whole table, for the auto rule's factor (64 on one GPU:
+        equal costs near 64 x 4096 x 39 = 10M rows)."""
+
+        def measure() -> dict:
+            global_layout = InputLayout.of(store.feature_map)
+            layout = InputLayout(sizes.large_table, global_layout.field_slots)
+            torch.manual_seed(0)
+            model = build_model(layout, MODEL)
+            config = TrainConfig(
+                epochs=2, progress=False, lr=1e-3, batch_size=small, device=args.device,
+                embedding_updates=updates,
+            )  # fmt: skip
+            rows = subset(train, 100 * small)
+            result = Trainer(config).fit(model, get_entry("deepfm"), rows, None)
+            seconds = min(h["seconds"] for h in result.history)
+            return {"samples_per_s": round(len(rows) / seconds), "table_rows": sizes.large_table}
+
+        return measure
+
+    for updates in ("dense", "sparse"):
+        steps.run(f"eager/{small}/tf32/{updates}/10M-rows", 120, large_table(updates))
+    # compiled (static shapes, CUDA graphs) last: the slowest to start and the likeliest to fail
+    compiled_limit = 240 if short else 400
+    for batch, precision in ((small, "fp32"), (large, "bf16")):
+        name = f"compiled/{batch}/{matmul_label(precision)}/dense"
+        rows = subset(train, compiled_rows) if batch == small else train
+
+        def measure_compiled(rows=rows, batch=batch, precision=precision) -> dict:
+            rate = training(
+                rows, batch_size=batch, precision=precision, embedding_updates="dense",
+                compile=True,
+            )()  # fmt: skip
+            if not rate.get("compiled"):
+                raise RuntimeError("torch.compile was not available: the run was eager")
+            return rate
+
+        steps.run(name, compiled_limit, measure_compiled)
+    steps.run("predict/compiled/bf16", compiled_limit / 2, predict("bf16", True))
+    if not short:
+        steps.run("predict/compiled/tf32", compiled_limit / 2, predict("fp32", True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (CPU)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-ddp", action="store_true")
+    parser.add_argument("--short", action="store_true", help="CUDA: the quick subset of steps")
+    parser.add_argument(
+        "--rehearse", action="store_true", help="the CUDA steps on the CPU at toy sizes"
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--updates", default="auto", help=argparse.SUPPRESS)
@@ -276,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         ddp_worker(args)
         return 0
     device = torch.device(args.device)
+    name = "train_speed_cuda.json" if device.type == "cuda" else "train_speed_cpu.json"
+    if args.rehearse:
+        name = "train_speed_rehearsal.json"
+    args.json = str(Path(args.json or HERE / "results" / name))
     work = Path(tempfile.mkdtemp(prefix="deepfm-train-speed-"))
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -295,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         store = Store.open(args.store_path)
         results["rows"] = store.manifest["rows"]
         results["num_features"] = store.feature_map.num_features
-        if device.type == "cuda":
+        if device.type == "cuda" or args.rehearse:
             cuda_suite(args, store, results)
         else:
             cpu_suite(args, store, results)
@@ -303,8 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=2))
-    name = "train_speed_cuda.json" if device.type == "cuda" else "train_speed_cpu.json"
-    out = Path(args.json or HERE / "results" / name)
+    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -266,3 +266,68 @@ def test_a_resumed_optimiser_keeps_this_runs_implementation_flags(criteo):
     optimizer.load_state_dict(saved)
     group = optimizer.primary.param_groups[0]
     assert group["fused"] is True and not group["foreach"] and group["lr"] == 0.5
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_padded_rows_add_nothing_to_the_loss_or_the_gradients(criteo, sparse):
+    from deepfm.data.loader import Batch
+    from deepfm.nn import regularization
+    from deepfm.train.trainer import batch_loss, padded
+
+    layout = InputLayout.of(criteo.feature_map)
+    torch.manual_seed(0)
+    model = build_model(layout, ModelConfig("deepfm", hidden=(32, 32), dropout=0.5, l2=1e-3))
+    for table in trainer_module.embedding_tables(model):
+        table.sparse = sparse
+    rows = 100
+    ids, labels = criteo.train.ids[:rows], criteo.train.labels[:rows]
+    batch = Batch(torch.from_numpy(ids), None, torch.from_numpy(labels))
+
+    def gradients(batch, weights):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout streams: real rows keep their masks when padded
+        loss = batch_loss(model(batch.ids, batch.values), batch.labels, weights)
+        (loss + regularization(model, weights)).backward()
+        return loss.detach(), {n: p.grad.to_dense() for n, p in model.named_parameters()}
+
+    big, weights = padded(batch, 128)
+    assert len(big) == 128 and weights.sum() == rows and torch.equal(big.ids[rows:], batch.ids[:28])
+    loss, grads = gradients(batch, None)
+    padded_loss, padded_grads = gradients(big, weights)
+    # the same sums with 28 exact zeros added, in another order: float32 rounding only
+    torch.testing.assert_close(padded_loss, loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-5, atol=1e-8)
+    if sparse:  # the padding touched no other table row
+        table = model.embedding.table.weight
+        gradients(big, weights)
+        touched = table.grad.coalesce().indices()
+        gradients(batch, None)
+        assert torch.equal(touched, table.grad.coalesce().indices())
+
+
+def test_static_shapes_train_like_eager(criteo, monkeypatch):
+    _, eager = fit(criteo, batch_size=1000)  # 8,100 training rows: the last batch has 100
+    # the compiled path's loop (padded last batch, weighted loss) without compiling
+    monkeypatch.setattr(trainer_module, "compile_model", lambda net, device, dist: (net, True))
+    _, static = fit(criteo, batch_size=1000, compile=True)
+    assert static.setup["compiled"] and not eager.setup["compiled"]
+    for a, b in zip(history(static), history(eager), strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_compile_without_a_compiler_runs_eagerly(criteo, monkeypatch):
+    _, eager = fit(criteo)
+    monkeypatch.setattr(trainer_module.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found; training runs eagerly"):
+        _, fallback = fit(criteo, compile=True)
+    assert fallback.setup["compiled"] is False
+    assert history(fallback) == history(eager)
+
+
+def test_static_prediction_equals_ragged_prediction(criteo):
+    model, _ = fit(criteo)
+    ragged = predict_logits(model, Batches(criteo.test), 300)
+    static = predict_logits(model, Batches(criteo.test), 300, static=True)
+    assert len(criteo.test) % 300 and len(static) == len(criteo.test)
+    np.testing.assert_allclose(static, ragged, rtol=1e-6, atol=1e-7)

@@ -60,9 +60,10 @@ class InputLayout:
 
 
 class Regularized(nn.Module):
-    """A block whose training forward leaves an L2 ``penalty`` (a scalar tensor) behind.
+    """A block whose training forward leaves an L2 ``penalty`` behind: per sample, ``l2 ·
+    Σ ||row||²`` over the table rows the sample used (``[B]``).
 
-    The penalty is ``l2 · Σ ||row||² / batch`` over the table rows the batch used, so only
+    The batch's penalty is its mean over the samples (:func:`regularization`), so only
     features present in the batch are regularised (the usual practice for sparse CTR tables;
     a dense weight decay would shrink every row at every step).
     """
@@ -72,9 +73,10 @@ class Regularized(nn.Module):
         self.l2 = float(l2)
         self.penalty: torch.Tensor | None = None
 
-    def _record(self, rows: torch.Tensor, batch: int) -> None:
+    def _record(self, rows: torch.Tensor) -> None:
+        """``rows [B, *]``: the table rows (or weights) each sample looked up."""
         if self.training and self.l2 > 0:
-            self.penalty = self.l2 * rows.pow(2).sum() / batch
+            self.penalty = self.l2 * rows.pow(2).flatten(1).sum(dim=1)
         else:
             self.penalty = None
 
@@ -85,19 +87,24 @@ def lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     On CPU with dense gradients the rows are gathered by :func:`gather_rows`, whose backward
     scatters in one threaded pass where ``embedding_dense_backward`` sorts the ids first
     (BENCHMARKS.md, training speed). Sparse-gradient tables and other devices use the
-    embedding kernel itself.
+    embedding kernel itself, and so does a graph being compiled (the compiler writes its own).
     """
-    if table.sparse or ids.device.type != "cpu":
+    if table.sparse or ids.device.type != "cpu" or torch.compiler.is_compiling():
         return table(ids)
     return gather_rows(table.weight, ids).view(*ids.shape, table.embedding_dim)
 
 
-def regularization(model: nn.Module) -> torch.Tensor | float:
-    """Sum of the penalties left by the last training forward of ``model``'s blocks."""
+def regularization(model: nn.Module, weights: torch.Tensor | None = None) -> torch.Tensor | float:
+    """The penalties left by the last training forward of ``model``'s blocks, averaged over
+    the batch's samples (``weights [B]``: a weighted mean, 0 for rows that only pad a batch to
+    its static shape)."""
     total: torch.Tensor | float = 0.0
     for module in model.modules():
         if isinstance(module, Regularized) and module.penalty is not None:
-            total = total + module.penalty
+            if weights is None:
+                total = total + module.penalty.mean()
+            else:
+                total = total + (module.penalty * weights).sum() / weights.sum()
     return total
 
 
@@ -131,7 +138,7 @@ class FieldEmbedding(Regularized):
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         rows = lookup(self.table, ids)  # [B, S, dim]
-        self._record(rows, ids.shape[0])
+        self._record(rows)
         if values is not None:
             rows = rows * values.unsqueeze(-1)
         if not self.pooled:
@@ -151,7 +158,7 @@ class FeatureLinear(Regularized):
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         w = lookup(self.weight, ids).squeeze(-1)  # [B, S]
-        self._record(w, ids.shape[0])
+        self._record(w)
         if values is not None:
             w = w * values
         return w.sum(dim=1) + self.bias

@@ -45,8 +45,8 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.dropout(x, self.p, training=True)  # a compiler fuses it itself
         return dropout(x, self.p)
 
     def extra_repr(self) -> str:
@@ -57,8 +57,9 @@ class MLP(nn.Module):
     """``[B, in] -> [B, out]``: (Linear → activation → dropout) per hidden layer, then Linear.
 
     ``dropout`` is the probability of *dropping* a unit (the paper reports the keep probability:
-    keep 0.5 is dropout 0.5, keep 0.9 is dropout 0.1). In training on CPU, ReLU and dropout run
-    as one fused pass (:func:`~deepfm.nn.cpu_kernels.relu_dropout`).
+    keep 0.5 is dropout 0.5, keep 0.9 is dropout 0.1). In eager training on CPU, ReLU and
+    dropout run as one fused pass (:func:`~deepfm.nn.cpu_kernels.relu_dropout`); under
+    ``torch.compile`` the compiler fuses PyTorch's own ops.
     """
 
     def __init__(
@@ -85,7 +86,8 @@ class MLP(nn.Module):
         self.fused_relu_dropout = activation_name == "relu" and dropout > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.fused_relu_dropout and x.device.type == "cpu"):
+        fuse = self.training and self.fused_relu_dropout and x.device.type == "cpu"
+        if not fuse or torch.compiler.is_compiling():
             return self.layers(x)
         *hidden, last = self.layers
         for linear, drop in zip(hidden[0::3], hidden[2::3], strict=True):

@@ -24,8 +24,12 @@ The model maps a batch to logits and knows nothing else; everything about traini
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -258,6 +262,41 @@ class StreamedBatches:
         return iter(loader)
 
 
+def padded(batch: Batch, size: int) -> tuple[Batch, torch.Tensor | None]:
+    """``batch`` grown to ``size`` rows for a static shape, and the rows' weights (1 real, 0
+    padding; None when nothing was added). The padding repeats the batch's own rows, so it
+    touches no table row the batch does not (sparse updates see the same rows) and, weighing
+    0 in the loss and the penalty (:func:`batch_loss`, ``regularization``), adds exact zeros
+    to every gradient."""
+    rows = len(batch)
+    if rows == size:
+        return batch, None
+    index = torch.arange(size, device=batch.ids.device) % rows
+    weights = (torch.arange(size, device=batch.ids.device) < rows).float()
+
+    def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[index]
+
+    return Batch(batch.ids[index], grow(batch.values), grow(batch.labels)), weights
+
+
+def batch_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean binary cross-entropy of the batch's rows (a weighted mean with ``weights``)."""
+    if weights is None:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels)
+    per_row = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+    return (per_row * weights).sum() / weights.sum()
+
+
+def matmul_precision(device: torch.device, precision: str) -> str:
+    """``bf16`` or ``tf32`` on CUDA, ``fp32`` on CPU (no autocast there)."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if precision == "bf16" else "tf32"
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -279,9 +318,12 @@ def predict_logits(
     *,
     precision: str = "fp32",
     as_tensor: bool = False,
+    static: bool = False,
 ) -> np.ndarray | torch.Tensor:
     """Logits of every row, in order, in large batches on the model's device. Results stay on
-    the device until the end (one transfer; ``as_tensor`` keeps them there)."""
+    the device until the end (one transfer; ``as_tensor`` keeps them there). ``static``: every
+    batch has ``batch_size`` rows (the last one padded, its padding's logits dropped), so a
+    model compiled for one shape (CUDA graphs) never sees another."""
     device = _device_of(model)
     was_training = model.training
     model.eval()
@@ -296,11 +338,12 @@ def predict_logits(
         )
     with autocast(device, precision):
         for batch in batches:
-            out.append(
-                model(
-                    batch.ids.to(device), None if batch.values is None else batch.values.to(device)
-                ).float()
-            )
+            rows = len(batch)
+            if static:
+                batch, _ = padded(batch, batch_size)
+            ids = batch.ids.to(device)
+            values = None if batch.values is None else batch.values.to(device)
+            out.append(model(ids, values)[:rows].float())
     model.train(was_training)
     logits = torch.cat(out) if out else torch.zeros(0, device=device)
     return logits if as_tensor else logits.cpu().numpy()
@@ -495,6 +538,37 @@ def data_parallel(
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def missing_compiler(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot build code for ``device`` here, or None. Inductor writes
+    C++ for the CPU and Triton kernels (whose launchers it compiles with the C compiler) for
+    CUDA."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        compilers = (os.environ.get("CC"), "cc", "gcc", "clang")
+    else:
+        compilers = (os.environ.get("CXX"), "g++", "c++", "clang++")
+    if not any(shutil.which(c) for c in compilers if c):
+        return f"no {'C' if device.type == 'cuda' else 'C++'} compiler found"
+    return None
+
+
+def compile_model(
+    net: nn.Module, device: torch.device, dist: Distributed
+) -> tuple[nn.Module, bool]:
+    """``(torch.compile(net), True)`` with static shapes (the trainer pads the last batch, so
+    one graph serves every step) and, on one GPU, CUDA graphs (``reduce-overhead``: a step of
+    a few milliseconds is otherwise bound by kernel launches); under DDP the default mode
+    (CUDA graphs and DDP's bucketed all-reduce do not mix). ``(net, False)``, with a warning,
+    when there is no compiler for the device: training runs eagerly."""
+    reason = missing_compiler(device)
+    if reason is not None:
+        warnings.warn(f"--compile: {reason}; training runs eagerly", RuntimeWarning, stacklevel=3)
+        return net, False
+    mode = "reduce-overhead" if device.type == "cuda" and not dist.enabled else None
+    return torch.compile(net, dynamic=False, mode=mode), True
+
+
 # -- the trainer ----------------------------------------------------------------------------------
 
 
@@ -598,14 +672,17 @@ class Trainer:
             "batches": "device-resident"
             if resident
             else ("synchronous" if config.sync_loading else "asynchronous"),
-            "precision": config.precision if device.type == "cuda" else "fp32",
+            # what the matmuls run in: fp32 on CUDA means TF32 (use_device turns it on)
+            "precision": matmul_precision(device, config.precision),
             "world": dist.world,
             "lr": optimizer.lr,
         }
         row_tables = [t.weight for t in embedding_tables(model)] if sparse else []
         net = data_parallel(model, dist, device, row_tables)
+        compiled = False
         if config.compile:
-            net = torch.compile(net)
+            net, compiled = compile_model(net, device, dist)
+        result.setup["compiled"] = compiled
 
         generator = torch.Generator().manual_seed(config.seed)
         progress = _Progress()
@@ -639,16 +716,20 @@ class Trainer:
                 mininterval=0.5,
             )
             for batch in data.batches(order, config.batch_size, progress.step):
+                rows_in_batch = len(batch)
+                weights = None
+                if compiled:  # one shape for every step: the last batch is padded
+                    batch, weights = padded(batch, config.batch_size)
                 with autocast(device, config.precision):
                     logits = net(batch.ids, batch.values)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
-                objective = loss * len(batch) if optimizer.sums_loss else loss
-                objective = objective + regularization(model)
+                loss = batch_loss(logits, batch.labels, weights)
+                objective = loss * rows_in_batch if optimizer.sums_loss else loss
+                objective = objective + regularization(model, weights)
                 optimizer.zero_grad()
                 objective.backward()
                 dist.average_row_gradients(row_tables)
                 optimizer.step()
-                loss_sum += loss.detach() * len(batch)
+                loss_sum += loss.detach() * rows_in_batch
                 progress.step += 1
                 progress.global_step += 1
                 bar.update()
