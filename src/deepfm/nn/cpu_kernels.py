@@ -259,6 +259,20 @@ def relu_dropout(y: torch.Tensor, p: float, key: int | None = None) -> torch.Ten
 # -- row gather with a scatter backward -------------------------------------------------------
 
 
+def scatter_add_rows(ids: torch.Tensor, rows: torch.Tensor, table_rows: int) -> torch.Tensor:
+    """``zeros(table_rows, dim).index_add_(0, ids, rows)``: ``ids [n]``, ``rows [n, dim]`` ->
+    ``[table_rows, dim]``, each row summed in index order (one threaded pass on CPU)."""
+    rows = rows.contiguous()
+    dim = rows.shape[1]
+    lib = _float_kernel(rows) and _usable(ids)
+    if lib is None or ids.dtype not in (torch.int32, torch.int64):
+        return rows.new_zeros(table_rows, dim).index_add_(0, ids, rows)
+    scatter = lib.scatter_rows_i32 if ids.dtype == torch.int32 else lib.scatter_rows_i64
+    table = rows.new_empty(table_rows, dim)
+    scatter(ids.data_ptr(), rows.data_ptr(), ids.numel(), dim, table.data_ptr(), table_rows)
+    return table
+
+
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -270,17 +284,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (ids,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        rows, dim = ctx.table_rows, grad.shape[1]
-        lib = _float_kernel(grad) and _usable(ids)
-        scatter = None
-        if lib is not None and ids.dtype in (torch.int32, torch.int64):
-            scatter = lib.scatter_rows_i32 if ids.dtype == torch.int32 else lib.scatter_rows_i64
-        if scatter is None:
-            return grad.new_zeros(rows, dim).index_add_(0, ids, grad), None
-        table = grad.new_empty(rows, dim)
-        scatter(ids.data_ptr(), grad.data_ptr(), ids.numel(), dim, table.data_ptr(), rows)
-        return table, None
+        return scatter_add_rows(ids, grad, ctx.table_rows), None
 
 
 def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

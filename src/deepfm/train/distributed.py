@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from deepfm.data.encoded import EncodedArrays
 from deepfm.errors import ConfigError
+from deepfm.train.lazy_adam import coalesced_rows
 
 LR_SCALINGS = ("none", "sqrt", "linear")
 
@@ -154,11 +155,15 @@ class Distributed:
             all_ids = self._gather_padded(ids, longest).view(self.world, longest)
             all_values = self._gather_padded(values.reshape(-1), longest * dim)
             all_values = all_values.view(self.world, longest, dim)
-            rows = torch.cat([all_ids[r, :n] for r, n in enumerate(per_rank)])
-            grads = torch.cat([all_values[r, :n] for r, n in enumerate(per_rank)])
+            merged = torch.sparse_coo_tensor(
+                torch.cat([all_ids[r, :n] for r, n in enumerate(per_rank)]).unsqueeze(0),
+                torch.cat([all_values[r, :n] for r, n in enumerate(per_rank)]),
+                parameter.shape,
+            )
+            rows, grads = coalesced_rows(merged)
             parameter.grad = torch.sparse_coo_tensor(
-                rows.unsqueeze(0), grads / self.world, parameter.shape
-            ).coalesce()
+                rows.unsqueeze(0), grads.div_(self.world), parameter.shape, is_coalesced=True
+            )
 
     def _gather_padded(self, local: torch.Tensor, longest: int) -> torch.Tensor:
         """Every rank's 1-D ``local`` padded to ``longest``, concatenated in rank order."""
@@ -196,8 +201,7 @@ def _coalesced_rows(parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
             parameter.new_zeros(0, parameter.shape[1]),
         )
     assert grad.is_sparse, "row exchange is for sparse gradients"
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+    return coalesced_rows(grad)
 
 
 @contextmanager
