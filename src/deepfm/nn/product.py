@@ -69,4 +69,5 @@ class ProductLayer(nn.Module):
         self.out_dim = num_fields * dim + sum(p.out_dim for p in self.products)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return torch.cat([e.flatten(1), *(p(e) for p in self.products)], dim=1)
+        parts = [e.flatten(1), *(p(e) for p in self.products)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # z alone: no copy

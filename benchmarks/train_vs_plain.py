@@ -1,0 +1,122 @@
+"""The CPU training-speed bar: ``deepfm train`` against a plain PyTorch DeepFM loop, same run.
+
+``python benchmarks/train_vs_plain.py [--rows 1000000] [--repeats 2] [--threads 0 1]``
+
+Generates Criteo-format rows (``make_criteo.py``), prepares a store, then alternates, for each
+thread count (0: PyTorch's default, all cores): ``deepfm train --store`` (DeepFM-D 400-400-400,
+dropout 0.5, Adam 1e-3, batch 4096, one epoch; its ``train_samples_per_s`` from
+``metrics.json``) and ``benchmarks/plain_deepfm.py`` on the same training split (one epoch),
+each in a fresh process. Best of ``--repeats`` interleaved runs each, so a busy machine slows
+both alike. Also: the MLP's achieved FLOP rate (6·B·Σ in·out per step) over a plain
+``torch.matmul`` of the same shapes measured in the same run. JSON in
+``benchmarks/results/train_vs_plain.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_speed import make_store, matmul_seconds, mlp_flops
+
+HERE = Path(__file__).resolve().parent
+BATCH = 4096
+
+
+def deepfm_train(store: Path, out: Path, threads: int) -> float:
+    command = [sys.executable, "-m", "deepfm", "train", "--store", str(store), "--out", str(out)]
+    command += ["--model", "deepfm", "--hidden", "400,400,400", "--dropout", "0.5"]
+    command += ["--embed-dim", "10", "--lr", "1e-3", "--batch-size", str(BATCH), "--epochs", "1"]
+    command += ["--device", "cpu", "--quiet"] + (["--threads", str(threads)] if threads else [])
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    shutil.rmtree(out)
+    return float(metrics["train_samples_per_s"])
+
+
+def plain_loop(store: Path, threads: int) -> float:
+    command = [sys.executable, str(HERE / "plain_deepfm.py"), "--store", str(store)]
+    command += ["--epochs", "1", "--batch-size", str(BATCH), "--threads", str(threads)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows to generate")
+    parser.add_argument("--store", help="an existing store (else one is generated)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[0], help="0: the default")
+    parser.add_argument("--json", default=str(HERE / "results" / "train_vs_plain.json"))
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="deepfm-vs-plain-"))
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": "python " + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]]),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "batch_size": BATCH,
+    }
+    env_threads = torch.get_num_threads()
+    try:
+        store = Path(args.store) if args.store else make_store(args.rows, work)[0]
+        from deepfm.data.store import Store
+
+        opened = Store.open(store)
+        results["rows"] = opened.manifest["rows"]
+        results["num_features"] = opened.feature_map.num_features
+        fields = opened.feature_map.num_fields
+        flops = mlp_flops(BATCH, fields)
+        runs: dict[str, dict[str, float]] = {}
+        for repeat in range(args.repeats):
+            for threads in args.threads:
+                torch.set_num_threads(threads or env_threads)
+                key = f"threads={threads or env_threads}"
+                run = runs.setdefault(key, {"deepfm_train": 0.0, "plain": 0.0, "matmul": 0.0})
+                matmul = flops / matmul_seconds(BATCH, fields, torch.device("cpu"))
+                ours = deepfm_train(store, work / "bundle", threads)
+                plain = plain_loop(store, threads or env_threads)
+                run["deepfm_train"] = max(run["deepfm_train"], ours)
+                run["plain"] = max(run["plain"], plain)
+                run["matmul"] = max(run["matmul"], matmul)
+                print(
+                    f"  repeat {repeat} {key}: deepfm train {ours:,.0f}, plain {plain:,.0f} "
+                    f"samples/s ({ours / plain:.2f}x), matmul {matmul / 1e9:.1f} GFLOP/s",
+                    flush=True,
+                )
+        for run in runs.values():
+            run["ratio"] = round(run["deepfm_train"] / run["plain"], 3)
+            run["mlp_share_of_matmul"] = round(
+                flops * run["deepfm_train"] / BATCH / run["matmul"], 3
+            )
+            run["plain_mlp_share_of_matmul"] = round(
+                flops * run["plain"] / BATCH / run["matmul"], 3
+            )
+            run["matmul_gflops"] = round(run.pop("matmul") / 1e9, 1)
+            run["deepfm_train"], run["plain"] = round(run["deepfm_train"]), round(run["plain"])
+        results["runs"] = runs
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(results, indent=2))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
