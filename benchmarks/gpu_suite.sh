@@ -24,7 +24,7 @@ if [ "${1:-}" = "--short" ]; then
   SHORT="--short"
   shift
 fi
-if [ -n "$SHORT" ]; then DEFAULT_ROWS=2000000; else DEFAULT_ROWS=10000000; fi
+if [ -n "$SHORT" ]; then DEFAULT_ROWS=2000000 LIMIT=600; else DEFAULT_ROWS=10000000 LIMIT=1800; fi
 ROWS=${1:-$DEFAULT_ROWS}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -48,7 +48,7 @@ time timeout 300 "$PYTHON" -m deepfm prepare --input "$WORK/criteo.txt" --out "$
 rm -f "$WORK/criteo.txt"
 # each attempt continues after the last step written to $OUT (a timed-out step is not retried)
 for attempt in 1 2 3 4 5 6; do
-  time timeout 1200 "$PYTHON" benchmarks/train_speed.py --device cuda --store "$WORK/store" \
+  time timeout "$LIMIT" "$PYTHON" benchmarks/train_speed.py --device cuda --store "$WORK/store" \
     --epochs 2 $SHORT --json "$OUT"
   status=$?
   [ "$status" -eq 0 ] && break
@@ -59,6 +59,7 @@ import json, sys
 results = json.load(open(sys.argv[1]))
 print(f"\n{results.get('gpu')}, torch {results.get('torch')}, rows {results.get('rows')}")
 for name, step in results.get("steps", {}).items():
-    figure = step.get("samples_per_s") or step.get("rows_per_s") or step.get("tflops") or step.get("seconds")
-    print(f"{name:40s} {step['status']:8s} {figure if figure is not None else step.get('error', '')}")
+    keys = ("samples_per_s", "rows_per_s", "tflops", "seconds", "error")
+    figure = next((f"{k}={step[k]}" for k in keys if k in step), "")
+    print(f"{name:40s} {step['status']:8s} {figure}")
 EOF

@@ -398,7 +398,7 @@ def cuda_suite(args, store: Store, results: dict) -> None:
     for updates in ("dense", "sparse"):
         steps.run(f"eager/{small}/tf32/{updates}/10M-rows", 120, large_table(updates))
     # compiled (static shapes, CUDA graphs) last: the slowest to start and the likeliest to fail
-    compiled_limit = 240 if short else 400
+    compiled_limit = 180 if short else 400
     for batch, precision in ((small, "fp32"), (large, "bf16")):
         name = f"compiled/{batch}/{matmul_label(precision)}/dense"
         rows = subset(train, compiled_rows) if batch == small else train

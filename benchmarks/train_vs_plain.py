@@ -6,10 +6,12 @@ Generates Criteo-format rows (``make_criteo.py``), prepares a store, then altern
 thread count (0: PyTorch's default, all cores): ``deepfm train --store`` (DeepFM-D 400-400-400,
 dropout 0.5, Adam 1e-3, batch 4096, one epoch; its ``train_samples_per_s`` from
 ``metrics.json``) and ``benchmarks/plain_deepfm.py`` on the same training split (one epoch),
-each in a fresh process. Best of ``--repeats`` interleaved runs each, so a busy machine slows
-both alike. Also: the MLP's achieved FLOP rate (6·B·Σ in·out per step) over a plain
-``torch.matmul`` of the same shapes measured in the same run. JSON in
-``benchmarks/results/train_vs_plain.json``.
+each in a fresh process. Best of ``--repeats`` interleaved runs each. On a shared machine the
+load moves during a minute-long epoch, so the script also runs ``--pairs`` pairs of short
+blocks in one process, alternating: the trainer (``Trainer.fit``, one epoch of ``--block-steps``
+steps) and the plain loop on the same rows; the median of the pairs' ratios is steadier. Also:
+the MLP's achieved FLOP rate (6·B·Σ in·out per step) over a plain ``torch.matmul`` of the same
+shapes measured in the same run. JSON in ``benchmarks/results/train_vs_plain.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,12 +55,50 @@ def plain_loop(store: Path, threads: int) -> float:
     return float(json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"])
 
 
+def paired_blocks(store: Path, pairs: int, steps: int) -> dict:
+    """Median over ``pairs`` of (trainer samples/s) / (plain loop samples/s), each pair two
+    back-to-back one-epoch blocks of ``steps`` steps on the same rows, in this process."""
+    from deepfm.data.store import Store
+    from deepfm.models import ModelConfig, build_model, get_entry
+    from deepfm.nn import InputLayout
+    from deepfm.train.trainer import TrainConfig, Trainer
+    from plain_deepfm import train as plain_train
+
+    opened = Store.open(store)
+    rows = opened.split("train").take(slice(0, steps * BATCH))
+    ids = torch.from_numpy(rows.ids.astype("int64"))
+    labels = torch.from_numpy(rows.labels.copy())
+    layout = InputLayout.of(opened.feature_map)
+    config = TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, progress=False, device="cpu")
+    ratios, ours_rates, plain_rates = [], [], []
+    for pair in range(pairs):
+        torch.manual_seed(pair)
+        model = build_model(layout, ModelConfig("deepfm", hidden=(400, 400, 400), dropout=0.5))
+        fit = Trainer(config).fit(model, get_entry("deepfm"), rows, None)
+        ours = fit.train_samples_per_s
+        plain = plain_train(
+            ids, labels, layout.num_features, epochs=1, batch_size=BATCH, lr=1e-3, seed=pair
+        )["samples_per_s"]
+        ratios.append(ours / plain)
+        ours_rates.append(ours)
+        plain_rates.append(plain)
+        print(f"    pair {pair}: {ours:,.0f} / {plain:,.0f} = {ours / plain:.2f}x", flush=True)
+    return {
+        "median_ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "trainer_median": round(statistics.median(ours_rates)),
+        "plain_median": round(statistics.median(plain_rates)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to generate")
     parser.add_argument("--store", help="an existing store (else one is generated)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, nargs="+", default=[0], help="0: the default")
+    parser.add_argument("--pairs", type=int, default=7, help="paired short blocks (0: none)")
+    parser.add_argument("--block-steps", type=int, default=15)
     parser.add_argument("--json", default=str(HERE / "results" / "train_vs_plain.json"))
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="deepfm-vs-plain-"))
@@ -107,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
             run["matmul_gflops"] = round(run.pop("matmul") / 1e9, 1)
             run["deepfm_train"], run["plain"] = round(run["deepfm_train"]), round(run["plain"])
         results["runs"] = runs
+        if args.pairs:
+            paired = {}
+            for threads in args.threads:
+                torch.set_num_threads(threads or env_threads)
+                key = f"threads={threads or env_threads}"
+                print(f"  paired blocks, {key}:", flush=True)
+                paired[key] = paired_blocks(store, args.pairs, args.block_steps)
+            results["paired_blocks"] = paired
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
