@@ -796,27 +796,33 @@ class Trainer:
     # -- evaluation across ranks ---------------------------------------------------------------
 
     def evaluate(self, model: nn.Module, data: EncodedArrays) -> dict[str, float]:
-        """AUC and Logloss of ``model`` on ``data``: each rank scores its shard (kept on the
-        device when it fits, else streamed through pinned memory one batch ahead) and every
-        rank gets the metrics of the whole set."""
+        """AUC and Logloss of ``model`` on ``data`` (fp32, or TF32 on CUDA: the reported
+        metrics are not bf16's): each rank scores its shard (kept on the device when it fits,
+        else streamed through pinned memory one batch ahead) and every rank gets the metrics
+        of the whole set."""
         device = _device_of(model)
         shard = self.dist.shard(data)
         need = activation_bytes(model, self.config.eval_batch_size, int(data.ids.shape[1]))
         with torch_threads(self.config.threads):
             _, resident = plan_residency(device, need, None, shard)
-            return self._evaluate(model, placed(shard, device, resident), data)
+            return self._evaluate(model, placed(shard, device, resident), data, "fp32")
 
     def _evaluate(
-        self, model: nn.Module, shard: Batches | EncodedArrays, valid: EncodedArrays
+        self,
+        model: nn.Module,
+        shard: Batches | EncodedArrays,
+        valid: EncodedArrays,
+        precision: str | None = None,
     ) -> dict[str, float]:
-        """Each rank scores its ``shard`` of ``valid``; the logits are gathered, every rank
-        computes the same AUC and Logloss (and so takes the same early-stopping decisions)."""
+        """Each rank scores its ``shard`` of ``valid`` (in the training's precision unless
+        told); the logits are gathered, every rank computes the same AUC and Logloss (and so
+        takes the same early-stopping decisions)."""
         dist = self.dist
         local = predict_logits(
             model,
             shard,
             self.config.eval_batch_size,
-            precision=self.config.precision,
+            precision=precision or self.config.precision,
             as_tensor=True,
         )
         logits = dist.gather_rows(local, len(valid)).cpu().numpy()
