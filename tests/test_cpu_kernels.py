@@ -68,8 +68,9 @@ def test_keep_rate_and_independence_of_the_stream():
 def test_quantised_rate_and_scale():
     assert keep_cut(0.5) == (0, 2.0)
     cut, scale = keep_cut(0.1)
-    dropped = cut + 32768
-    assert abs(dropped / 65536 - 0.1) <= 2**-17 and scale == 65536 / (65536 - dropped)
+    dropped = cut + 2**31
+    assert abs(dropped / 2**32 - 0.1) <= 2**-33 and scale == 2**32 / (2**32 - dropped)
+    assert keep_cut(0.0)[0] == -(2**31) and keep_cut(1.0)[0] == 2**31  # all kept, none kept
 
 
 def reference_relu_dropout(y, p, key):

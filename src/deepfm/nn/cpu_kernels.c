@@ -22,22 +22,24 @@ static inline uint64_t mix(uint64_t z) {
 }
 
 #define GOLDEN 0x9E3779B97F4A7C15ULL
-#define LANES 4 /* 16-bit lanes per 64-bit word: one lane decides one element */
+#define LANES 2 /* 32-bit lanes per 64-bit word: one lane decides one element */
 
 #define CHUNK 1024 /* words per block: the draws of a block stay in L1 */
 
-/* Element i of a dropout stream is kept when its signed 16-bit draw is >= cut: lane i%4 (bits
- * 16*(i%4)...) of word i/4, that is element i of the words read as little-endian int16. Blocks
+/* Element i of a dropout stream is kept when its signed 32-bit draw is >= cut: lane i%2 (bits
+ * 32*(i%2)...) of word i/2, that is element i of the words read as little-endian int32. Blocks
  * of words are drawn into a buffer, then applied: two simple loops the compiler vectorises.
  * OUT(x, kept) is the output of one element. */
 #define DROPOUT_KERNEL(NAME, OUT)                                                             \
-    void NAME(const float *in, float *out, int64_t n, uint64_t key, int32_t cut, float scale) { \
+    void NAME(const float *in, float *out, int64_t n, uint64_t key, int64_t cut, float scale) { \
         const int64_t words = (n + LANES - 1) / LANES;                                        \
         const int64_t blocks = (words + CHUNK - 1) / CHUNK;                                   \
+        const int none = cut > INT32_MAX; /* p = 1: every unit dropped */                     \
+        const int32_t cut32 = none ? INT32_MAX : (int32_t)cut;                                \
         _Pragma("omp parallel for schedule(static)")                                         \
         for (int64_t block = 0; block < blocks; ++block) {                                    \
             uint64_t bits[CHUNK];                                                             \
-            int16_t draws[CHUNK * LANES];                                                     \
+            int32_t draws[CHUNK * LANES];                                                     \
             const int64_t first = block * CHUNK;                                              \
             const int64_t count = words - first < CHUNK ? words - first : CHUNK;              \
             for (int64_t w = 0; w < count; ++w)                                               \
@@ -47,7 +49,7 @@ static inline uint64_t mix(uint64_t z) {
             const int64_t end = begin + count * LANES < n ? begin + count * LANES : n;        \
             for (int64_t i = begin; i < end; ++i) {                                           \
                 const float x = in[i];                                                        \
-                const int kept = draws[i - begin] >= cut;                                     \
+                const int kept = !none && draws[i - begin] >= cut32;                          \
                 out[i] = OUT;                                                                 \
             }                                                                                 \
         }                                                                                     \

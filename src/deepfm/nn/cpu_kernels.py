@@ -6,7 +6,7 @@ and their backward) and the scatter of the embedding gradient. Here each is one 
 
 * :func:`dropout` and :func:`relu_dropout` — inverted dropout (after a ReLU: both in one pass),
   forward and backward one pass each. The mask comes from a counter-based random stream
-  (splitmix64's mixer over word indices, four 16-bit draws per word) keyed by one number drawn
+  (splitmix64's mixer over word indices, two 32-bit draws per word) keyed by one number drawn
   from PyTorch's generator per call: every thread can draw any element, no mask is stored (the
   backward recomputes it from the key, or reads ``out > 0`` after a ReLU), and
   ``torch.manual_seed`` fixes the result as before. PyTorch's own CPU masks come from one
@@ -40,8 +40,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 #: splitmix64's constants (the C source holds the same)
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-LANES = 4  # 16-bit draws per 64-bit word
-DRAWS = 1 << 16
+LANES = 2  # 32-bit draws per 64-bit word
+DRAWS = 1 << 32
 
 
 def _signed(value: int) -> int:
@@ -64,18 +64,21 @@ def random_words(key: int, words: int, device: torch.device | str = "cpu") -> to
 
 
 def keep_cut(p: float) -> tuple[int, float]:
-    """(cut, scale) for drop rate ``p``: a unit is kept when its signed 16-bit draw (uniform on
-    -32768 … 32767) is ≥ ``cut``, i.e. with probability ``1 - round(p·2^16)/2^16`` (p within
-    2^-17 of the asked one), and kept units are scaled by the inverse of that probability."""
+    """(cut, scale) for drop rate ``p``: a unit is kept when its signed 32-bit draw (uniform on
+    -2^31 … 2^31-1) is ≥ ``cut``, i.e. with probability ``1 - round(p·2^32)/2^32`` (p within
+    2^-33 of the asked one), and kept units are scaled by the inverse of that probability
+    (``1/(1-p)`` to float32 precision)."""
     dropped = round(p * DRAWS)
-    return dropped - DRAWS // 2, DRAWS / (DRAWS - dropped)
+    return dropped - DRAWS // 2, DRAWS / (DRAWS - dropped) if dropped < DRAWS else 0.0
 
 
 def keep_mask(key: int, n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """The kernel's dropout decisions for elements ``0 … n-1`` (bool ``[n]``, True = kept)."""
     cut, _ = keep_cut(p)
+    if cut >= DRAWS // 2:  # p = 1
+        return torch.zeros(n, dtype=torch.bool, device=device)
     words = random_words(key, -(-n // LANES), device)
-    return words.view(torch.int16)[:n] >= cut  # little-endian lanes: lane j = bits 16j…16j+15
+    return words.view(torch.int32)[:n] >= cut  # little-endian lanes: lane j = bits 32j…32j+31
 
 
 def draw_key() -> int:
@@ -157,15 +160,9 @@ def library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    pointer, n, f32, i32, u64 = (
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_float,
-        ctypes.c_int32,
-        ctypes.c_uint64,
-    )
+    pointer, n, f32, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
     for name in ("dropout_apply", "relu_dropout_forward"):
-        getattr(lib, name).argtypes = [pointer, pointer, n, u64, i32, f32]
+        getattr(lib, name).argtypes = [pointer, pointer, n, u64, n, f32]
     lib.relu_dropout_backward.argtypes = [pointer, pointer, pointer, n, f32]
     for name in ("scatter_rows_i32", "scatter_rows_i64"):
         getattr(lib, name).argtypes = [pointer, pointer, n, n, pointer, n]
@@ -245,7 +242,7 @@ class _ReluDropout(torch.autograd.Function):
 
 def dropout(x: torch.Tensor, p: float, key: int | None = None) -> torch.Tensor:
     """Inverted dropout in training: each element kept with probability ``1 - p`` (quantised
-    to 2^-16, see :func:`keep_cut`) and scaled by its inverse. ``key`` picks the random stream
+    to 2^-32, see :func:`keep_cut`) and scaled by its inverse. ``key`` picks the random stream
     (default: drawn from PyTorch's generator)."""
     return _Dropout.apply(x, p, draw_key() if key is None else key)
 
