@@ -10,7 +10,7 @@ and their backward) and the scatter of the embedding gradient. Here each is one 
   from PyTorch's generator per call: every thread can draw any element, no mask is stored (the
   backward recomputes it from the key, or reads ``out > 0`` after a ReLU), and
   ``torch.manual_seed`` fixes the result as before. PyTorch's own CPU masks come from one
-  Mersenne Twister, one thread: 8 ms per 4096x400 activation, the fused pass 1.2 ms.
+  Mersenne Twister, one thread: 8 ms per 4096x400 activation, the fused pass 1.2–1.6 ms.
 * :func:`gather_rows` — ``weight[ids]`` whose backward scatters the rows' gradients into a
   zeroed table in index order (``index_add_``'s order), each thread owning a range of rows.
 

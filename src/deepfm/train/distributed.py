@@ -152,6 +152,9 @@ class Distributed:
         per_table = self._gather_padded(counts, len(counts)).view(self.world, -1).T.tolist()
         for parameter, (ids, values), per_rank in zip(parameters, local, per_table, strict=True):
             longest, dim = max(per_rank), parameter.shape[1]
+            if longest == 0:  # no rank touched this table (every rank sees the same counts)
+                parameter.grad = None
+                continue
             all_ids = self._gather_padded(ids, longest).view(self.world, longest)
             all_values = self._gather_padded(values.reshape(-1), longest * dim)
             all_values = all_values.view(self.world, longest, dim)
