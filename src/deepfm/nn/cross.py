@@ -139,7 +139,7 @@ class PairCrossLinear(Regularized):
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         w = lookup(self.weight, self.index(ids)).squeeze(-1)  # [B, pairs]
-        self._record(w, ids.shape[0])
+        self._record(w)
         if values is not None:
             w = w * values[:, self.left] * values[:, self.right]
         return w.sum(dim=1)
