@@ -14,7 +14,8 @@ sizes. Generated files and stores are written under ``--workdir`` and deleted af
 
 ``--long-tail`` (issue 12): rows whose C3, C12, C16, C21 never stop bringing new values
 (``make_criteo.py --long-tail``: ~10.8M distinct values at 3M rows). For each ``--min-counts``
-it runs ``prepare`` with ``--workers 2`` (and, for the first min count, ``--workers 1``), with
+it runs ``prepare`` with ``--workers 2`` (and, for the first min count, ``--workers 1``;
+``--repeats N`` alternates N runs of each and reports the medians of their ratios), with
 the peak memory of the whole process tree sampled every 50 ms (the sum of VmRSS, which counts
 pages shared between processes once per process, and the sum of PSS, which splits them); then it
 builds a DeepFM-D bundle (k = 10) over the store's feature map and measures the size of its JSON
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,16 +63,19 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _memory_kb(pid: int) -> tuple[int, int]:
-    """(VmRSS, PSS) of one process in KiB; zeros once it is gone."""
+def _memory_kb(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, PSS, VmHWM) of one process in KiB; zeros once it is gone. VmHWM is the process's
+    own peak RSS so far: a spike between two samples still shows in it."""
     try:
         with open(f"/proc/{pid}/status") as handle:
-            rss = int(handle.read().split("VmRSS:")[1].split()[0])
+            status = handle.read()
+        rss = int(status.split("VmRSS:")[1].split()[0])
+        hwm = int(status.split("VmHWM:")[1].split()[0])
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             pss = int(handle.read().split("\nPss:")[1].split()[0])
     except (OSError, IndexError, ValueError):
-        return 0, 0
-    return rss, pss
+        return 0, 0, 0
+    return rss, pss, hwm
 
 
 class TreeMemory(threading.Thread):
@@ -79,22 +84,28 @@ class TreeMemory(threading.Thread):
     def __init__(self, pid: int, every: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
-        self.peak_rss = self.peak_pss = self.peak_processes = 0
+        self.peak_rss = self.peak_pss = self.peak_processes = self.largest_hwm = 0
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             pids = _tree(self.pid)
             sizes = [_memory_kb(p) for p in pids]
-            self.peak_rss = max(self.peak_rss, sum(r for r, _ in sizes))
-            self.peak_pss = max(self.peak_pss, sum(p for _, p in sizes))
+            self.peak_rss = max(self.peak_rss, sum(r for r, _, _ in sizes))
+            self.peak_pss = max(self.peak_pss, sum(p for _, p, _ in sizes))
+            self.largest_hwm = max(self.largest_hwm, *(h for _, _, h in sizes))
             self.peak_processes = max(self.peak_processes, len(pids))
             self.done.wait(self.every)
 
 
 def measured(command: list[str], env: dict | None = None) -> dict:
     """Run ``command`` in a child: wall seconds, its own peak RSS and CPU time (wait4, children
-    included), the peak summed RSS and PSS of its process tree (sampled), stdout."""
+    included), the peak summed RSS and PSS of its process tree (sampled), the largest peak RSS
+    of one process of the tree (VmHWM), stdout.
+
+    wait4's maxrss also counts this process's own RSS at the time of the fork (Linux records
+    the old address space's peak when the child execs): this process must stay small (it
+    builds bundles in a child) for that figure to be the child's."""
     started = time.perf_counter()
     with tempfile.TemporaryFile() as errors:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, env=env)
@@ -116,6 +127,7 @@ def measured(command: list[str], env: dict | None = None) -> dict:
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
         "tree_peak_rss_mb": round(sampler.peak_rss / 1024, 1),
         "tree_peak_pss_mb": round(sampler.peak_pss / 1024, 1),
+        "largest_process_hwm_mb": round(sampler.largest_hwm / 1024, 1),
         "processes": sampler.peak_processes,
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
         "stdout": stdout.decode(),
@@ -160,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/results/prepare_speed.json")
     parser.add_argument("--parse-only", help=argparse.SUPPRESS)
     parser.add_argument("--load-bundle", help=argparse.SUPPRESS)
+    parser.add_argument("--build-bundle", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--long-tail", action="store_true", help="the issue-12 benchmark")
     parser.add_argument("--min-counts", default="1", help="long tail: min counts to prepare with")
     parser.add_argument("--workers", type=int, default=2, help="long tail: prepare's workers")
     parser.add_argument("--before", help="long tail: also prepare with this git revision")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="long tail: 2-worker and 1-worker runs, alternated"
+    )
     parser.add_argument(
         "--prepare-only", action="store_true", help="long tail: no bundle, no 1-worker run"
     )
@@ -173,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.load_bundle:
         load_bundle_timed(args.load_bundle)
+        return 0
+    if args.build_bundle:
+        print(json.dumps(build_bundle(*map(Path, args.build_bundle))))
         return 0
     if args.long_tail:
         return long_tail(args)
@@ -257,7 +276,8 @@ def machine() -> dict:
 
 def build_bundle(store: Path, out: Path) -> dict:
     """A DeepFM-D bundle (k = 10) over the store's feature map, its weights as initialised (the
-    cost of loading a bundle does not depend on their values)."""
+    cost of loading a bundle does not depend on their values). Run in a child (``--build-bundle``):
+    the ~0.7 GB it holds would show in the next ``prepare``'s wait4 maxrss (see ``measured``)."""
     from deepfm.data.store import Store
     from deepfm.models.registry import ModelConfig, build_model
     from deepfm.nn import InputLayout
@@ -316,6 +336,7 @@ def prepare_run(data: Path, store: Path, min_count: int, workers: int | None, en
     summary = json.loads(run["stdout"].strip().splitlines()[-1])
     rows = summary["rows"]["total"]
     keys = ("seconds", "cpu_seconds", "peak_rss_mb", "tree_peak_rss_mb", "tree_peak_pss_mb")
+    keys += ("largest_process_hwm_mb",)
     return {k: run[k] for k in keys} | {
         "processes": run["processes"],
         "rows_per_s": round(rows / run["seconds"]),
@@ -347,14 +368,32 @@ def long_tail(args: argparse.Namespace) -> int:
         print(json.dumps({"min_count": min_count, **entry}), flush=True)
         if i == 0 and not args.prepare_only:
             bundle = work / "bundle_longtail"
-            entry["bundle"] = build_bundle(store, bundle)
+            built = measured([sys.executable, __file__, "--build-bundle", str(store), str(bundle)])
+            entry["bundle"] = json.loads(built["stdout"].strip().splitlines()[-1])
             load = measured([sys.executable, __file__, "--load-bundle", str(bundle)])
             entry["bundle"]["load"] = json.loads(load["stdout"].strip().splitlines()[-1])
             shutil.rmtree(bundle)
-            entry["workers_1"] = prepare_run(data, store, min_count, 1)
+            runs_1, runs_2 = [], [entry["workers_2"]]
+            for repeat in range(args.repeats):  # interleaved: both see the same machine
+                runs_1.append(prepare_run(data, store, min_count, 1))
+                if repeat + 1 < args.repeats:
+                    runs_2.append(prepare_run(data, store, min_count, args.workers))
+            entry["workers_1"] = runs_1[0]
             entry["workers_2_over_1"] = round(
                 entry["workers_2"]["rows_per_s"] / entry["workers_1"]["rows_per_s"], 3
             )
+            if args.repeats > 1:
+                pairs = list(zip(runs_1, runs_2, strict=True))
+                ratios = [b["rows_per_s"] / a["rows_per_s"] for a, b in pairs]
+                cpu = [b["cpu_seconds"] / a["cpu_seconds"] for a, b in pairs]
+                entry["repeats"] = {
+                    "workers_2": runs_2,
+                    "workers_1": runs_1,
+                    "workers_2_over_1": [round(r, 3) for r in ratios],
+                    "median_workers_2_over_1": round(statistics.median(ratios), 3),
+                    "median_cpu_2_over_1": round(statistics.median(cpu), 3),
+                    "load_average": load_average(),
+                }
             if args.before:
                 env = {**os.environ, "PYTHONPATH": str(old_source(args.before, work))}
                 entry["before"] = {"ref": args.before} | prepare_run(
