@@ -184,6 +184,7 @@ def _init_worker(state: dict[str, Any]) -> None:
     _STATE.update(state)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
+    _block_buffers_from_heap()
 
 
 def _parse(task: tuple[int, Block]) -> ParseResult:
@@ -448,28 +449,41 @@ class PrepareResult:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
-@contextmanager
-def _large_buffers_from_mmap() -> Iterator[None]:
-    """While preparing, glibc serves buffers of 1 MiB and more with mmap. After a large free glibc
-    raises its mmap threshold (up to 32 MiB) and later block-sized buffers come from the heap,
-    which fragments: peak RSS crept by ~50 MB between 1M and 10M rows.
-
-    Afterwards the thresholds are set to glibc's dynamic upper bounds (mmap 32 MiB, trim 64 MiB),
-    the state a long-running process reaches by itself: left at 1 MiB, a training run in the
-    same process (``compare --criteo``, the benchmarks) mapped and zero-filled fresh pages for
-    its activations at every step (33k instead of 48k samples/s, BENCHMARKS.md).
-    """
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Set glibc's thresholds; False where the C library is not glibc (nothing to do)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to do
+    except (OSError, AttributeError):
+        return False
+    mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    return True
+
+
+def _block_buffers_from_heap() -> bool:
+    """Buffers below 64 MiB (every block-sized array) come from the heap and freed memory is kept
+    up to 512 MiB, in this process and in each worker: each block reuses the pages of the one
+    before. Served by mmap (1 MiB threshold, before 2026-12-01), every array of a block was
+    mapped and zero-filled afresh: 650k page faults and a quarter of the CPU time for 1M rows,
+    against 180k faults. The memory goes back to the system after each task
+    (:func:`_release`, ``malloc_trim``); peak RSS is unchanged (BENCHMARKS.md)."""
+    return _mallopt(64 << 20, 512 << 20)
+
+
+@contextmanager
+def _malloc_for_blocks() -> Iterator[None]:
+    """:func:`_block_buffers_from_heap` while preparing; afterwards the thresholds are set to
+    glibc's dynamic upper bounds (mmap 32 MiB, trim 64 MiB), the state a long-running process
+    reaches by itself (a training run in the same process, ``compare --criteo`` or the
+    benchmarks, then reuses its activations' pages: 48k samples/s, against 33k with fresh
+    pages at every step, BENCHMARKS.md)."""
+    if not _block_buffers_from_heap():
         yield
         return
-    mallopt(M_MMAP_THRESHOLD, 1 << 20)
     try:
         yield
     finally:
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        _mallopt(32 << 20, 64 << 20)
 
 
 class _Progress:
@@ -483,7 +497,7 @@ class _Progress:
             self.say(text)
 
 
-@_large_buffers_from_mmap()
+@_malloc_for_blocks()
 def prepare_store(
     data_format: DataFormat,
     paths: Sequence[str | Path],
