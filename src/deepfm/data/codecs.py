@@ -196,20 +196,37 @@ def _chunks(column: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
     return list(column.chunks) if isinstance(column, pa.ChunkedArray) else [column]
 
 
+def _merge_equal_keys(keys: np.ndarray, checks: np.ndarray):
+    """(sorted distinct keys, their checks, one position of each in ``keys``, each entry's
+    index int32 into them). A key whose entries' checks differ gets the check ``COLLIDED``.
+
+    Like ``np.unique(keys, return_index=True, return_inverse=True)`` but with an unstable sort
+    (~40% less time: np.unique's first positions need a stable one): any entry of a key may
+    stand for it, as its check is either shared by all its entries or ``COLLIDED``."""
+    order = np.argsort(keys)
+    ordered = keys[order]
+    starts = np.empty(len(keys), bool)
+    starts[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    inverse = np.empty(len(keys), np.int32)
+    inverse[order] = np.cumsum(starts, dtype=np.int32) - 1
+    first = order[starts]
+    unique_checks = checks[first]
+    differ = checks != unique_checks[inverse]
+    if differ.any():
+        unique_checks[inverse[differ]] = COLLIDED
+    return ordered[starts], unique_checks, first, inverse
+
+
 def _distinct(
     keys: np.ndarray,
     checks: np.ndarray,
     row_index: np.ndarray,
     dictionary: pa.Array | None,
 ) -> Tokens:
-    """Tokens from per-entry keys of a dictionary and each row's entry (``-1`` = missing).
-    Equal keys are merged (a key whose entries' checks differ becomes ``COLLIDED``)."""
-    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    unique_checks = checks[first]
-    differ = checks != unique_checks[inverse]
-    if differ.any():
-        unique_checks[inverse[differ]] = COLLIDED
-    inverse = np.append(inverse.astype(np.int32), np.int32(-1))  # row entry -1 → missing
+    """Tokens from per-entry keys of a dictionary and each row's entry (``-1`` = missing)."""
+    unique, unique_checks, first, inverse = _merge_equal_keys(keys, checks)
+    inverse = np.append(inverse, np.int32(-1))  # row entry -1 → missing
     index = inverse[row_index]
     values = None if dictionary is None else dictionary.take(pa.array(first))
     return Tokens(unique, unique_checks, index, values=values)
@@ -241,11 +258,7 @@ def _row_tokens(strings: pa.Array, keep_values: bool) -> Tokens:
     if not nonempty.all():  # an empty string is missing, as a null is
         rows, keys, checks = rows[nonempty], keys[nonempty], checks[nonempty]
         present = present.filter(pa.array(nonempty))
-    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    unique_checks = checks[first]
-    differ = checks != unique_checks[inverse]
-    if differ.any():
-        unique_checks[inverse[differ]] = COLLIDED
+    unique, unique_checks, first, inverse = _merge_equal_keys(keys, checks)
     index = np.full(len(strings), -1, np.int32)
     index[rows] = inverse
     values = None
