@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import math
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from deepfm import __version__
-from deepfm.errors import ConfigError, DeepFMError
+from deepfm.errors import ConfigError, DeepFMError, DeepFMWarning
 
 COMMAND_MODULES: tuple[str, ...] = (
     # one module per line; each defines register_commands(subparsers)
@@ -239,8 +241,11 @@ def data_format_from(args: argparse.Namespace, default: str = "criteo"):
     return get_format(args.format or default, schema)
 
 
-def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=float))
+def print_json(data: Any, *, indent: int | None = 2) -> None:
+    """Strict JSON on stdout (a non-finite number is printed as null, with a warning)."""
+    from deepfm.outputs import json_text
+
+    print(json_text(data, indent=indent, name="output"), end="")
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -282,7 +287,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_config = train_config_from(args)
     context = Distributed.from_env(train_config.device)  # torchrun: join the process group
     with process_group_session():
+        if context.is_main:
+            claim_train_outputs(args, train_config)
         return _train(args, model_config, train_config, context)
+
+
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """Every path a command reads (its outputs must be none of them)."""
+    names = ("data", "test", "store", "schema", "resume", "model", "input", "config", "space")
+    paths: list[str] = []
+    for name in names:
+        value = getattr(args, name, None)
+        if value:
+            paths += value if isinstance(value, list) else [value]
+    return paths
+
+
+def claim_train_outputs(args: argparse.Namespace, train_config) -> None:
+    """Before any data is read: the bundle directory (and the checkpoint directory) may be
+    written; with --overwrite, a new run's old checkpoints are removed."""
+    from deepfm.outputs import BUNDLE, CHECKPOINTS, claim_directory
+    from deepfm.train import checkpoint as ckpt
+
+    inputs = input_paths(args)
+    claim_directory(args.out, BUNDLE, overwrite=args.overwrite, inputs=inputs)
+    directory = train_config.checkpoint_dir
+    if directory and not train_config.resume:
+        claim_directory(directory, CHECKPOINTS, inputs=inputs, flag="checkpoint directory")
+        if args.overwrite and ckpt.has_checkpoint(directory):
+            ckpt.clear(directory)
+        ckpt.start_directory(directory)
 
 
 def _train(args, model_config, train_config, context) -> int:
@@ -325,9 +359,12 @@ def _train(args, model_config, train_config, context) -> int:
         data_format=format_name,
         metrics=metrics,
         train_config=train_config.to_dict(),
+        overwrite=args.overwrite,
+        inputs=input_paths(args),
     )
     summary = {k: metrics[k] for k in ("valid", "test", "rows") if k in metrics}
-    summary["train_samples_per_s"] = round(metrics["train_samples_per_s"])
+    speed = metrics["train_samples_per_s"]
+    summary["train_samples_per_s"] = round(speed) if math.isfinite(speed) else None
     print_json(summary)
     print(f"bundle written to {out}", file=sys.stderr)
     return 0
@@ -388,7 +425,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = {**evaluate(bundle.model, Batches(encoded)), "rows": len(encoded)}
     result["bad_rows"] = bad_rows.total
     if args.json:
-        print(json.dumps(result))
+        print_json(result, indent=None)
     else:
         print(
             f"AUC {result['auc']:.5f}  Logloss {result['logloss']:.5f}  "
@@ -400,20 +437,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from deepfm.outputs import atomic_path, claim_file
     from deepfm.train.trainer import Batches, predict_proba
 
     if len(args.data) != 1:
         raise ConfigError("predict reads one file, so that output lines match input rows")
+    target = claim_file(args.out, overwrite=args.overwrite, inputs=input_paths(args))
     bundle, encoded, bad_rows = _bundle_and_rows(args)
     probabilities = predict_proba(bundle.model, Batches(encoded))
     # one output line per input row, in order; a skipped (bad) row gets "nan"
     lines = np.union1d(encoded.lines, np.asarray(bad_rows.lines, dtype=np.int64))
     out = np.full(len(lines), np.nan)
     out[np.searchsorted(lines, encoded.lines)] = probabilities
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{args.out}.tmp")
-    np.savetxt(tmp, out, fmt="%.7f")
-    tmp.replace(args.out)
+    with atomic_path(target) as tmp:
+        np.savetxt(tmp, out, fmt="%.7f")
     print(
         f"wrote {len(out):,} probabilities to {args.out} (bad rows: {bad_rows.total})",
         file=sys.stderr,
@@ -449,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(train)
     add_train_options(train)
     train.add_argument("--out", required=True, help="bundle directory to write")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the bundle in --out (never anything else) and start its checkpoints anew",
+    )
     train.set_defaults(handler=cmd_train)
 
     for name, handler, text in (
@@ -462,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--json", action="store_true", help="print one JSON object")
         else:
             command.add_argument("--out", required=True, help="output file")
+            command.add_argument(
+                "--overwrite", action="store_true", help="replace an existing --out file"
+            )
         command.set_defaults(handler=handler)
 
     for module in COMMAND_MODULES:
@@ -484,15 +529,86 @@ def _light_parser(argv: Sequence[str]) -> argparse.ArgumentParser | None:
     return parser
 
 
+#: exit statuses: 2 a refused input or option (a one-line message says which), 1 the system
+#: failed the command (disk full, no permission, out of memory), 70 a bug in deepfm (the
+#: traceback goes to a file; DEEPFM_DEBUG=1 prints it), 130 interrupted
+EXIT_REFUSED, EXIT_SYSTEM, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 70, 130
+DEBUG_ENV = "DEEPFM_DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _light_parser(argv) or build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
+        return exc.code if isinstance(exc.code, int) else EXIT_REFUSED
+    name = f"deepfm {args.command}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", DeepFMWarning)  # once per place and message
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, DeepFMWarning):
+                print(f"{name}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        return _run(name, args)
+
+
+def _run(name: str, args: argparse.Namespace) -> int:
+    """Run the command; every failure becomes one line on stderr and an exit status."""
     try:
         return int(args.handler(args) or 0)
     except DeepFMError as exc:
-        print(f"deepfm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
-        print(f"deepfm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if _out_of_memory(exc):
+            print(f"{name}: error: out of memory ({_first_line(exc)})", file=sys.stderr)
+            return EXIT_SYSTEM
+        if isinstance(exc, OSError):
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"{name}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+            return EXIT_SYSTEM
+        if os.environ.get(DEBUG_ENV):
+            raise
+        report = _save_traceback(exc)
+        print(
+            f"{name}: internal error ({type(exc).__name__}: {_first_line(exc)}): this is a bug "
+            f"in deepfm; the traceback is in {report} ({DEBUG_ENV}=1 prints it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _save_traceback(exc: BaseException) -> str:
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        handle, path = tempfile.mkstemp(prefix=f"deepfm-error-{stamp}-", suffix=".txt")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(f"deepfm {__version__}, argv {sys.argv!r}\n{text}")
+        return path
+    except OSError:
+        return "(not saved: the temporary directory is not writable)"

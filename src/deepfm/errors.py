@@ -41,3 +41,13 @@ class DataError(DeepFMError):
 
 class BundleError(DeepFMError):
     """A model bundle that is missing, incomplete, tampered with or of another version."""
+
+
+class OutputError(DeepFMError):
+    """An output that could not be written (a full disk, no permission); nothing partial is
+    left behind."""
+
+
+class DeepFMWarning(UserWarning):
+    """Something the user should know that does not stop the command (e.g. an undefined AUC
+    written as null). The CLI prints these as one ``warning:`` line each."""

@@ -185,7 +185,7 @@ class Arm:
         # FTRL keeps its model in its optimiser state, which a fresh trainer does not carry over
         warm = warm_start and self.model is not None and self.entry.optimizer != "ftrl"
         if not warm:
-            self.model = build_model(self.layout, self.config)
+            self.model = build_model(self.layout, self.config, seed=self.full.seed)
         assert self.model is not None
         fit = Trainer(self.daily if warm else self.full).fit(self.model, self.entry, train, valid)
         return fit.best_valid

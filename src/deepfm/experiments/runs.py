@@ -307,7 +307,7 @@ def fit_run(
     """Train one model (early stopping on ``valid``) and return its numbers: ``valid`` and
     ``test`` AUC/Logloss (weights of the best epoch), epochs, training time, history."""
     entry = get_entry(model_config.name)
-    model = build_model(InputLayout.of(dataset.feature_map), model_config)
+    model = build_model(InputLayout.of(dataset.feature_map), model_config, seed=train_config.seed)
     fit = Trainer(train_config).fit(model, entry, dataset.train, dataset.valid, on_epoch=on_epoch)
     result: dict[str, Any] = {"model": model_config.name, "seed": train_config.seed}
     batch = train_config.eval_batch_size

@@ -74,8 +74,8 @@ def train_with_curve(
     dataset = Store.open(store).dataset()
     assert dataset.test is not None
     test_rows = dataset.test if not eval_rows else dataset.test.take(slice(0, eval_rows))
-    torch.manual_seed(train_config.seed)  # the same initial weights on every rank
-    model = build_model(InputLayout.of(dataset.feature_map), model_config)
+    # the same initial weights on every rank
+    model = build_model(InputLayout.of(dataset.feature_map), model_config, seed=train_config.seed)
     curve: dict[str, list[float]] = {"step": [], "samples": [], "auc": [], "logloss": []}
     test: list[Batches] = []
     steps = [0]

@@ -7,15 +7,18 @@ initialise this one (FNN: ``pretrain="fm"``; see :func:`build_pretrain_model`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from deepfm.errors import ConfigError
 from deepfm.nn import InputLayout
+from deepfm.nn.mlp import ACTIVATIONS
 
 #: The paper's embedding size k for FM and DeepFM models; DNN-family models use k + 1 (Sec. III-C).
 BASE_EMBED_DIM = 10
@@ -64,20 +67,29 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if not isinstance(self.name, str):
+            raise ConfigError(f"the model name must be a string, got {self.name!r}")
+        hidden = self.hidden
+        if not isinstance(hidden, list | tuple) or not all(_is_int(h) and h > 0 for h in hidden):
+            raise ConfigError(f"hidden layer sizes must be positive integers, got {hidden!r}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
         object.__setattr__(self, "crosses", parse_crosses(self.crosses))
         if isinstance(self.cross_buckets, bool) or not isinstance(self.cross_buckets, int):
             raise ConfigError(f"cross_buckets must be an integer, got {self.cross_buckets!r}")
         if self.cross_buckets < 1:
             raise ConfigError(f"cross_buckets must be positive, got {self.cross_buckets}")
-        if any(h <= 0 for h in self.hidden):
-            raise ConfigError(f"hidden layer sizes must be positive, got {self.hidden}")
-        if self.embed_dim is not None and self.embed_dim <= 0:
-            raise ConfigError(f"embed_dim must be positive, got {self.embed_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout is a drop rate in [0, 1), got {self.dropout}")
-        if self.l2 < 0:
-            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
+        if self.embed_dim is not None and not (_is_int(self.embed_dim) and self.embed_dim > 0):
+            raise ConfigError(f"embed_dim must be a positive integer, got {self.embed_dim!r}")
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout is a drop rate in [0, 1), got {self.dropout!r}")
+        if not (_is_number(self.l2) and self.l2 >= 0):
+            raise ConfigError(f"l2 must be a finite number >= 0, got {self.l2!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra model settings must be a mapping, got {self.extra!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -95,6 +107,14 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, float | np.floating) and math.isfinite(value))
 
 
 Builder = Callable[[InputLayout, ModelConfig], nn.Module]
@@ -197,11 +217,26 @@ def get_entry(name: str) -> ModelEntry:
         raise ConfigError(f"unknown model {name!r}; known models: {known}") from None
 
 
-def build_model(layout: InputLayout, config: ModelConfig) -> nn.Module:
-    """The model ``config.name`` with the embedding size the paper prescribes unless overridden."""
+def build_model(
+    layout: InputLayout, config: ModelConfig, *, seed: int | None = None, fresh: bool = True
+) -> nn.Module:
+    """The model ``config.name`` with the embedding size the paper prescribes unless overridden.
+
+    ``seed``: initialise the weights from this seed (the caller's random state is left as it
+    was), so that a run's initial weights depend on its seed only. A fresh model whose weights
+    alone would not fit in the available memory is refused with a :class:`ConfigError` before
+    any allocation; ``fresh=False`` (a bundle's model, whose weights are memory-mapped from its
+    file) skips that check."""
     entry = get_entry(config.name)
     entry.check(config)
-    return entry.builder(layout, config.replace(embed_dim=entry.embed_dim(config)))
+    config = config.replace(embed_dim=entry.embed_dim(config))
+    if fresh and torch.get_default_device().type != "meta":
+        _check_memory(entry, layout, config)
+    if seed is None:
+        return entry.builder(layout, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return entry.builder(layout, config)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -213,6 +248,31 @@ def parameter_count(layout: InputLayout, config: ModelConfig) -> int:
     allocated, so a full-size Criteo map (tens of millions of rows) costs nothing."""
     with torch.device("meta"):
         return count_parameters(build_model(layout, config))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(entry: ModelEntry, layout: InputLayout, config: ModelConfig) -> None:
+    with torch.device("meta"):
+        count = count_parameters(entry.builder(layout, config))
+    needed, available = 4 * count, available_memory()  # float32 weights
+    if available is not None and needed > available:
+        raise ConfigError(
+            f"model {config.name} has {count:,} parameters ({needed / 2**30:.1f} GiB of "
+            f"weights; {layout.num_features:,} features x embedding {config.embed_dim}, hidden "
+            f"{list(config.hidden)}) but only {available / 2**30:.1f} GiB of memory is "
+            "available: lower --embed-dim or --hidden, or raise --min-count"
+        )
 
 
 def _load_models() -> None:

@@ -12,7 +12,9 @@
       bundle.json         deepfm version, creation time, sha256 of every file above
 
 A bundle is written into a temporary sibling directory and renamed into place, so a reader
-never sees a half-written bundle; loading checks every hash before using a file.
+never sees a half-written bundle; loading checks every hash before using a file. A bundle is only
+written to a new or empty directory or over another bundle (``overwrite``): never over anything
+else (:mod:`deepfm.outputs`).
 """
 
 from __future__ import annotations
@@ -23,21 +25,24 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from deepfm import __version__
 from deepfm.data.featuremap import FeatureMap
-from deepfm.errors import BundleError, DeepFMError
+from deepfm.errors import BundleError, DeepFMError, OutputError
 from deepfm.models.registry import ModelConfig, build_model
 from deepfm.nn import InputLayout
+from deepfm.outputs import BUNDLE, claim_directory, fsync_file, json_text, make_dirs, reason
 
 WEIGHTS = "model.safetensors"
 FEATURE_MAP = "feature_map.json"
@@ -62,15 +67,21 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    """Strict JSON (NaN/inf → null, with a warning) into the bundle's temporary directory."""
+    path.write_text(json_text(data, sort_keys=True, name=path.name), encoding="utf-8")
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target`` atomically, replacing an existing ``target`` directory."""
+    """Move ``tmp`` to ``target`` atomically, replacing an existing ``target`` directory (put
+    back if the second rename fails)."""
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
         os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
@@ -98,11 +109,18 @@ def save_bundle(
     data_format: str,
     metrics: dict[str, Any] | None = None,
     train_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
-    """Write a bundle atomically to ``directory`` (replacing an existing bundle there)."""
-    target = Path(directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    """Write a bundle atomically to ``directory``: a new or empty directory, or an existing
+    bundle with ``overwrite`` (see :func:`deepfm.outputs.claim_directory`; ``inputs`` are never
+    overwritten). A failure leaves the previous bundle, or nothing, in place."""
+    target = claim_directory(directory, BUNDLE, overwrite=overwrite, inputs=inputs)
+    make_dirs(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write the bundle {target}: {reason(exc)}") from None
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
@@ -120,38 +138,43 @@ def save_bundle(
             "files": {name: sha256_file(tmp / name) for name in bundle_files(tmp)},
         }
         write_json(tmp / MANIFEST, manifest)
+        for name in (*manifest["files"], MANIFEST):
+            fsync_file(tmp / name)
         replace_dir(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write the bundle {target}: {reason(exc)}") from None
         raise
     return target
 
 
-def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
-    """Rewrite ``metrics.json`` of a bundle and its hash (written to a temp file, then renamed)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    tmp = directory / f".{METRICS}.tmp"
-    write_json(tmp, metrics)
-    manifest["files"][METRICS] = sha256_file(tmp)
-    os.replace(tmp, directory / METRICS)
-    tmp_manifest = directory / f".{MANIFEST}.tmp"
-    write_json(tmp_manifest, manifest)
-    os.replace(tmp_manifest, directory / MANIFEST)
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a BundleError when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path.parent} lacks {path.name}") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {reason(exc)}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise BundleError(f"{path} is corrupt: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} is corrupt: {what} must be a JSON object")
+    return data
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
     if not directory.is_dir():
         raise BundleError(f"{directory} is not a model bundle directory")
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not (directory / MANIFEST).exists():
         raise BundleError(
             f"{directory} has no {MANIFEST}: not a bundle, or one that was never completed"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is corrupt: {exc}") from None
+        )
+    manifest = _json_object(directory / MANIFEST, "the manifest")
+    if not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{directory / MANIFEST} is corrupt: it lists no file hashes")
+    return manifest
 
 
 def _verify(directory: Path, files: dict[str, str]) -> None:
@@ -161,10 +184,13 @@ def _verify(directory: Path, files: dict[str, str]) -> None:
     for name in names:
         if not (directory / name).exists():
             raise BundleError(f"{directory} lacks {name}")
-    with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
-        digests = dict(
-            zip(names, pool.map(lambda n: sha256_file(directory / n), names), strict=True)
-        )
+    try:
+        with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
+            digests = dict(
+                zip(names, pool.map(lambda n: sha256_file(directory / n), names), strict=True)
+            )
+    except OSError as exc:
+        raise BundleError(f"cannot read a file of {directory}: {reason(exc)}") from None
     for name in names:
         if files.get(name) != digests[name]:
             raise BundleError(
@@ -199,7 +225,7 @@ def _model_from(layout: InputLayout, config: ModelConfig, state: dict) -> nn.Mod
     """The model whose parameters are the saved tensors themselves (memory-mapped from the file,
     copy-on-write: loading initialises and copies nothing, rows are read as they are used)."""
     with _NoInitialisation():
-        model = build_model(layout, config)
+        model = build_model(layout, config, fresh=False)
     model.load_state_dict(state, assign=True)
     return model
 
@@ -208,15 +234,19 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
     """Load and verify a bundle. Raises :class:`BundleError` if anything is missing or altered."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    _verify(directory, manifest.get("files", {}))
+    _verify(directory, manifest["files"])
+    meta = _json_object(directory / MODEL, "the model description")
+    metrics = _json_object(directory / METRICS, "the metrics")
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("format", ""), str):
+        raise BundleError(f"{directory / MODEL} is corrupt: no 'model' settings")
     try:
-        meta = json.loads((directory / MODEL).read_text())
         config = ModelConfig.from_dict(meta["model"])
         feature_map = FeatureMap.load(directory / FEATURE_MAP)
         state = load_file(str(directory / WEIGHTS), device=str(device))
         model = _model_from(InputLayout.of(feature_map), config, state)
-        metrics = json.loads((directory / METRICS).read_text())
-    except (DeepFMError, KeyError, RuntimeError, ValueError) as exc:
+    except (DeepFMError, SafetensorError, OSError, LookupError, RuntimeError, TypeError,
+            ValueError, AttributeError) as exc:  # fmt: skip
+        # a bundle whose hashes were recomputed after damage fails here, never later
         raise BundleError(f"{directory}: cannot load the model: {exc}") from None
     model.to(device).eval()
     return Bundle(model, config, feature_map, meta.get("format", ""), metrics, manifest, directory)

@@ -10,9 +10,13 @@ A checkpoint directory ``DIR`` holds ``ckpt-<step>/`` folders and ``latest.json`
                                            optimiser settings) and the sha256 of every file
 
 A folder is assembled under a temporary name and renamed into place only when complete, then
-``latest.json`` is replaced atomically to point at it; the two newest folders are kept. Loading
-checks every file against ``state.json``; a folder that fails (a damaged disk, a copy cut short)
-is skipped for the next older one, so a half-written file is never loaded.
+``latest.json`` is replaced atomically to point at it; the newest folder and the one before it
+are kept. Loading checks every file against ``state.json``; a folder that fails (a damaged disk,
+a copy cut short) is skipped for the next older one, so a half-written file is never loaded.
+
+A directory belongs to one run: every checkpoint records the run's id and the settings that
+shape its result (``run``). A new run refuses a directory that holds checkpoints already, and
+resuming refuses a checkpoint whose settings differ from the run's, naming each difference.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deepfm.errors import ConfigError
+from deepfm.errors import ConfigError, OutputError
+from deepfm.outputs import reason
 
 LATEST = "latest.json"
 KEEP = 2
@@ -51,7 +57,7 @@ def _fsync(path: Path) -> None:
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
+        json.dump(data, handle, allow_nan=False)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
@@ -161,7 +167,7 @@ def commit(
         _fsync(folder / name)
     record = {
         "step": step,
-        "state": state,
+        "state": flatten(state, "state", {}),  # NaN/inf as {"__float__": ...}: strict JSON
         "optimizer": optimizer_tree,
         "sha256": {name: _sha256(folder / name) for name in files},
     }
@@ -170,10 +176,39 @@ def commit(
     if final.exists():
         shutil.rmtree(final)
     folder.rename(final)
-    _write_json(directory / LATEST, {"checkpoint": final.name, "step": step})
-    for old in sorted(directory.glob(f"{_PREFIX}*"))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    run_id = state.get("run", {}).get("id")
+    _write_json(directory / LATEST, {"checkpoint": final.name, "step": step, "run_id": run_id})
+    prune(directory, final)
     return final
+
+
+def _step_of(folder: Path) -> int:
+    try:
+        return int(folder.name[len(_PREFIX) :])
+    except ValueError:
+        return -1
+
+
+def prune(directory: Path, newest: Path) -> None:
+    """Keep ``newest`` (just written) and the ``KEEP - 1`` checkpoints before it; folders of
+    later steps belong to a stretch of this run that was abandoned by resuming from an older
+    checkpoint (the newer ones were damaged), so they go too. The newest is never removed."""
+    step = _step_of(newest)
+    others = [p for p in directory.glob(f"{_PREFIX}*") if p != newest]
+    older = sorted((p for p in others if _step_of(p) < step), key=_step_of)
+    stale = [p for p in others if _step_of(p) >= step]
+    for old in stale + older[: max(0, len(older) - (KEEP - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def commit_or_fail(directory: str | Path, step: int, **parts: Any) -> Path:
+    """:func:`commit`, with a failed write (full disk, no permission) as an OutputError and
+    the staging folder removed."""
+    try:
+        return commit(directory, step, **parts)
+    except OSError as exc:
+        shutil.rmtree(Path(directory) / f".{_PREFIX}{step:09d}.partial", ignore_errors=True)
+        raise OutputError(f"cannot write a checkpoint to {directory}: {reason(exc)}") from None
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -187,6 +222,10 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     best: dict[str, torch.Tensor] | None
     optimizer: Any
+
+    @property
+    def run_id(self) -> str | None:
+        return self.state.get("run", {}).get("id")
 
     def rng(self, rank: int) -> dict[str, torch.Tensor] | None:
         path = self.path / f"rng-{rank}.safetensors"
@@ -204,10 +243,14 @@ def _verified(folder: Path) -> Checkpoint | None:
         best_path = folder / "best.safetensors"
         best = load_file(str(best_path)) if best_path.exists() else None
         tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError, KeyError):
+        optimizer = unflatten(record["optimizer"], tensors)
+        state = unflatten(record["state"], {})
+        step = int(record["step"])
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, SafetensorError):
         return None
-    optimizer = unflatten(record["optimizer"], tensors)
-    return Checkpoint(folder, int(record["step"]), record["state"], model, best, optimizer)
+    if not isinstance(state, dict):
+        return None
+    return Checkpoint(folder, step, state, model, best, optimizer)
 
 
 def load_latest(directory: str | Path) -> Checkpoint:
@@ -215,18 +258,81 @@ def load_latest(directory: str | Path) -> Checkpoint:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"--resume {directory}: no such checkpoint directory")
-    candidates = sorted(directory.glob(f"{_PREFIX}*"), reverse=True)
-    try:
-        latest = json.loads((directory / LATEST).read_text(encoding="utf-8"))["checkpoint"]
-        candidates.sort(key=lambda p: p.name != latest)  # the pointed-at folder first
-    except (OSError, ValueError, KeyError):
-        pass
+    candidates = sorted(directory.glob(f"{_PREFIX}*"), key=_step_of, reverse=True)
+    latest = _latest(directory)
+    if latest.get("checkpoint"):
+        candidates.sort(key=lambda p: p.name != latest["checkpoint"])  # the pointed-at first
     for folder in candidates:
         checkpoint = _verified(folder)
-        if checkpoint is not None:
-            return checkpoint
+        if checkpoint is None:
+            continue
+        if latest.get("run_id") and checkpoint.run_id != latest["run_id"]:
+            continue  # not of the run latest.json names
+        return checkpoint
     raise ConfigError(f"--resume {directory}: no intact checkpoint there")
 
 
+def _latest(directory: Path) -> dict[str, Any]:
+    try:
+        latest = json.loads((directory / LATEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return latest if isinstance(latest, dict) else {}
+
+
 def has_checkpoint(directory: str | Path) -> bool:
-    return any(Path(directory).glob(f"{_PREFIX}*")) if Path(directory).is_dir() else False
+    directory = Path(directory)
+    if not directory.is_dir():
+        return False
+    return (directory / LATEST).exists() or any(directory.glob(f"{_PREFIX}*"))
+
+
+def clear(directory: str | Path) -> None:
+    """Remove every checkpoint of ``directory`` (a new run asked to start over)."""
+    directory = Path(directory)
+    for folder in [*directory.glob(f"{_PREFIX}*"), *directory.glob(f".{_PREFIX}*.partial")]:
+        shutil.rmtree(folder)
+    (directory / LATEST).unlink(missing_ok=True)
+
+
+def start_directory(directory: str | Path) -> None:
+    """A new run's checkpoint directory must hold no checkpoints: mixing two runs' folders
+    would let pruning and ``latest.json`` pick the wrong run's weights."""
+    if has_checkpoint(directory):
+        latest = _latest(Path(directory))
+        which = f" (step {latest['step']})" if "step" in latest else ""
+        raise ConfigError(
+            f"{directory} holds the checkpoints of an earlier run{which}: continue that run "
+            f"with --resume {directory}, or start over with --overwrite (removes them)"
+        )
+
+
+def check_same_run(checkpoint: Checkpoint, identity: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` in a run whose settings (``identity``) differ."""
+    saved = checkpoint.state.get("run", {}).get("identity")
+    if saved is None:
+        raise ConfigError(
+            f"--resume {checkpoint.path}: the checkpoint does not record its run's settings "
+            "(written by an older deepfm), so it cannot be checked against this run: start anew"
+        )
+    differences = _differences(saved, json.loads(json.dumps(identity)))
+    named = [d for d in differences if not d.startswith("architecture:")]
+    differences = named or differences  # the digest of the modules only when nothing else says
+    if differences:
+        shown = "; ".join(differences[:6]) + (" ..." if len(differences) > 6 else "")
+        raise ConfigError(
+            f"--resume {checkpoint.path.parent}: the checkpoints belong to another run: {shown} "
+            "(resume with the settings and data of that run, or start a new run)"
+        )
+
+
+def _differences(saved: Any, current: Any, where: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            at = f"{where}.{key}" if where else str(key)
+            out += _differences(saved.get(key), current.get(key), at)
+        return out
+    if saved != current:
+        return [f"{where}: {saved!r} in the checkpoint, {current!r} now"]
+    return []

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from deepfm.data.pipeline import Dataset
@@ -23,20 +22,28 @@ class TrainedModel:
     metrics: dict[str, Any]
 
 
+def run_identity(dataset: Dataset, model_config: ModelConfig) -> dict[str, Any]:
+    """What a checkpoint of this run records beyond the trainer's own fingerprint."""
+    return {"model_config": model_config.to_dict(), "feature_map": dataset.feature_map.digest()}
+
+
 def fit_and_evaluate(
     dataset: Dataset, model_config: ModelConfig, train_config: TrainConfig
 ) -> TrainedModel:
     """Train ``model_config`` on ``dataset.train`` (early stopping on ``valid``), evaluate all.
+    The initial weights come from ``train_config.seed``: the same seed (and thread count) gives
+    the same metrics.
 
     ``metrics`` holds ``valid`` and ``test`` AUC/Logloss, the row counts, training time and
     ``train_samples_per_s`` (over the training steps only, evaluation excluded).
     """
     entry = get_entry(model_config.name)
-    torch.manual_seed(train_config.seed)  # the initial weights too follow the seed
-    model = build_model(InputLayout.of(dataset.feature_map), model_config)
+    # the initial weights follow the seed (the same on every rank: DDP starts from rank 0's)
+    model = build_model(InputLayout.of(dataset.feature_map), model_config, seed=train_config.seed)
     metrics: dict[str, Any] = {"model": model_config.name}
     trainer = Trainer(train_config)
-    fit = trainer.fit(model, entry, dataset.train, dataset.valid)
+    identity = run_identity(dataset, model_config)
+    fit = trainer.fit(model, entry, dataset.train, dataset.valid, identity=identity)
     # with the training's thread count; under DDP each rank scores its shard of each split
     if len(dataset.valid):
         metrics["valid"] = trainer.evaluate(model, dataset.valid)

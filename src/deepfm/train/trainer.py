@@ -24,7 +24,9 @@ The model maps a batch to logits and knows nothing else; everything about traini
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -69,6 +71,16 @@ SPARSE_FACTOR = 4
 SPARSE_FACTOR_ONE_GPU = 64
 #: a split is kept on a CUDA device when it needs at most this share of the free memory
 RESIDENT_SHARE = 0.5
+#: seeds are 32-bit unsigned integers (what every random generator used here accepts)
+MAX_SEED = 2**32 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
 
 
 @dataclass
@@ -110,13 +122,29 @@ class TrainConfig:
     resume: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "decay_patience"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < (0 if "patience" in name else 1):
+                raise ConfigError(f"{name} must be an integer >= 1 (patience >= 0), got {value!r}")
+        for name in ("lr", "ftrl_beta", "ftrl_l1", "ftrl_l2", "lr_decay"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"the learning rate must be positive, got {self.lr}")
-        if self.patience < 0 or not 0 < self.lr_decay <= 1:
-            raise ConfigError("patience must be >= 0 and lr_decay in (0, 1]")
+        if not 0 < self.lr_decay <= 1 or min(self.ftrl_beta, self.ftrl_l1, self.ftrl_l2) < 0:
+            raise ConfigError("lr_decay must be in (0, 1] and the FTRL settings >= 0")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"the seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        if self.threads is not None and not (_is_int(self.threads) and self.threads >= 1):
+            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(
+                    f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N"
+                ) from None
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor must be one of {', '.join(MONITORS)}")
         if self.precision not in PRECISIONS:
@@ -571,6 +599,50 @@ def compile_model(
 
 # -- the trainer ----------------------------------------------------------------------------------
 
+#: TrainConfig fields that change what a run computes (a resumed run must match them); the
+#: others say how it runs (threads and device change float order only, not the run)
+RESULT_SETTINGS = (
+    "epochs", "batch_size", "lr", "patience", "monitor", "lr_decay", "decay_patience", "seed",
+    "ftrl_beta", "ftrl_l1", "ftrl_l2", "precision", "embedding_updates", "lr_scaling",
+)  # fmt: skip
+_FINGERPRINT_ROWS = 256
+
+
+def data_fingerprint(data: EncodedArrays | None) -> dict[str, Any]:
+    """Rows, slots and a digest of the first and last rows (ids, values, labels): cheap on a
+    memory map of any size, and different for other data or another split of it."""
+    if data is None:
+        return {"rows": 0}
+    digest = hashlib.sha256()
+    head, tail = slice(0, _FINGERPRINT_ROWS), slice(-_FINGERPRINT_ROWS, None)
+    for array in (data.ids, data.values, data.labels):
+        if array is not None:
+            for part in (head, tail):
+                digest.update(np.ascontiguousarray(array[part]).tobytes())
+    return {"rows": len(data), "slots": int(data.ids.shape[1]), "sha256": digest.hexdigest()[:16]}
+
+
+def run_record(
+    config: TrainConfig,
+    model: nn.Module,
+    entry: ModelEntry,
+    train: EncodedArrays,
+    valid: EncodedArrays | None,
+    identity: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``{"id", "identity"}`` of a run: the settings that shape its result (model, training
+    settings, data), recorded in each checkpoint; the id is a digest of them."""
+    settings = config.to_dict()
+    record = {
+        "model": entry.name,
+        "architecture": hashlib.sha256(repr(model).encode()).hexdigest()[:16],
+        "train": {k: settings[k] for k in RESULT_SETTINGS},
+        "data": {"train": data_fingerprint(train), "valid": data_fingerprint(valid)},
+        **(identity or {}),
+    }
+    text = json.dumps(record, sort_keys=True, default=str)
+    return {"id": hashlib.sha256(text.encode()).hexdigest()[:16], "identity": json.loads(text)}
+
 
 @dataclass
 class _Progress:
@@ -601,9 +673,15 @@ class Trainer:
         *,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         on_step: Callable[[int], None] | None = None,
+        identity: dict[str, Any] | None = None,
     ) -> FitResult:
+        """``identity``: what the caller knows of the run beyond the model and the arrays (its
+        model config, the feature map's digest), recorded in checkpoints and compared on
+        resume together with the training settings and a fingerprint of the data."""
         with torch_threads(self.config.threads):
-            return self._fit(model, entry, train, valid, on_epoch=on_epoch, on_step=on_step)
+            return self._fit(
+                model, entry, train, valid, on_epoch=on_epoch, on_step=on_step, identity=identity
+            )
 
     def _fit(
         self,
@@ -614,6 +692,7 @@ class Trainer:
         *,
         on_epoch: Callable[[dict[str, float]], None] | None,
         on_step: Callable[[int], None] | None,
+        identity: dict[str, Any] | None = None,
     ) -> FitResult:
         config, dist = self.config, self.dist
         device = use_device(dist.device(config.device))
@@ -622,7 +701,13 @@ class Trainer:
         torch.manual_seed(config.seed + dist.rank)
         if train.labels is None or len(train) == 0:
             raise ConfigError("training needs labeled rows")
+        self.run = run_record(config, model, entry, train, valid, identity)
         resumed = ckpt.load_latest(config.resume) if config.resume else None
+        if resumed is not None:
+            ckpt.check_same_run(resumed, self.run["identity"])
+        elif config.checkpoint_every:
+            assert config.checkpoint_dir is not None
+            ckpt.start_directory(config.checkpoint_dir)
         model.to(device)
         result = FitResult()
         if entry.pretrain is not None and resumed is None:
@@ -856,12 +941,13 @@ class Trainer:
                 },
                 "world": self.dist.world,
                 "config": self.config.to_dict(),
+                "run": self.run,
             }
             tree = {
                 "optimizer": optimizer.state_dict(),
                 "epoch_generator": progress.epoch_generator,
             }
-            ckpt.commit(
+            ckpt.commit_or_fail(
                 directory,
                 progress.global_step,
                 model=model.state_dict(),
