@@ -94,7 +94,10 @@ class ServerProcess:
         self.url = self._wait_for_url(timeout=120)
         self._drain = threading.Thread(target=self._read_log, daemon=True)
         self._drain.start()
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        # every POST declares JSON (the server answers 415 otherwise), as a real client does
+        self.client = httpx.Client(
+            base_url=self.url, timeout=30, headers={"content-type": "application/json"}
+        )
         deadline = time.monotonic() + 30
         while True:
             try:

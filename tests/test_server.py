@@ -459,7 +459,8 @@ def test_reload_under_load_loses_no_request(bundle, criteo_path, rank_request, t
         results: list[tuple[int, list[int] | str]] = []
 
         def hammer() -> None:
-            with httpx.Client(base_url=process.url, timeout=30) as own:
+            json_type = {"content-type": "application/json"}
+            with httpx.Client(base_url=process.url, timeout=30, headers=json_type) as own:
                 while not stop.is_set():
                     try:
                         response = own.post("/rank", content=body)

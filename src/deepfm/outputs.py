@@ -148,10 +148,10 @@ def claim_directory(
     own = set(own_files)
     if kind is RESULTS and own and set(entries) <= own:
         return target
-    there = f"a {found.name}" if found is not None else "not empty"
+    there = f"is a {found.name}" if found is not None else "exists, is not empty and is"
     raise ConfigError(
-        f"{what} exists and is {there}: a {kind.name} is only written to a new or empty "
-        f"directory or over a {kind.name}; choose another path"
+        f"{what} {there} not a {kind.name}: a {kind.name} is only written to a new or empty "
+        f"directory or over a {kind.name}, so nothing else is ever overwritten; choose another path"
     )
 
 

@@ -554,7 +554,7 @@ def prepare_store(
     workers = min(workers, _useful_workers(data_format, paths, block_bytes))
     say = progress or (lambda _text: None)
     budget = (memory_mb << 20) // workers
-    with StoreWriter(out, overwrite=overwrite) as writer:
+    with StoreWriter(out, overwrite=overwrite, inputs=paths) as writer:
         work = writer.path(_WORK)
         (work / "blocks").mkdir(parents=True)
         state = {

@@ -30,7 +30,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ from deepfm.data.encoded import EncodedArrays
 from deepfm.data.featuremap import FeatureMap
 from deepfm.data.pipeline import Dataset
 from deepfm.data.reader import BadRows
-from deepfm.errors import ConfigError, DataError
+from deepfm.errors import ConfigError, DataError, OutputError
+from deepfm.outputs import STORE, claim_directory, make_dirs, reason
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "deepfm-store"
@@ -161,19 +162,12 @@ class StoreWriter:
     split arrays at their rows' offsets in pre-sized files).
     """
 
-    def __init__(self, out: str | Path, *, overwrite: bool = False) -> None:
-        self.out = Path(out)
-        if self.out.exists():
-            if not (self.out.is_dir() and (is_store(self.out) or not any(self.out.iterdir()))):
-                raise ConfigError(
-                    f"{self.out} exists and is not a store: choose another --out "
-                    "(a store is only ever written to a new or store directory)"
-                )
-            if is_store(self.out) and not overwrite:
-                raise ConfigError(
-                    f"store {self.out} already exists: pass --overwrite to replace it"
-                )
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+    ) -> None:
+        # a new or empty directory, or a store with ``overwrite``; never an input
+        self.out = claim_directory(out, STORE, overwrite=overwrite, inputs=inputs)
+        make_dirs(self.out.parent)
         self._remove_stale_partials()
         self.tmp = (
             self.out.parent / f".{self.out.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
@@ -232,6 +226,8 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
             self.abort()
+            if isinstance(exc, OSError):  # a full disk, no permission: nothing is left behind
+                raise OutputError(f"cannot write the store {self.out}: {reason(exc)}") from None
 
 
 @dataclass(frozen=True)

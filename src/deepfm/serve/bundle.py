@@ -244,6 +244,9 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
         feature_map = FeatureMap.load(directory / FEATURE_MAP)
         state = load_file(str(directory / WEIGHTS), device=str(device))
         model = _model_from(InputLayout.of(feature_map), config, state)
+        broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if broken:
+            raise BundleError(f"the weights {broken[:3]} hold NaN or infinite values")
     except (DeepFMError, SafetensorError, OSError, LookupError, RuntimeError, TypeError,
             ValueError, AttributeError) as exc:  # fmt: skip
         # a bundle whose hashes were recomputed after damage fails here, never later

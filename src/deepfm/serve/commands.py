@@ -25,7 +25,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--model", required=True, help="bundle directory")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port (0: any free port)")
     serve.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
     serve.add_argument(
         "--token",
@@ -49,6 +49,20 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="forward passes run at once, each in a worker thread (default 2)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection that has not sent a request's headers in time (default 10)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection that has not sent the body after the headers in time (default 30)",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -95,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"serving needs the serve extra ({exc.name} is missing): pip install 'deepfm[serve]'"
         ) from None
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = serve_token(args.token)
     settings = ServeSettings(
         model_dir=Path(args.model),
         runtime=args.runtime,
@@ -106,9 +120,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
         concurrency=args.concurrency,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
     )
     serve(settings)
     return 0
+
+
+def serve_token(flag: str | None) -> str | None:
+    """``--token``, else ``$DEEPFM_TOKEN``, else None (no authentication). A token that is
+    given but empty (``--token "$UNSET"``, an empty variable) is refused, never read as
+    "no token": that would switch authentication off silently."""
+    if flag is not None:
+        if not flag.strip():
+            raise ConfigError("--token is empty: give a token, or leave --token out")
+        return flag
+    token = os.environ.get(TOKEN_ENV)
+    if token is not None and not token.strip():
+        raise ConfigError(f"${TOKEN_ENV} is set but empty: set a token, or unset the variable")
+    return token
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port number, not {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535 (0: any free port), not {port}")
+    return port
 
 
 # -- export ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import signal
 import socket
 import sys
@@ -50,13 +51,22 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from starlette.requests import ClientDisconnect
 
 from deepfm.errors import ConfigError, DataError, DeepFMError
+from deepfm.outputs import to_json
 from deepfm.serve.predictor import Predictor, Runtime
 
 log = logging.getLogger("deepfm.serve")
 
 ROUTES = ("/predict", "/rank", "/health", "/model", "/metrics", "/reload")
+#: a host name or an IPv4/IPv6 address (no scheme, port, path or spaces)
+HOST = re.compile(r"[A-Za-z0-9._:%-]{1,253}")
+#: the media type every POST must declare: no other type (text/plain, forms) can be sent
+#: cross-site without a CORS preflight, which this server never grants
+JSON_TYPE = b"application/json"
+#: a JSON string, to blank out before counting the objects and keys of a body
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 OPEN_ROUTES = frozenset({"/health"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 
@@ -75,6 +85,8 @@ class ServeSettings:
     max_body_bytes: int = 8 << 20
     threads: int = 1
     concurrency: int = 2
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -83,7 +95,18 @@ class ServeSettings:
         if self.threads < 1 or self.concurrency < 1:
             raise ConfigError("--threads and --concurrency must be positive")
         if self.token is not None and not self.token.strip():
-            raise ConfigError("the token must not be empty")
+            raise ConfigError("the token must not be empty: give one, or no token at all")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {self.port}")
+        if not HOST.fullmatch(self.host):
+            raise ConfigError(
+                f"--host {self.host!r} is not a host name or IP address (e.g. 127.0.0.1, ::1, "
+                "0.0.0.0, localhost)"
+            )
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value <= 3600):
+                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")
 
 
 # -- request bodies --------------------------------------------------------------------------
@@ -273,6 +296,13 @@ class ServiceMiddleware:
                     {"detail": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
                     [(b"www-authenticate", b"Bearer")],
                 )
+            elif scope["method"] == "POST" and route != "other" and not _is_json(scope):
+                self.metrics.errors.labels(route, "media_type").inc()
+                await _send_json(
+                    send_status,
+                    415,
+                    {"detail": "send the body as Content-Type: application/json"},
+                )
             else:
                 await self.app(scope, receive, send_status)
         finally:
@@ -280,18 +310,47 @@ class ServiceMiddleware:
             self.latency[route].observe(time.perf_counter() - start)
 
 
+def _is_json(scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == JSON_TYPE
+    return False
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (checked while reading)."""
+    """The request body, refused with 413 past ``limit`` bytes: the declared length is checked
+    first, then the bytes as they arrive (nothing past the limit is ever held)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPProblem(413, f"body of {length} bytes exceeds the limit of {limit}", "too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPProblem(413, f"body exceeds the limit of {limit} bytes", "too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPProblem(413, f"body exceeds the limit of {limit} bytes", "too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left (or timed out) mid-body: not a server error
+        raise HTTPProblem(CLIENT_CLOSED, "the client left mid-body", "disconnected") from None
     return b"".join(chunks)
+
+
+#: status recorded for a request whose client left before it was read (nginx's convention)
+CLIENT_CLOSED = 499
+
+
+def check_structure(body: bytes, max_objects: int, max_keys: int) -> None:
+    """Refuse with 413, before parsing, a body holding more JSON objects or keys than any
+    acceptable request can: parsing 8 MB of ``{}`` would build millions of Python dicts."""
+    bare = _JSON_STRING.sub(b'""', body) if b'"' in body else body
+    objects, keys = bare.count(b"{"), bare.count(b":")
+    if objects > max_objects or keys > max_keys:
+        raise HTTPProblem(
+            413,
+            f"the body holds {objects} objects and {keys} keys, more than a request within the "
+            f"limits can ({max_objects} objects, {max_keys} keys)",
+            "too_large",
+        )
 
 
 # -- the application -------------------------------------------------------------------------
@@ -372,7 +431,13 @@ def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> Fa
     ) -> Response:
         """Read and validate the body, then run ``work`` on the current predictor in a worker
         thread (the forward pass releases the GIL; the event loop keeps reading requests)."""
-        body = parse_body(body_model, await read_body(request, settings.max_body_bytes))
+        raw = await read_body(request, settings.max_body_bytes)
+        fields = len(holder.predictor.encoder.names) + 1  # and a bid
+        # records or candidates, plus the body, user and context objects (keys likewise): no
+        # request within the limits holds more, unknown keys being refused anyway
+        most = settings.max_records + 3
+        check_structure(raw, most, most * fields + len(RankRequest.model_fields))
+        body = parse_body(body_model, raw)
         n = count(body)
         if n > settings.max_records:
             what = "records" if body_model is PredictRequest else "candidates"
@@ -412,7 +477,7 @@ def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> Fa
 
     @app.get("/model")
     async def model() -> Response:
-        return _json_response(200, holder.describe())
+        return _json_response(200, to_json(holder.describe()))  # old bundles may hold NaN
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -422,13 +487,15 @@ def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> Fa
     async def reload() -> Response:
         ok, reason = await reload_model("POST /reload")
         if ok:
-            return _json_response(200, {"reloaded": True, "model": holder.describe()})
+            return _json_response(200, to_json({"reloaded": True, "model": holder.describe()}))
         return _json_response(
             409,
-            {
-                "detail": f"reload failed, the previous model is still served: {reason}",
-                "model": holder.describe(),
-            },
+            to_json(
+                {
+                    "detail": f"reload failed, the previous model is still served: {reason}",
+                    "model": holder.describe(),
+                }
+            ),
         )
 
     # outermost but for Starlette's error middleware; FastAPI's own 404 / 405 pass through it
@@ -473,6 +540,63 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def timed_protocol(header_timeout: float, body_timeout: float) -> type:
+    """uvicorn's h11 protocol with read deadlines: a connection that has not sent a request's
+    headers within ``header_timeout`` seconds of starting it (or of connecting), or its body
+    within ``body_timeout`` seconds after the headers, is closed. uvicorn only limits idle
+    keep-alive time, so a client trickling bytes would otherwise hold a connection forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _phase: object = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._arm(None, None)
+            super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            """(Re)arm the deadline of the part of the request being read."""
+            state = self.conn.their_state
+            if state is h11.IDLE:  # waiting for a request line and headers
+                phase = h11.IDLE if self.conn.our_state is h11.IDLE else None
+                self._arm(phase, header_timeout)
+            elif state is h11.SEND_BODY:
+                self._arm(h11.SEND_BODY, body_timeout)
+            else:  # the request is read: the app answers, keep-alive is uvicorn's
+                self._arm(None, None)
+
+        def _arm(self, phase, seconds: float | None) -> None:
+            if phase is not None and phase is self._phase:
+                return  # still reading the same part: its deadline stands
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            self._phase = phase
+            if phase is not None and seconds is not None:
+                self._deadline = self.loop.call_later(seconds, self._timed_out)
+
+        def _timed_out(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()  # the app sees a disconnect, not an error
+
+    return TimedH11Protocol
+
+
 def serve(settings: ServeSettings) -> None:
     """Load the bundle, bind the socket, and serve until SIGINT/SIGTERM."""
     import torch
@@ -491,6 +615,7 @@ def serve(settings: ServeSettings) -> None:
         )
     config = uvicorn.Config(
         app,
+        http=timed_protocol(settings.header_timeout, settings.body_timeout),
         log_level="warning",
         access_log=False,
         lifespan="on",
