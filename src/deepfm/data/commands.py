@@ -86,8 +86,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from deepfm.data.splits import SplitSpec
     from deepfm.errors import ConfigError
 
-    if args.block_mb < 1:
-        raise ConfigError("--block-mb must be at least 1")
+    if not 1 <= args.block_mb <= 4096:
+        raise ConfigError("--block-mb must be in 1..4096 (MiB read and parsed at once)")
     schema = load_schema(args.schema) if args.schema else None
     data_format = get_format(args.format, schema, ratings=args.ratings, featindex=args.featindex)
     split = SplitSpec.parse(args.split)
@@ -110,6 +110,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         progress=say,
     )
     manifest = result.manifest
+    if not manifest["labeled"]:
+        print(
+            f"note: the input has no label column ({data_format.schema.label!r}): the store is "
+            "unlabeled, for scoring only",
+            file=sys.stderr,
+        )
     if args.json:
         keys = ("rows", "bad_rows", "rows_per_s", "seconds", "num_features", "distinct_values")
         print(json.dumps({k: manifest[k] for k in keys} | {"store": str(result.path)}))

@@ -319,9 +319,14 @@ class FeatureMap:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"feature map {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except OSError as exc:
+            raise ConfigError(f"cannot read the feature map {path}: {exc.strerror}") from None
+        except ValueError as exc:  # not JSON, not UTF-8
             raise ConfigError(f"feature map {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data, path.parent)
+        try:
+            return cls.from_dict(data, path.parent)
+        except (OSError, LookupError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"feature map {path} is damaged: {exc!r}") from None
 
 
 def _plain_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array:

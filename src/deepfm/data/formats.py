@@ -139,6 +139,28 @@ def field_column_types(schema: Schema) -> dict[str, ColumnType]:
     return {s.name: "float" if s.kind == "numeric" else "string" for s in schema.fields}
 
 
+def labeled_columns(schema: Schema, names: Sequence[str], path: str, line: int | None) -> bool:
+    """Whether a file with columns ``names`` carries the schema's label. A file without it
+    is unlabeled (rows to score) only if every column is a field or listed under the schema's
+    ``ignore``: a column nobody declared is most likely the label under another name (a
+    misspelt ``label:``, a byte-order mark), and reading the file as unlabeled would be silently
+    wrong."""
+    if schema.label is None or schema.label in names:
+        return schema.label is not None
+    known = set(schema.names) | set(schema.ignored)
+    undeclared = [n for n in names if n not in known]
+    if undeclared:
+        raise DataError(
+            f"no label column {schema.label!r}, and columns the schema does not declare: "
+            f"{undeclared[:10]}",
+            path=path,
+            line=line,
+            hint=f"the columns are {list(names)[:50]}; fix the schema's label, or list the "
+            "other columns under 'ignore:' to read the file as unlabeled",
+        )
+    return False
+
+
 def finish_chunk(
     chunk: RawChunk,
     label_source: str | None,
@@ -197,7 +219,7 @@ class DelimitedFormat(DataFormat):
                 line=1,
                 hint=f"the header has {names[:50]}",
             )
-        return tuple(names), self.schema.label is not None and self.schema.label in names
+        return tuple(names), labeled_columns(self.schema, names, str(path), line=1)
 
     def column_types(self, labeled: bool) -> dict[str, ColumnType]:
         types = field_column_types(self.schema)
@@ -766,7 +788,7 @@ class ParquetFormat(DataFormat):
                 path=str(path),
                 hint=f"its columns are {names[:50]}",
             )
-        labeled = self.schema.label is not None and self.schema.label in names
+        labeled = labeled_columns(self.schema, names, str(path), line=None)
         columns = self.schema.names + ([self.schema.label] if labeled else [])
         first = 1
         for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=columns):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import re
+import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +139,13 @@ def _finish_line(handle: IO[bytes]) -> bytes:
 def read_range(path: str | Path, start: int, stop: int) -> bytearray | bytes:
     """The lines of a plain file that start at a byte in ``[start, stop)``: a line under way at
     ``start`` belongs to the range before, the last line is read to its end."""
+    try:
+        return _read_range(path, start, stop)
+    except OSError as exc:
+        raise read_error(path, exc) from None
+
+
+def _read_range(path: str | Path, start: int, stop: int) -> bytearray | bytes:
     with open(path, "rb") as handle:
         begin = start
         if start > 0:
@@ -242,8 +251,64 @@ def is_compressed(path: str | Path) -> bool:
     return Path(path).suffix in COMPRESSED_SUFFIXES
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+#: what reading a file can raise besides DataError: I/O errors, and from ``.gz`` a file that
+#: is not gzip (BadGzipFile, an OSError), cut short (EOFError) or corrupt (zlib.error)
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def read_error(path: str | Path, exc: BaseException) -> DataError:
+    """A read failure as a DataError naming the file."""
+    if isinstance(exc, EOFError):
+        reason = f"the compressed file ends early (truncated?): {exc}"
+    elif isinstance(exc, gzip.BadGzipFile | zlib.error):
+        reason = f"not a valid gzip file: {exc}"
+    else:
+        reason = f"cannot read the file: {getattr(exc, 'strerror', None) or exc}"
+    return DataError(reason, path=str(path))
+
+
+class CheckedFile:
+    """A binary file whose read errors surface as :class:`DataError` naming the file."""
+
+    def __init__(self, handle: IO[bytes], path: str | Path) -> None:
+        self._handle, self._path = handle, path
+
+    def _call(self, name: str, *args):
+        try:
+            return getattr(self._handle, name)(*args)
+        except READ_ERRORS as exc:
+            raise read_error(self._path, exc) from None
+
+    def read(self, *args) -> bytes:
+        return self._call("read", *args)
+
+    def readinto(self, buffer) -> int:
+        return self._call("readinto", buffer)
+
+    def readline(self, *args) -> bytes:
+        return self._call("readline", *args)
+
+    def peek(self, *args) -> bytes:
+        return self._call("peek", *args)
+
+    def tell(self) -> int:
+        return self._call("tell")
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> CheckedFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def open_text(path: str | Path, hasher=None) -> IO[bytes]:
-    """Open a text file for binary reading, transparently decompressing ``.gz`` and ``.zst``.
+    """Open a text file for binary reading, transparently decompressing ``.gz`` and ``.zst``
+    and skipping a UTF-8 byte-order mark. Read errors (a truncated or fake ``.gz`` or
+    ``.zst``, no permission) are :class:`DataError` s naming the file.
 
     With ``hasher`` (e.g. ``hashlib.sha256()``) the file's bytes as stored (compressed for
     ``.gz``) are hashed as they are read.
@@ -253,22 +318,32 @@ def open_text(path: str | Path, hasher=None) -> IO[bytes]:
         raise DataError("file does not exist", path=str(path))
     if path.is_dir():
         raise DataError("is a directory, expected a file", path=str(path))
-    raw: IO[bytes] = open(path, "rb")  # noqa: SIM115 - returned to the caller
+    try:
+        raw: IO[bytes] = open(path, "rb")  # noqa: SIM115 - returned to the caller
+    except OSError as exc:
+        raise read_error(path, exc) from None
     if hasher is not None:
         raw = io.BufferedReader(HashingFile(raw, hasher), buffer_size=1 << 20)
+    handle = raw
     if path.suffix == ".gz":
-        unzipped = gzip.GzipFile(fileobj=raw, mode="rb")
-        unzipped.myfileobj = raw  # closed with the GzipFile, as when it opens the file itself
-        return unzipped
-    if path.suffix in (".zst", ".zstd"):
+        handle = gzip.GzipFile(fileobj=raw, mode="rb")
+        handle.myfileobj = raw  # closed with the GzipFile, as when it opens the file itself
+    elif path.suffix in (".zst", ".zstd"):
         stream = pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd")
-        return io.BufferedReader(_ArrowRaw(stream, str(path)), buffer_size=1 << 20)
-    return raw
+        handle = io.BufferedReader(_ArrowRaw(stream, str(path)), buffer_size=1 << 20)
+    checked = CheckedFile(handle, path)
+    try:
+        if checked.peek(len(UTF8_BOM))[: len(UTF8_BOM)] == UTF8_BOM:
+            checked.read(len(UTF8_BOM))  # Excel and Notepad start UTF-8 files with one
+    except DataError:
+        checked.close()
+        raise
+    return checked  # type: ignore[return-value]
 
 
 def read_header(path: str | Path, delimiter: str) -> list[str]:
     """The column names on the first line of ``path``."""
-    with open_text(path) as handle:
+    with open_text(path) as handle:  # a byte-order mark is skipped
         first = handle.readline()
     if not first.strip():
         raise DataError("file is empty, expected a header line", path=str(path), line=1)
@@ -277,6 +352,14 @@ def read_header(path: str | Path, delimiter: str) -> list[str]:
     except UnicodeDecodeError:
         raise DataError("header is not valid UTF-8", path=str(path), line=1) from None
     return next(csv.reader([text], delimiter=delimiter))
+
+
+def _has_blank_line(view: memoryview) -> bool:
+    """Whether the block holds an empty line (``\n`` or ``\r\n`` alone)."""
+    data, size = view.obj, view.nbytes  # blocks start at offset 0 of their buffer
+    if size and (view[0] == ord("\n") or bytes(view[:2]) == b"\r\n"):
+        return True
+    return data.find(b"\n\n", 0, size) >= 0 or data.find(b"\n\r\n", 0, size) >= 0  # type: ignore[union-attr]
 
 
 def _fill(handle: IO[bytes], view: memoryview) -> int:
@@ -340,12 +423,10 @@ class DelimitedReader:
         """The file's blocks in order: byte ranges of a plain file (nothing is read here but the
         header), the bytes themselves for a compressed file or when hashing."""
         path = Path(self.path)
-        header = 0
-        if self.layout.header:
-            with open_text(path) as handle:
-                if not handle.readline():
-                    raise DataError("file is empty", path=self.path)
-                header = handle.tell() if not is_compressed(path) else 0
+        with open_text(path) as handle:  # past a byte-order mark, and the header if any
+            if self.layout.header and not handle.readline():
+                raise DataError("file is empty", path=self.path)
+            header = handle.tell() if not is_compressed(path) else 0
         first = 2 if self.layout.header else 1
         if not is_compressed(path) and self.hasher is None:
             if not path.exists():
@@ -446,6 +527,8 @@ class DelimitedReader:
         """(dictionary-encoded table, or None if a row was rejected; line breaks in block)."""
         view = memoryview(block)
         breaks = view.obj.count(b"\n", 0, view.nbytes)  # type: ignore[union-attr]
+        if _has_blank_line(view):
+            return None, breaks  # PyArrow reads a blank line as a row of nulls: a bad row
         table, ok = self._arrow_parse(view)
         lines = breaks + (0 if view.nbytes and view[-1] == ord("\n") else 1)
         if not ok or table is None or table.num_rows != lines:
@@ -499,20 +582,63 @@ class DelimitedReader:
         if not good:
             return None, np.zeros(0, dtype=np.int64)
         table, ok = self._arrow_parse(b"\n".join(good) + b"\n")
-        if ok and table is not None and table.num_rows != len(good):
-            raise DataError(
-                "a line holds a carriage return (\\r) inside it, which splits it in two",
-                path=self.path,
-                line=first_line,
-            )
-        if not ok:
-            raise DataError(
-                "PyArrow rejected rows that passed line-by-line validation; "
-                "please report this file",
-                path=self.path,
-                line=first_line,
-            )
+        if not ok or table is None or table.num_rows != len(good):
+            # lines that passed the checks above and still fail PyArrow (a number Python
+            # reads but PyArrow does not, like "1_000"; a bare \r that splits a line): find
+            # each by bisection, report it with its line, keep the rest
+            rejected = self._rejected(good)
+            for index in rejected:
+                column, reason, kind = self._arrow_reason(good[index])
+                self.bad_rows.add(self.path, good_numbers[index], column, reason, kind)
+            good = [raw for i, raw in enumerate(good) if i not in rejected]
+            good_numbers = [n for i, n in enumerate(good_numbers) if i not in rejected]
+            if not good:
+                return None, np.zeros(0, dtype=np.int64)
+            table, ok = self._arrow_parse(b"\n".join(good) + b"\n")
+            assert ok and table is not None and table.num_rows == len(good), self.path
         return table, np.asarray(good_numbers, dtype=np.int64)
+
+    def _parses(self, lines: list[bytes]) -> bool:
+        table, ok = self._arrow_parse(b"\n".join(lines) + b"\n")
+        return ok and table is not None and table.num_rows == len(lines)
+
+    def _rejected(self, lines: list[bytes], offset: int = 0) -> set[int]:
+        """Indices (plus ``offset``) of the lines PyArrow rejects, by bisection."""
+        if self._parses(lines):
+            return set()
+        if len(lines) == 1:
+            return {offset}
+        middle = len(lines) // 2
+        return self._rejected(lines[:middle], offset) | self._rejected(
+            lines[middle:], offset + middle
+        )
+
+    def _arrow_reason(self, raw: bytes) -> tuple[str | None, str, str]:
+        """(column, reason, count key) of one line PyArrow rejects."""
+        if b"\r" in raw.rstrip(b"\r"):
+            return None, "a carriage return (\\r) inside the line splits it in two", "bare_cr"
+        try:
+            pa_csv.read_csv(
+                pa.BufferReader(raw + b"\n"),
+                read_options=pa_csv.ReadOptions(column_names=list(self.layout.columns)),
+                parse_options=pa_csv.ParseOptions(
+                    delimiter=self.layout.delimiter,
+                    quote_char='"' if self.layout.quoting else False,
+                ),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types=self._arrow_types, include_columns=self._read_names
+                ),
+            )
+        except pa.ArrowInvalid as exc:
+            message = str(exc).splitlines()[0]
+            found = re.search(r"column #(\d+)", message)
+            index = int(found.group(1)) if found else -1
+            column = self.layout.columns[index] if 0 <= index < len(self.layout.columns) else None
+            value = re.search(r"invalid value '(.*)'", message)
+            if value is not None:
+                return column, f"{value.group(1)[:40]!r} is not a number", "bad_number"
+            return column, f"rejected by the CSV parser: {message[:200]}", "unparseable"
+        return None, "rejected by the CSV parser", "unparseable"
 
     def _diagnose(self, raw: bytes) -> tuple[str | None, str, str] | None:
         """(column, reason, count key) for a bad line, None for a good one."""

@@ -52,8 +52,14 @@ class FieldSpec:
     buckets: int = 0
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigError("a field needs a non-empty name")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"a field needs a non-empty name (a string), got {self.name!r}")
+        if not isinstance(self.separator, str) or not self.separator:
+            raise ConfigError(f"field {self.name!r}: separator must be a non-empty string")
+        for key in ("max_len", "min_count", "buckets"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"field {self.name!r}: {key} must be an integer, got {value!r}")
         if self.kind not in FIELD_KINDS:
             raise ConfigError(
                 f"field {self.name!r}: kind {self.kind!r} is not one of {', '.join(FIELD_KINDS)}"
@@ -94,6 +100,13 @@ class Schema:
         names = [f.name for f in self.fields]
         if not names:
             raise ConfigError("a schema needs at least one field")
+        if self.label is not None and (not isinstance(self.label, str) or not self.label):
+            raise ConfigError(f"the label must be a column name, got {self.label!r}")
+        if not isinstance(self.min_count, int) or isinstance(self.min_count, bool):
+            raise ConfigError(f"min_count must be an integer, got {self.min_count!r}")
+        ignore = self.extra.get("ignore") or []
+        if not isinstance(ignore, list) or not all(isinstance(n, str) for n in ignore):
+            raise ConfigError(f"ignore must be a list of column names, got {ignore!r}")
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"schema names these fields twice: {', '.join(duplicates)}")
@@ -101,12 +114,21 @@ class Schema:
             raise ConfigError(f"the label column {self.label!r} is also declared as a field")
         if self.min_count < 1:
             raise ConfigError("min_count must be at least 1")
-        if self.hash_buckets is not None and self.hash_buckets < 1:
-            raise ConfigError("hash_buckets must be at least 1")
+        if self.hash_buckets is not None and (
+            not isinstance(self.hash_buckets, int)
+            or isinstance(self.hash_buckets, bool)
+            or self.hash_buckets < 1
+        ):
+            raise ConfigError(f"hash_buckets must be an integer >= 1, got {self.hash_buckets!r}")
 
     @property
     def names(self) -> list[str]:
         return [f.name for f in self.fields]
+
+    @property
+    def ignored(self) -> list[str]:
+        """Columns of the input that are neither fields nor the label (``ignore:``)."""
+        return list(self.extra.get("ignore") or [])
 
     def min_count_of(self, spec: FieldSpec) -> int:
         return spec.min_count if spec.min_count is not None else self.min_count
@@ -128,6 +150,8 @@ class Schema:
         }
         if self.hash_buckets is not None:
             out["hash_buckets"] = self.hash_buckets
+        if self.ignored:  # kept in bundles, so that scoring files read like training files
+            out["ignore"] = self.ignored
         return out
 
     @classmethod
@@ -159,9 +183,9 @@ class Schema:
         return cls(
             tuple(specs),
             label=data.get("label", "label"),
-            min_count=int(data.get("min_count", 1)),
+            min_count=data.get("min_count", 1),
             extra={k: v for k, v in data.items() if k not in own},
-            hash_buckets=None if hash_buckets is None else int(hash_buckets),
+            hash_buckets=hash_buckets,
         )
 
 
@@ -182,6 +206,8 @@ def load_schema(path: str | Path) -> Schema:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"schema file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the schema file {path}: {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"schema file {path} is not valid YAML: {exc}") from None
     return Schema.from_dict(data, source=str(path))

@@ -59,6 +59,8 @@ ARRAYS: dict[str, tuple[str, str]] = {
     "ordinals": ("i64", "<i8"),
 }
 _PARTIAL = ".partial-"
+#: rows checked at a time when a store is opened for training (bounded temporary memory)
+CHECK_ROWS = 1 << 20
 
 
 def array_file(split: str, name: str) -> str:
@@ -263,6 +265,11 @@ class Store:
             raise DataError(
                 f"the store manifest is not valid JSON: {exc}", path=str(path)
             ) from None
+        except OSError as exc:
+            reason = f"cannot read the store manifest: {exc.strerror}"
+            raise DataError(reason, path=str(path)) from None
+        if not isinstance(manifest, dict):
+            raise DataError("the store manifest is damaged: not a JSON object", path=str(path))
         version = manifest.get("version")
         if manifest.get("format") != STORE_FORMAT or version not in READABLE_VERSIONS:
             raise DataError(
@@ -272,18 +279,24 @@ class Store:
                 path=str(path),
             )
         store = cls(path, manifest)
-        for split, arrays in manifest["arrays"].items():
-            for name, meta in arrays.items():
-                row_bytes = int(np.prod(meta["shape"][1:])) * np.dtype(meta["dtype"]).itemsize
-                for file, rows in _parts(meta):
-                    expected = rows * row_bytes
-                    actual = (path / file).stat().st_size if (path / file).exists() else -1
-                    if actual != expected:
-                        raise DataError(
-                            f"store array {split}/{name} has {actual} bytes, the manifest says "
-                            f"{expected}: the store is damaged, prepare it again",
-                            path=str(path / file),
-                        )
+        try:
+            for split, arrays in manifest["arrays"].items():
+                for name, meta in arrays.items():
+                    row_bytes = int(np.prod(meta["shape"][1:])) * np.dtype(meta["dtype"]).itemsize
+                    for file, rows in _parts(meta):
+                        expected = rows * row_bytes
+                        actual = (path / file).stat().st_size if (path / file).exists() else -1
+                        if actual != expected:
+                            raise DataError(
+                                f"store array {split}/{name} has {actual} bytes, the manifest "
+                                f"says {expected}: the store is damaged, prepare it again",
+                                path=str(path / file),
+                            )
+            for split in SPLITS:  # parsed now, so that damage shows here
+                store.rows(split)
+            store.feature_map  # noqa: B018
+        except (OSError, LookupError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+            raise DataError(f"the store manifest is damaged: {exc!r}", path=str(path)) from None
         return store
 
     @property
@@ -353,15 +366,47 @@ class Store:
 
     def dataset(self, shard: Shard | None = None) -> Dataset:
         """The splits as a :class:`~deepfm.data.pipeline.Dataset` of memory-mapped arrays (the
-        trainer reads them like in-memory arrays; pages load on first use)."""
-        test = self.split("test", shard) if self.rows("test") else None
+        trainer reads them like in-memory arrays; pages load on first use). Every value is
+        checked first (:meth:`check`), so a damaged store is refused, never trained on."""
+        splits = {s: self.split(s, shard) for s in SPLITS}
+        for name, arrays in splits.items():
+            self.check(name, arrays)
         return Dataset(
             self.feature_map,
-            self.split("train", shard),
-            self.split("valid", shard),
-            test,
+            splits["train"],
+            splits["valid"],
+            splits["test"] if self.rows("test") else None,
             self.bad_rows(),
         )
+
+    def check(self, split: str, arrays: EncodedArrays) -> None:
+        """Refuse arrays whose bytes were changed in place (sizes match, values do not): ids
+        outside the feature table, labels other than 0/1, non-finite values. One vectorised
+        pass in blocks of rows (a few seconds for tens of GB)."""
+        size = self.feature_map.num_features
+        for start in range(0, len(arrays), CHECK_ROWS):
+            part = slice(start, start + CHECK_ROWS)
+            problem = None
+            ids = arrays.ids[part]
+            if ids.size and (ids.min() < 0 or ids.max() >= size):
+                problem = "ids", f"feature ids outside [0, {size})"
+            elif arrays.labels is not None and not np.isin(arrays.labels[part], (0, 1)).all():
+                problem = "labels", "labels other than 0 and 1"
+            elif arrays.values is not None and not np.isfinite(arrays.values[part]).all():
+                problem = "values", "NaN or infinite values"
+            if problem is not None:
+                name, what = problem
+                raise DataError(
+                    f"store array {split}/{name} holds {what} (rows {start:,}-"
+                    f"{min(start + CHECK_ROWS, len(arrays)):,}): the store is damaged, "
+                    "prepare it again",
+                    path=str(self._array_path(split, name)),
+                )
+
+    def _array_path(self, split: str, name: str) -> Path:
+        """The file of an array, or the store when the array is split over shard files."""
+        parts = _parts(self.manifest["arrays"][split][name])
+        return self.path / parts[0][0] if len(parts) == 1 else self.path
 
     def iter_splits(self) -> Iterator[tuple[str, EncodedArrays]]:
         for split in SPLITS:

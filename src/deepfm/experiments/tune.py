@@ -150,6 +150,8 @@ def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"search space file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the search space {path}: {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_space(data, str(path))

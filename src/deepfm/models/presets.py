@@ -122,7 +122,13 @@ def load_preset(name_or_path: str | Path) -> Preset:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"preset file {path} does not exist")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the preset {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
     else:
         resource = _config_dir() / f"{name_or_path}.yaml"
         if not resource.is_file():

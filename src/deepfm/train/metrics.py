@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
+
+from deepfm.errors import DeepFMWarning
 
 EPS = 1e-7
 
@@ -16,5 +19,14 @@ def auc_logloss(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, floa
     p = np.clip(np.asarray(probabilities, dtype=np.float64), EPS, 1 - EPS)
     if len(labels) == 0:
         return {"auc": math.nan, "logloss": math.nan}
-    auc = roc_auc_score(labels, p) if 0 < labels.sum() < len(labels) else math.nan
+    if 0 < labels.sum() < len(labels):
+        auc = roc_auc_score(labels, p)
+    else:
+        auc = math.nan
+        warnings.warn(
+            f"AUC is undefined on {len(labels):,} rows that all have label {int(labels[0])} "
+            "(it ranks clicks above non-clicks): reported as null",
+            DeepFMWarning,
+            stacklevel=2,
+        )
     return {"auc": float(auc), "logloss": float(log_loss(labels, p, labels=[0, 1]))}
