@@ -252,10 +252,14 @@ def print_json(data: Any, *, indent: int | None = 2) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from deepfm.experiments.demo import results_table, run_demo
+    from deepfm.experiments.demo import DEMO_FILES, results_table, run_demo
     from deepfm.models import ModelConfig
+    from deepfm.outputs import claim_results
     from deepfm.train.trainer import TrainConfig
 
+    if args.rows < 100:
+        raise ConfigError(f"--rows must be at least 100, got {args.rows}")
+    claim_results(args.out, "demo", own_files=DEMO_FILES)
     config = TrainConfig(
         seed=args.seed,
         threads=args.threads,

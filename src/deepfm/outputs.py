@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def _protected_parent(target: Path) -> tuple[Path, OutputKind] | None:
 
 
 def _check_inputs(target: Path, inputs: Iterable[PathLike], what: str) -> None:
-    """``target`` must not be an input, hold an input, or lie inside an input directory."""
+    """``target`` must not be an input, nor a directory holding an input."""
     for given in inputs:
         if given is None:
             continue
@@ -91,8 +92,6 @@ def _check_inputs(target: Path, inputs: Iterable[PathLike], what: str) -> None:
             raise ConfigError(f"{what} is the input {given}: choose another path")
         if target in source.parents:
             raise ConfigError(f"{what} holds the input {given}: choose another path")
-        if source.is_dir() and source in target.parents:
-            raise ConfigError(f"{what} lies inside the input {given}: choose another path")
 
 
 def _inside_protected(target: Path, what: str) -> None:
@@ -118,7 +117,7 @@ def claim_directory(
 
     Allowed: a path that does not exist, an empty directory, a directory of the same kind
     (replacing a bundle or store needs ``overwrite``), or, for results, a directory holding
-    only files named in ``own_files`` (results written before the marker existed). Refused
+    only names matching the glob patterns ``own_files`` (results written before the marker). Refused
     with a :class:`ConfigError`: a file, any other non-empty directory, a path inside a bundle,
     store or checkpoint directory, and a path that is, holds or lies inside one of ``inputs``.
     """
@@ -145,8 +144,8 @@ def claim_directory(
                 f"{what}: a {kind.name} is there already: pass --overwrite to replace it"
             )
         return target
-    own = set(own_files)
-    if kind is RESULTS and own and set(entries) <= own:
+    own = tuple(own_files)
+    if kind is RESULTS and own and all(any(fnmatch(e, p) for p in own) for e in entries):
         return target
     there = f"is a {found.name}" if found is not None else "exists, is not empty and is"
     raise ConfigError(
@@ -164,8 +163,8 @@ def claim_file(
 ) -> Path:
     """Check that a command may write the file ``out``; returns its resolved path.
 
-    Refused: a directory, one of ``inputs`` (or a path inside an input directory), a path
-    inside a bundle, store or checkpoint directory, and an existing file without ``overwrite``.
+    Refused: a directory, one of ``inputs``, a path inside a bundle, store or checkpoint
+    directory, and an existing file without ``overwrite``.
     """
     what = f"{flag} {out}"
     target = _resolved(out)
@@ -295,3 +294,21 @@ def write_json(
     """Write ``data`` as strict JSON to ``path`` atomically (see :func:`json_text`)."""
     text = json_text(data, indent=indent, sort_keys=sort_keys, name=Path(path).name)
     return write_text(path, text)
+
+
+def save_figure(fig: Any, path: PathLike, *, dpi: int = 110) -> Path:
+    """A matplotlib figure saved atomically (the format from the suffix, e.g. ``.png``)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def claim_results(
+    out: PathLike, command: str, *, inputs: Iterable[PathLike] = (), own_files: Iterable[str] = ()
+) -> Path:
+    """Claim the results directory ``out`` of ``deepfm command`` (see
+    :func:`claim_directory`) and mark it; returns its resolved path."""
+    target = claim_directory(out, RESULTS, inputs=inputs, own_files=own_files)
+    mark_results(target, command)
+    return target

@@ -26,7 +26,6 @@ seed at a fixed thread count.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -64,6 +63,7 @@ from deepfm.experiments.simulate import (
 )
 from deepfm.models.registry import ModelConfig, build_model, get_entry, parse_crosses
 from deepfm.nn import InputLayout
+from deepfm.outputs import save_figure, write_json, write_text
 from deepfm.train.trainer import TrainConfig, Trainer
 
 #: the paper's control (the well-engineered LR), plain LR as a second reference, the treatment
@@ -384,7 +384,7 @@ def plot_abtest(results: dict[str, Any], path: str | Path) -> Path:
     for ax in (ax_ctr, ax_lift):
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -392,7 +392,6 @@ def plot_abtest(results: dict[str, Any], path: str | Path) -> Path:
 def write_abtest(results: dict[str, Any], out: str | Path) -> list[Path]:
     """abtest.json, abtest.md and abtest.png under ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "abtest.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "abtest.md").write_text(abtest_markdown(results))
+    write_json(out / "abtest.json", results)
+    write_text(out / "abtest.md", abtest_markdown(results))
     return [out / "abtest.json", out / "abtest.md", plot_abtest(results, out / "abtest.png")]

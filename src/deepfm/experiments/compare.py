@@ -40,6 +40,7 @@ from deepfm.experiments.runs import (
     write_json,
 )
 from deepfm.experiments.study_plots import metric_bars
+from deepfm.outputs import write_text
 
 COMMAND = "compare"
 DEFAULT_SEEDS = 5
@@ -221,10 +222,9 @@ def compare_markdown(summary: dict[str, Any], title: str) -> str:
 def write_compare(summary: dict[str, Any], out: str | Path, title: str) -> list[Path]:
     """``compare.json`` (all numbers), ``compare.md``, ``compare.csv``, ``compare_metrics.png``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(out / f"{COMMAND}.json", summary)]
     md = out / f"{COMMAND}.md"
-    md.write_text(compare_markdown(summary, title) + "\n", encoding="utf-8")
+    write_text(md, compare_markdown(summary, title) + "\n")
     paths.append(md)
     header = ["model", "auc_mean", "auc_std", "logloss_mean", "logloss_std", "seeds"]
     header += ["auc_vs_fm_pct", "logloss_vs_fm_pct", "deep_component"]
@@ -433,7 +433,7 @@ def run_criteo_protocols(
             f"- {protocol}: split {split}, preset {summaries[protocol]['preset']}{note}; "
             f"tables and p-values in [{protocol}/compare.md]({protocol}/compare.md)"
         )
-    (out / f"{COMMAND}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out / f"{COMMAND}.md", "\n".join(lines) + "\n")
     csv_header = ["protocol", "model", "auc_mean", "auc_std", "logloss_mean", "logloss_std"]
     csv_rows = [
         [p, n, r["auc_mean"], r["auc_std"], r["logloss_mean"], r["logloss_std"]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,14 @@ from deepfm.data.splits import SplitSpec
 from deepfm.data.synthetic import APP_MARKET_SCHEMA, AppMarket
 from deepfm.experiments.plots import learning_curves
 from deepfm.models.registry import ModelConfig
+from deepfm.outputs import write_json
 from deepfm.train.metrics import auc_logloss
 from deepfm.train.run import fit_and_evaluate
 from deepfm.train.trainer import TrainConfig
 
 DEMO_MODELS = ("lr", "fm", "deepfm")
+#: what the demo writes in its --out (a directory holding only these is the demo's)
+DEMO_FILES = ("results.json", "learning_curves.png", "learning_curves.json")
 DEFAULT_ROWS = 200_000
 
 
@@ -59,7 +61,6 @@ def run_demo(
     model_config: ModelConfig | None = None,
 ) -> dict[str, Any]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     train_config = train_config or TrainConfig(seed=seed)
     model_config = model_config or ModelConfig()
     dataset, p_true = market_dataset(rows, seed)
@@ -79,8 +80,8 @@ def run_demo(
         }
         histories[name] = trained.fit.history
     learning_curves(histories, out / "learning_curves.png", title="App market: validation AUC")
-    (out / "learning_curves.json").write_text(json.dumps(histories, indent=1))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "learning_curves.json", histories, indent=1)
+    write_json(out / "results.json", results)
     return results
 
 

@@ -32,6 +32,7 @@ from deepfm.experiments.runs import (
     write_json,
 )
 from deepfm.experiments.study_plots import relative_bars
+from deepfm.outputs import write_text
 
 COMMAND = "efficiency"
 DEFAULT_EPOCHS = 2
@@ -83,11 +84,10 @@ def efficiency_table(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]
 
 def write_efficiency(summary: dict[str, Any], out: str | Path) -> list[Path]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(out / f"{COMMAND}.json", summary)]
     title = f"Training time per epoch relative to LR ({summary['device']})"
     md = [f"# {title}", "", summary["about"], "", markdown_table(*efficiency_table(summary)), ""]
-    (out / f"{COMMAND}.md").write_text("\n".join(md), encoding="utf-8")
+    write_text(out / f"{COMMAND}.md", "\n".join(md))
     paths.append(out / f"{COMMAND}.md")
     header = ["model", "seconds_per_epoch", "relative_to_lr", "samples_per_s", "device"]
     rows = [

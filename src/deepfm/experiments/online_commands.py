@@ -55,6 +55,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         test_metrics_table,
         write_simulation,
     )
+    from deepfm.outputs import claim_results
 
     config = SimulationConfig(
         n_types=args.types,
@@ -66,12 +67,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         crosses=args.crosses,
     )
-    result = run_simulation(
-        config,
-        train_config=_train_config(args),
-        model_config=_hidden(args.hidden),
-        log=_log,
-    )
+    train_config, model_config = _train_config(args), _hidden(args.hidden)
+    plots = ("personalization.*", "coverage.*", "popularity.*")
+    claim_results(args.out, "simulate", own_files=("simulate.*", *plots))
+    result = run_simulation(config, train_config=train_config, model_config=model_config, log=_log)
     paths = write_simulation(result, args.out)
     print("\n" + baseline_note(config.crosses) + "\n")
     print(simulation_table(result.metrics) + "\n")
@@ -82,6 +81,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_abtest(args: argparse.Namespace) -> int:
     from deepfm.experiments.abtest import ABTestConfig, abtest_markdown, run_abtest, write_abtest
+    from deepfm.outputs import claim_results
 
     config = ABTestConfig(
         days=args.days,
@@ -95,9 +95,9 @@ def cmd_abtest(args: argparse.Namespace) -> int:
         seed=args.seed,
         crosses=args.crosses,
     )
-    results = run_abtest(
-        config, train_config=_train_config(args), model_config=_hidden(args.hidden), log=_log
-    )
+    train_config, model_config = _train_config(args), _hidden(args.hidden)
+    claim_results(args.out, "abtest", own_files=("abtest.*",))
+    results = run_abtest(config, train_config=train_config, model_config=model_config, log=_log)
     paths = write_abtest(results, args.out)
     print("\n" + abtest_markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))

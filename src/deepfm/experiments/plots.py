@@ -7,6 +7,8 @@ from typing import Any
 
 import matplotlib
 
+from deepfm.outputs import save_figure
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
@@ -27,6 +29,6 @@ def learning_curves(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return Path(path)

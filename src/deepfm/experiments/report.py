@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 from deepfm.errors import ConfigError
+from deepfm.outputs import write_text
 
 REPORT = "report.md"
+TITLE = "# Study report: "
 STUDIES = ("compare", "efficiency", "sweep", "tune", "workers")
 TITLES = {
     "compare": "Model comparison (Tables IV and V)",
@@ -99,7 +101,7 @@ def write_report(run_dir: str | Path) -> Path:
             "in its sub-directories (run deepfm compare/efficiency/sweep/tune/workers first)"
         )
     lines = [
-        f"# Study report: {run_dir.name}",
+        f"{TITLE}{run_dir.name}",
         "",
         f"Written by `deepfm report` on {time.strftime('%Y-%m-%d %H:%M %Z')}. Studies:",
         "",
@@ -110,5 +112,6 @@ def write_report(run_dir: str | Path) -> Path:
     lines.append("")
     lines += [study_section(run_dir, folder, study) for folder, study in studies]
     path = run_dir / REPORT
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    if path.exists() and not path.read_text(encoding="utf-8", errors="replace").startswith(TITLE):
+        raise ConfigError(f"{path} exists and was not written by deepfm report: move it first")
+    return write_text(path, "\n".join(lines))

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,12 +24,14 @@ from typing import Any
 
 import yaml
 
+from deepfm import outputs
 from deepfm.data.pipeline import Dataset
 from deepfm.data.store import Store
 from deepfm.errors import ConfigError
 from deepfm.models.presets import Preset, load_preset, parse_preset
 from deepfm.models.registry import ModelConfig, build_model, get_entry, model_names
 from deepfm.nn import InputLayout
+from deepfm.outputs import to_json, write_text
 from deepfm.train.trainer import Batches, TrainConfig, Trainer, evaluate
 
 RUNS_DIR = "runs"
@@ -251,27 +252,9 @@ class RunSpec:
         return f"{self.kind}-{self.model.name}-s{self.train.seed}-{digest}"
 
 
-def to_json(data: Any) -> Any:
-    """``data`` with NaN/inf as null (strict JSON) and tuples as lists."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {str(k): to_json(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return [to_json(v) for v in data]
-    if hasattr(data, "item") and not isinstance(data, str):  # numpy scalars
-        return to_json(data.item())
-    return data
-
-
 def write_json(path: str | Path, data: Any) -> Path:
     """Strict JSON, written through a temporary file (a killed study leaves no half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(to_json(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return outputs.write_json(path, data, indent=1)
 
 
 class RunCache:
@@ -387,9 +370,7 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[A
     writer.writerow(header)
     for row in rows:
         writer.writerow(["" if v is None else v for v in to_json(list(row))])
-    path = Path(path)
-    path.write_text(buffer.getvalue(), encoding="utf-8")
-    return path
+    return write_text(path, buffer.getvalue())
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

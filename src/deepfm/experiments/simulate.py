@@ -24,7 +24,6 @@ with the fitted feature map and scored in one forward pass per block.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -51,6 +50,7 @@ from deepfm.data.synthetic import (
 from deepfm.errors import ConfigError
 from deepfm.experiments.recsys_metrics import coverage, personalization, popularity, top_l
 from deepfm.models.registry import ModelConfig, parse_crosses
+from deepfm.outputs import save_figure, write_json, write_text
 from deepfm.train.metrics import auc_logloss
 from deepfm.train.run import fit_and_evaluate
 from deepfm.train.trainer import Batches, TrainConfig, predict_proba
@@ -411,7 +411,7 @@ def grouped_bars(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", ncol=len(values))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -459,8 +459,7 @@ def plot_simulation(metrics: dict[str, Any], out: str | Path) -> list[Path]:
 def write_simulation(result: SimulationResult, out: str | Path) -> list[Path]:
     """simulate.json, simulate.md and the three bar charts under ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "simulate.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+    write_json(out / "simulate.json", result.metrics)
     note = ""
     if ENGINEERED_LR in result.metrics:
         note = baseline_note(result.metrics["setup"]["baseline"]["crosses"]) + "\n\n"
@@ -472,5 +471,5 @@ def write_simulation(result: SimulationResult, out: str | Path) -> list[Path]:
         + test_metrics_table(result.metrics)
         + "\n"
     )
-    (out / "simulate.md").write_text(report)
+    write_text(out / "simulate.md", report)
     return [out / "simulate.json", out / "simulate.md", *plot_simulation(result.metrics, out)]

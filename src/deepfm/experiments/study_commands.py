@@ -60,9 +60,20 @@ def _positive(value: int | None, flag: str) -> None:
         raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
+#: what the studies write in their --out (a directory holding only such names is a study's,
+#: from before results directories were marked)
+STUDY_FILES = (
+    *(f"{study}*" for study in ("compare", "efficiency", "sweep", "tune", "workers")),
+    *("report.md", "runs", "stores", "random", "sequential", "best.yaml", "space.yaml"),
+)
+
+
 def _settings(args: argparse.Namespace):
-    """(study config, model overrides, train overrides) from the parsed flags."""
+    """(study config, model overrides, train overrides) from the parsed flags; the --out
+    directory is claimed (a new, empty or results directory; never an input)."""
+    from deepfm.cli import input_paths
     from deepfm.experiments.runs import study_config
+    from deepfm.outputs import claim_results
 
     for flag in ("checkpoint_every", "resume"):
         if getattr(args, flag, None):
@@ -72,6 +83,8 @@ def _settings(args: argparse.Namespace):
             )
     _positive(args.threads, "--threads")
     config = study_config(args.preset, args.config)
+    inputs = [*input_paths(args), *([args.criteo] if getattr(args, "criteo", None) else [])]
+    claim_results(args.out, args.command, inputs=inputs, own_files=STUDY_FILES)
     if config.preset.assumed:
         _say(f"note: preset {config.preset.name}: {config.preset.description}")
     model = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}

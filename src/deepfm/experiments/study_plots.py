@@ -13,15 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from deepfm.experiments.runs import write_json
+from deepfm.outputs import save_figure
 
 DEEPFM_COLOR = "tab:red"
 BASELINE_COLOR = "tab:blue"
 
 
 def _save(fig, path: Path, data: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     write_json(path.with_suffix(".json"), data)
     return path

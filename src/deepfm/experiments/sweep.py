@@ -39,6 +39,7 @@ from deepfm.experiments.runs import (
     write_json,
 )
 from deepfm.experiments.study_plots import sweep_lines
+from deepfm.outputs import make_dirs, write_text
 
 COMMAND = "sweep"
 PARAMS = ("activation", "dropout", "neurons", "layers", "shape")
@@ -170,7 +171,7 @@ def write_sweep(all_params: dict[str, Any], out: Path) -> list[Path]:
     paths = [write_json(out / f"{COMMAND}.json", {"params": all_params})]
     md = ["# Hyper-parameter study (Sec. IV-C)", ""]
     md += [sweep_tables(p, all_params[p]) + "\n" for p in PARAMS if p in all_params]
-    (out / f"{COMMAND}.md").write_text("\n".join(md), encoding="utf-8")
+    write_text(out / f"{COMMAND}.md", "\n".join(md))
     paths.append(out / f"{COMMAND}.md")
     header = ["param", "value", "model", "hidden", "activation", "dropout"]
     header += ["auc_mean", "auc_std", "logloss_mean", "logloss_std", "seeds"]
@@ -275,7 +276,7 @@ def run_sweep(
             f"{config.preset.name}; every other setting fixed (see sweep.json)."
         ),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     series = {
         display(name): {
             "auc": [grouped[name][lab]["auc_mean"] for lab in labels],

@@ -41,6 +41,7 @@ from deepfm.experiments.runs import (
 )
 from deepfm.experiments.study_plots import trial_history
 from deepfm.models.registry import ModelConfig
+from deepfm.outputs import make_dirs, write_text
 
 COMMAND = "tune"
 INT_PARAMS = ("embed_dim", "layers", "neurons", "batch_size")
@@ -275,8 +276,8 @@ def run_tune(
     base = config.model_config(model, **(model_overrides or {}))
     base_train = config.train_config(seed, **(train_overrides or {}))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False), encoding="utf-8")
+    make_dirs(out)
+    write_text(out / "space.yaml", yaml.safe_dump(space, sort_keys=False))
     # the study's identity: a changed store, model, space or base config starts a new study
     identity = canonical([data.fingerprint, base.to_dict(), base_train.to_dict(), space, seed])
     name = f"{COMMAND}-{model}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
@@ -331,9 +332,9 @@ def run_tune(
             "search space or run more trials"
         )
     best = study.best_trial
-    (out / "best.yaml").write_text(
+    write_text(
+        out / "best.yaml",
         best_config_yaml(model, suggest_fixed(best.params, space), best.value, best.number, base),
-        encoding="utf-8",
     )
     write_tune(summary, out, model)
     return summary
@@ -393,7 +394,7 @@ def write_tune(summary: dict[str, Any], out: Path, model: str) -> None:
             "",
         ]
     lines += [markdown_table(header, rows), "", "![trials](tune_history.png)", ""]
-    (out / f"{COMMAND}.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text(out / f"{COMMAND}.md", "\n".join(lines))
     write_csv(out / f"{COMMAND}.csv", header, rows)
     trial_history(
         [t["number"] for t in summary["trials"]],

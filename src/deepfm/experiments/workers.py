@@ -37,6 +37,7 @@ from deepfm.experiments.runs import (
 from deepfm.experiments.study_plots import step_curves
 from deepfm.models.registry import ModelConfig, build_model, get_entry
 from deepfm.nn import InputLayout
+from deepfm.outputs import write_text
 from deepfm.train.trainer import Batches, TrainConfig, Trainer, evaluate
 
 COMMAND = "workers"
@@ -253,7 +254,6 @@ def run_workers(
 
 
 def write_workers(summary: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{COMMAND}.json", summary)
     header = ["run", "processes", "lr", "steps", "final test AUC", "final test Logloss"]
     header += ["best test AUC (step)", "train seconds"]
@@ -279,7 +279,7 @@ def write_workers(summary: dict[str, Any], out: Path) -> None:
         f"![curves]({COMMAND}_curves.png)",
         "",
     ]
-    (out / f"{COMMAND}.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text(out / f"{COMMAND}.md", "\n".join(lines))
     write_csv(
         out / f"{COMMAND}.csv",
         ["run", "step", "samples", "auc", "logloss"],

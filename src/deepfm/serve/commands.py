@@ -72,6 +72,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--model", required=True, help="bundle directory")
     export.add_argument("--format", choices=("onnx",), default="onnx")
     export.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.add_argument(
         "--check-rows",
         type=int,
@@ -158,12 +159,16 @@ def port_number(text: str) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from deepfm.outputs import claim_file
     from deepfm.serve.bundle import load_bundle
     from deepfm.serve.onnx_export import OnnxScorer, export_onnx
     from deepfm.serve.predictor import Predictor
 
+    if args.check_rows < 0:
+        raise ConfigError(f"--check-rows must be >= 0, got {args.check_rows}")
+    target = claim_file(args.out, overwrite=args.overwrite, inputs=[args.model])
     bundle = load_bundle(args.model)
-    out = export_onnx(bundle, args.out)
+    out = export_onnx(bundle, target)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 2**20:.1f} MiB, model {bundle.config.name})", file=sys.stderr)
     if args.check_rows > 0:
@@ -176,6 +181,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if not gap <= 1e-5:
+            out.unlink()  # never keep a model that scores differently
             raise ConfigError(f"the exported model differs from PyTorch by {gap:.2e} (> 1e-5)")
     return 0
 

@@ -37,6 +37,7 @@ from deepfm import __version__
 from deepfm.errors import ConfigError
 from deepfm.models import build_model
 from deepfm.nn import InputLayout
+from deepfm.outputs import make_dirs
 from deepfm.serve.bundle import Bundle
 
 #: registry name → why the model cannot be expressed in ONNX (none so far)
@@ -142,7 +143,7 @@ def export_onnx(bundle: Bundle, path: str | Path) -> Path:
         args += (torch.ones(ids.shape, dtype=torch.float32),)
         dynamic["values"] = {0: batch}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     # written into a sibling temp directory under the final name, then renamed into place: a
     # model over 2 GB comes with a weights file named after it, moved before the graph
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

@@ -123,9 +123,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "decay_patience"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < (0 if "patience" in name else 1):
-                raise ConfigError(f"{name} must be an integer >= 1 (patience >= 0), got {value!r}")
+            value, least = getattr(self, name), 0 if "patience" in name else 1
+            if not _is_int(value) or value < least:
+                raise ConfigError(f"{name} must be at least {least} (an integer), got {value!r}")
         for name in ("lr", "ftrl_beta", "ftrl_l1", "ftrl_l2", "lr_decay"):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and math.isfinite(value)):
