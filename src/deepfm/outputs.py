@@ -117,9 +117,9 @@ def claim_directory(
 
     Allowed: a path that does not exist, an empty directory, a directory of the same kind
     (replacing a bundle or store needs ``overwrite``), or, for results, a directory holding
-    only names matching the glob patterns ``own_files`` (results written before the marker). Refused
-    with a :class:`ConfigError`: a file, any other non-empty directory, a path inside a bundle,
-    store or checkpoint directory, and a path that is, holds or lies inside one of ``inputs``.
+    only names matching the glob patterns ``own_files`` (results written before the marker).
+    Refused with a :class:`ConfigError`: a file, any other non-empty directory, a path inside
+    a bundle, store or checkpoint directory, and a path that is or holds one of ``inputs``.
     """
     what = f"{flag} {out}"
     target = _resolved(out)
