@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deepfm import __version__
-from deepfm.errors import ConfigError, DeepFMError, DeepFMWarning
+from deepfm.errors import ConfigError, DeepFMError, DeepFMWarning, OutputError
 
 COMMAND_MODULES: tuple[str, ...] = (
     # one module per line; each defines register_commands(subparsers)
@@ -257,8 +257,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from deepfm.outputs import claim_results
     from deepfm.train.trainer import TrainConfig
 
-    if args.rows < 100:
-        raise ConfigError(f"--rows must be at least 100, got {args.rows}")
+    if not 100 <= args.rows <= 100_000_000:
+        raise ConfigError(f"--rows must be in 100..100,000,000, got {args.rows:,}")
     claim_results(args.out, "demo", own_files=DEMO_FILES)
     config = TrainConfig(
         seed=args.seed,
@@ -568,7 +568,7 @@ def _run(name: str, args: argparse.Namespace) -> int:
         return int(args.handler(args) or 0)
     except DeepFMError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return EXIT_SYSTEM if isinstance(exc, OutputError) else EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

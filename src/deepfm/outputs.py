@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,8 @@ def claim_file(
         raise ConfigError(f"{what} is a directory: give a file name")
     _check_inputs(target, inputs, what)
     _inside_protected(target, what)
+    if target.exists() and not target.is_file():  # a device, a pipe, a socket
+        raise ConfigError(f"{what} is not a regular file: give a file name")
     if (target.exists() or Path(out).is_symlink()) and not overwrite:
         raise ConfigError(f"{what} exists: pass --overwrite to replace it")
     return target
@@ -211,6 +214,19 @@ def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(3)}")
 
 
+def remove_stale(path: Path, tag: str = "tmp") -> None:
+    """Remove the temporary siblings of ``path`` left by processes that were killed (kill -9
+    leaves no chance to clean up); those of live processes are theirs."""
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.{tag}-*"):
+        pid = stale.name.rsplit(f".{tag}-", 1)[1].split("-", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            remove_quietly(stale)
+        except PermissionError:  # another user's live process
+            continue
+
+
 def remove_quietly(path: Path) -> None:
     with suppress(OSError):
         path.unlink(missing_ok=True)
@@ -223,6 +239,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     OSError (full disk, no permission) becomes an :class:`OutputError` naming ``path``."""
     path = Path(path)
     make_dirs(path.parent)
+    remove_stale(path)
     tmp = temporary_sibling(path)
     try:
         yield tmp

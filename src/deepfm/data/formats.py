@@ -38,6 +38,7 @@ from deepfm.data.reader import (
     RawChunk,
     TextLayout,
     check_values,
+    first_line,
     in_file_order,
     map_labels,
     open_text,
@@ -301,7 +302,7 @@ class CriteoFormat(DelimitedFormat):
 
     def columns_of(self, path: str | Path) -> tuple[tuple[str, ...], bool]:
         with open_text(path) as handle:
-            first = handle.readline()
+            first = first_line(handle, path)
         if not first:
             raise DataError("file is empty", path=str(path))
         count = first.count(b"\t") + 1

@@ -42,6 +42,8 @@ BadRowPolicy = Literal["error", "skip"]
 ColumnType = Literal["label", "float", "string", "dictionary"]
 
 DEFAULT_BLOCK_BYTES = 32 << 20
+#: no row of any CTR log is this long; a longer "line" means a binary file or a device
+MAX_LINE_BYTES = 64 << 20
 _EXAMPLES_KEPT = 20
 
 # "dictionary" columns are parsed as plain strings and dictionary-encoded afterwards: on Criteo
@@ -122,8 +124,9 @@ class Block:
     first_line: int | None = None
 
 
-def _finish_line(handle: IO[bytes]) -> bytes:
-    """The bytes up to and including the next line break (or the end of the file)."""
+def _finish_line(handle: IO[bytes], path: str | Path) -> bytes:
+    """The bytes up to and including the next line break (or the end of the file); a line
+    longer than :data:`MAX_LINE_BYTES` is refused (a binary file, not rows of text)."""
     out = bytearray()
     while True:
         piece = handle.read(1 << 16)
@@ -134,6 +137,8 @@ def _finish_line(handle: IO[bytes]) -> bytes:
             out += piece[: cut + 1]
             return bytes(out)
         out += piece
+        if len(out) > MAX_LINE_BYTES:
+            raise DataError(_too_long(), path=str(path))
 
 
 def read_range(path: str | Path, start: int, stop: int) -> bytearray | bytes:
@@ -151,14 +156,14 @@ def _read_range(path: str | Path, start: int, stop: int) -> bytearray | bytes:
         if start > 0:
             handle.seek(start - 1)
             if handle.read(1) != b"\n":
-                begin = start + len(_finish_line(handle))
+                begin = start + len(_finish_line(handle, path))
         if begin >= stop:
             return b""
         handle.seek(begin)
         data = bytearray(stop - begin)
         data = data[: handle.readinto(data)]
         if data and not data.endswith(b"\n"):
-            data += _finish_line(handle)  # in place, no copy of the block
+            data += _finish_line(handle, path)  # in place, no copy of the block
         return data
 
 
@@ -344,7 +349,7 @@ def open_text(path: str | Path, hasher=None) -> IO[bytes]:
 def read_header(path: str | Path, delimiter: str) -> list[str]:
     """The column names on the first line of ``path``."""
     with open_text(path) as handle:  # a byte-order mark is skipped
-        first = handle.readline()
+        first = first_line(handle, path)
     if not first.strip():
         raise DataError("file is empty, expected a header line", path=str(path), line=1)
     try:
@@ -373,7 +378,22 @@ def _fill(handle: IO[bytes], view: memoryview) -> int:
     return total
 
 
-def iter_blocks(handle: IO[bytes], block_bytes: int) -> Iterator[bytes | memoryview]:
+def first_line(handle: IO[bytes], path: str | Path) -> bytes:
+    """The first line of ``handle`` (at most :data:`MAX_LINE_BYTES`: a file whose first line
+    is longer is not rows of text, e.g. /dev/zero or a binary file)."""
+    line = handle.readline(MAX_LINE_BYTES + 1)
+    if len(line) > MAX_LINE_BYTES:
+        raise DataError(_too_long(), path=str(path), line=1)
+    return line
+
+
+def _too_long() -> str:
+    return f"a line longer than {MAX_LINE_BYTES >> 20} MiB: not a text file of rows"
+
+
+def iter_blocks(
+    handle: IO[bytes], block_bytes: int, path: str | Path | None = None
+) -> Iterator[bytes | memoryview]:
     """Yield blocks of about ``block_bytes``; every block ends with a line break.
 
     The last block may lack the final line break (a truncated file); it is returned as is.
@@ -390,6 +410,8 @@ def iter_blocks(handle: IO[bytes], block_bytes: int) -> Iterator[bytes | memoryv
         cut = buffer.rfind(b"\n", 0, end)
         if cut < 0:
             carry = bytes(view[:end])
+            if len(carry) > MAX_LINE_BYTES:
+                raise DataError(_too_long(), path=None if path is None else str(path))
             continue
         carry = bytes(view[cut + 1 : end])
         yield view[: cut + 1]
@@ -424,7 +446,7 @@ class DelimitedReader:
         header), the bytes themselves for a compressed file or when hashing."""
         path = Path(self.path)
         with open_text(path) as handle:  # past a byte-order mark, and the header if any
-            if self.layout.header and not handle.readline():
+            if self.layout.header and not first_line(handle, path):
                 raise DataError("file is empty", path=self.path)
             header = handle.tell() if not is_compressed(path) else 0
         first = 2 if self.layout.header else 1
@@ -444,8 +466,8 @@ class DelimitedReader:
             return
         with open_text(path, self.hasher) as handle:
             if self.layout.header:
-                handle.readline()
-            for number, data in enumerate(iter_blocks(handle, self.block_bytes)):
+                first_line(handle, path)
+            for number, data in enumerate(iter_blocks(handle, self.block_bytes, path)):
                 yield Block(
                     self.path, number, data=bytes(data), first_line=first if number == 0 else None
                 )

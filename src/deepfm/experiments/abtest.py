@@ -50,6 +50,7 @@ from deepfm.experiments.simulate import (
     ENGINEERED_CROSSES,
     ENGINEERED_LR,
     MODEL_LABELS,
+    MOST_ROWS,
     ONLINE_MODEL,
     TrainConfigs,
     baseline_note,
@@ -99,8 +100,12 @@ class ABTestConfig:
         check_population(self.n_types, self.users_per_type)
         if self.days < 1:
             raise ConfigError(f"the test lasts at least one day, got {self.days}")
-        if self.initial_rows < 1000:
-            raise ConfigError(f"the logs before day 1 need >= 1000 rows, got {self.initial_rows}")
+        if not 1000 <= self.initial_rows <= MOST_ROWS:
+            raise ConfigError(
+                f"the logs before day 1 need 1,000..{MOST_ROWS:,} rows, got {self.initial_rows:,}"
+            )
+        if self.days > 366:
+            raise ConfigError(f"the test lasts at most a year (366 days), got {self.days:,}")
         if self.list_size < 1:
             raise ConfigError(f"the list size must be positive, got {self.list_size}")
         if not 0 < self.visit_rate <= 1:

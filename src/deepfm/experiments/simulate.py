@@ -99,8 +99,8 @@ class SimulationConfig:
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "crosses", parse_crosses(self.crosses))
         check_population(self.n_types, self.users_per_type)
-        if self.rows < 1000:
-            raise ConfigError(f"the logs need at least 1000 rows, got {self.rows}")
+        if not 1000 <= self.rows <= MOST_ROWS:
+            raise ConfigError(f"the logs need 1,000..{MOST_ROWS:,} rows, got {self.rows:,}")
         if not self.list_sizes or min(self.list_sizes) < 1:
             raise ConfigError(f"list sizes must be positive, got {self.list_sizes}")
         if not 0 <= self.hour < 24 or not 0 <= self.weekday < 7:
@@ -130,11 +130,15 @@ def baseline_note(crosses: Sequence[str]) -> str:
     )
 
 
+#: bounds that keep the simulator's up-front allocations (users x apps, logs) in memory
+MOST_USERS_PER_TYPE, MOST_ROWS = 100_000, 100_000_000
+
+
 def check_population(n_types: int, users_per_type: int) -> None:
     if not 1 <= n_types <= len(TYPE_CATEGORIES):
         raise ConfigError(f"the market has 1..{len(TYPE_CATEGORIES)} user types, got {n_types}")
-    if users_per_type < 2:
-        raise ConfigError(f"need at least 2 users per type, got {users_per_type}")
+    if not 2 <= users_per_type <= MOST_USERS_PER_TYPE:
+        raise ConfigError(f"need 2..{MOST_USERS_PER_TYPE:,} users per type, got {users_per_type:,}")
 
 
 def simulation_market(n_types: int, users_per_type: int, seed: int) -> AppMarket:

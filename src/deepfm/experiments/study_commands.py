@@ -55,9 +55,15 @@ def _store_option(parser: argparse.ArgumentParser, *, required: bool = True) -> 
     )
 
 
-def _positive(value: int | None, flag: str) -> None:
+def _positive(value: int | None, flag: str, most: int | None = None) -> None:
     if value is not None and value < 1:
         raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if value is not None and most is not None and value > most:
+        raise ConfigError(f"{flag} must be at most {most:,}, got {value:,}")
+
+
+#: upper bounds of counts that size a study up front (each seed or repeat is a training run)
+MOST_RUNS, MOST_WORKERS, MOST_ROWS = 1000, 64, 100_000_000
 
 
 #: what the studies write in their --out (a directory holding only such names is a study's,
@@ -93,7 +99,7 @@ def _settings(args: argparse.Namespace):
 
 
 def _seeds(args: argparse.Namespace, count: int) -> list[int]:
-    _positive(count, "--seeds")
+    _positive(count, "--seeds", MOST_RUNS)
     base = args.seed or 0
     return list(range(base, base + count))
 
@@ -156,7 +162,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     )
     from deepfm.experiments.runs import markdown_table, parse_models
 
-    _positive(args.repeats, "--repeats")
+    _positive(args.repeats, "--repeats", MOST_RUNS)
     config, model, train = _settings(args)
     epochs = train.pop("epochs", None) or int(config.train.get("epochs", DEFAULT_EPOCHS))
     summary = run_efficiency(
@@ -216,6 +222,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("deepfm tune needs Optuna: pip install 'deepfm[tune]'") from None
     _positive(args.trials, "--trials")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     space = load_space(args.space)
     config, model, train = _settings(args)
     summary = run_tune(
@@ -244,6 +252,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     from deepfm.experiments.runs import markdown_table
     from deepfm.experiments.workers import DEFAULT_EPOCHS, run_workers
 
+    _positive(args.workers, "--workers", MOST_WORKERS)
     _positive(args.eval_every, "--eval-every")
     _positive(args.eval_rows, "--eval-rows")
     config, model, train = _settings(args)
@@ -285,7 +294,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_market_store(args: argparse.Namespace) -> int:
     from deepfm.experiments.runs import prepare_market_store
 
-    _positive(args.rows, "--rows")
+    _positive(args.rows, "--rows", MOST_ROWS)
     path = prepare_market_store(
         args.out, args.rows, seed=args.seed, split=args.split, overwrite=args.overwrite
     )

@@ -211,10 +211,7 @@ def json_argument(text: str, what: str) -> dict[str, Any]:
     source = what
     if text.startswith("@"):
         source = text[1:]
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"--{what}: cannot read {source}: {exc.strerror or exc}") from None
+        text = read_small_text(source, f"--{what}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -224,16 +221,31 @@ def json_argument(text: str, what: str) -> dict[str, Any]:
     return value
 
 
+#: JSON and CSV arguments of ``deepfm rank`` are read whole: a larger file is a mistake
+MAX_ARGUMENT_BYTES = 256 << 20
+
+
+def read_small_text(path: str | Path, flag: str) -> str:
+    """A regular UTF-8 file of at most MAX_ARGUMENT_BYTES, as text."""
+    path = Path(path)
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise ConfigError(f"{flag}: {path} {what}")
+    try:
+        if path.stat().st_size > MAX_ARGUMENT_BYTES:
+            raise ConfigError(f"{flag}: {path} is larger than {MAX_ARGUMENT_BYTES >> 20} MiB")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text: {exc.reason}", path=str(path)) from None
+
+
 def read_candidates(path: str | Path) -> list[dict[str, Any]]:
     """Candidates from a JSON list of objects, or from a CSV file with a header row (cells are
     strings; an empty cell is missing)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text: {exc.reason}", path=str(path)) from None
+    text = read_small_text(path, "--candidates")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
