@@ -298,13 +298,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def input_paths(args: argparse.Namespace) -> list[str]:
     """Every path a command reads (its outputs must be none of them)."""
-    names = ("data", "test", "store", "schema", "resume", "model", "input", "config", "space")
+    names = ["data", "test", "store", "schema", "resume", "input", "config", "space", "preset"]
+    if args.command in ("predict", "evaluate", "export", "serve", "rank"):
+        names.append("model")  # a bundle there; elsewhere a model's name
     paths: list[str] = []
     for name in names:
         value = getattr(args, name, None)
         if value:
             paths += value if isinstance(value, list) else [value]
-    return paths
+    return [p for p in paths if Path(p).exists()]  # a preset's name is not a path
 
 
 def claim_train_outputs(args: argparse.Namespace, train_config) -> None:

@@ -597,22 +597,13 @@ def timed_protocol(header_timeout: float, body_timeout: float) -> type:
     return TimedH11Protocol
 
 
-def serve(settings: ServeSettings) -> None:
-    """Load the bundle, bind the socket, and serve until SIGINT/SIGTERM."""
-    import torch
+def build_server(settings: ServeSettings, app: FastAPI | None = None):
+    """``(uvicorn.Server, listening socket)`` for ``settings`` (the app built here unless
+    given); ``server.run(sockets=[sock])`` serves until ``server.should_exit``."""
     import uvicorn
 
-    torch.set_num_threads(settings.threads)
-    app = create_app(settings)
+    app = app or create_app(settings)
     sock = bind_socket(settings.host, settings.port)
-    host, port = sock.getsockname()[:2]
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    if not is_loopback(settings.host) and settings.token is None:
-        print(
-            f"deepfm serve: warning: listening on {settings.host} without --token: "
-            "anyone who can reach this address can score and reload",
-            file=sys.stderr,
-        )
     config = uvicorn.Config(
         app,
         http=timed_protocol(settings.header_timeout, settings.body_timeout),
@@ -621,7 +612,24 @@ def serve(settings: ServeSettings) -> None:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
+    return uvicorn.Server(config), sock
+
+
+def serve(settings: ServeSettings) -> None:
+    """Load the bundle, bind the socket, and serve until SIGINT/SIGTERM."""
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    app = create_app(settings)
+    server, sock = build_server(settings, app)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if not is_loopback(settings.host) and settings.token is None:
+        print(
+            f"deepfm serve: warning: listening on {settings.host} without --token: "
+            "anyone who can reach this address can score and reload",
+            file=sys.stderr,
+        )
     info = app.state.holder.predictor.info
     print(
         f"deepfm serve: {info['model']} ({settings.runtime}) from {settings.model_dir} "
