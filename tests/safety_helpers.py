@@ -72,26 +72,33 @@ def run_cli(*argv: str | Path) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
-def snapshot(root: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:
+def snapshot(root: Path, *, skip: tuple[Path, ...] = (), content: bool = False) -> dict:
     """Every entry under ``root`` (but ``skip`` and what lies under them): its kind, mode and
-    content hash (files) or target (links). Equal snapshots: nothing was changed."""
-    skipped = {p.resolve() if p.exists() else p for p in skip}
+    size, modification time and inode (or, with ``content``, its sha256), or a link's target.
+    Equal snapshots: nothing was written, replaced, added or removed."""
+    skipped = {os.fspath(p) for p in skip}
     out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        for name in [*dirnames, *filenames]:
-            path = here / name
-            if path in skipped or path.resolve() in skipped:
-                continue
-            relative = str(path.relative_to(root))
-            if path.is_symlink():
-                out[relative] = ("link", os.readlink(path))
-            elif path.is_dir():
-                out[relative] = ("dir", path.stat().st_mode)
-            else:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                out[relative] = ("file", path.stat().st_mode, digest)
-        dirnames[:] = [d for d in dirnames if (here / d) not in skipped]
+
+    def visit(folder: str) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.path in skipped:
+                    continue
+                relative = os.path.relpath(entry.path, root)
+                info = entry.stat(follow_symlinks=False)
+                if entry.is_symlink():
+                    out[relative] = ("link", os.readlink(entry.path))
+                elif entry.is_dir():
+                    out[relative] = ("dir", info.st_mode)
+                    visit(entry.path)
+                elif content:
+                    digest = hashlib.sha256(Path(entry.path).read_bytes()).hexdigest()
+                    out[relative] = ("file", info.st_mode, digest)
+                else:
+                    out[relative] = ("file", info.st_mode, info.st_size, info.st_mtime_ns,
+                                     info.st_ino)  # fmt: skip
+
+    visit(os.fspath(root))
     return out
 
 

@@ -259,7 +259,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not 100 <= args.rows <= 100_000_000:
         raise ConfigError(f"--rows must be in 100..100,000,000, got {args.rows:,}")
-    claim_results(args.out, "demo", own_files=DEMO_FILES)
     config = TrainConfig(
         seed=args.seed,
         threads=args.threads,
@@ -267,12 +266,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
     )
+    model_config = ModelConfig(hidden=args.hidden)
+    claim_results(args.out, "demo", own_files=DEMO_FILES)
     results = run_demo(
-        args.rows,
-        args.seed,
-        args.out,
-        train_config=config,
-        model_config=ModelConfig(hidden=args.hidden),
+        args.rows, args.seed, args.out, train_config=config, model_config=model_config
     )
     rows = results["rows"]
     print(

@@ -96,6 +96,9 @@ def _check_inputs(target: Path, inputs: Iterable[PathLike], what: str) -> None:
 
 
 def _inside_protected(target: Path, what: str) -> None:
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{what}: {parent} is a file, not a directory")
     found = _protected_parent(target)
     if found is not None:
         parent, kind = found

@@ -202,14 +202,17 @@ def prepare_market_store(
     from deepfm.data.splits import SplitSpec
     from deepfm.data.synthetic import APP_MARKET_SCHEMA
     from deepfm.data.synthetic import write_csv as write_market_csv
+    from deepfm.outputs import STORE, claim_directory
 
+    spec = SplitSpec.parse(split)
+    claim_directory(out, STORE, overwrite=overwrite)  # before generating anything
     with tempfile.TemporaryDirectory(prefix="deepfm-market-") as tmp:
         csv_path = write_market_csv(Path(tmp) / "app_market.csv", rows, seed=seed)
         prepare_store(
             get_format("csv", APP_MARKET_SCHEMA),
             [csv_path],
             out,
-            split=SplitSpec.parse(split),
+            split=spec,
             valid_fraction=0.1,
             seed=seed,
             overwrite=overwrite,

@@ -214,7 +214,7 @@ def json_argument(text: str, what: str) -> dict[str, Any]:
         text = read_small_text(source, f"--{what}")
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or an integer of thousands of digits
         raise DataError(f"not valid JSON: {exc}", path=source) from None
     if not isinstance(value, dict):
         raise DataError("expected a JSON object of field values", path=source)
@@ -249,7 +249,7 @@ def read_candidates(path: str | Path) -> list[dict[str, Any]]:
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or an integer of thousands of digits
             raise DataError(f"not valid JSON: {exc}", path=str(path)) from None
         if isinstance(data, dict) and "candidates" in data:
             data = data["candidates"]

@@ -839,7 +839,7 @@ class Trainer:
                 "lr": optimizer.lr,
                 "seconds": seconds,
             }
-            if not math.isfinite(record["train_loss"]):
+            if not math.isfinite(record["train_loss"]):  # before scoring NaN predictions
                 raise ConfigError(
                     f"training diverged at epoch {epoch} (loss {record['train_loss']}); "
                     "lower the learning rate"
