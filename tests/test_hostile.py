@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,7 +238,23 @@ class Case:
     argv: str
     codes: tuple[int, ...] = (REFUSED,)
     says: str = ""
-    tags: tuple[str, ...] = field(default=())
+    setup: Callable[[Path], None] | None = field(default=None, compare=False)
+
+
+def _damaged_tune_db(out: Path) -> None:
+    out.mkdir()
+    (out / ".deepfm-results").write_text("{}")
+    (out / "tune.db").write_bytes(b"not sqlite" * 100)
+
+
+def _user_checkpoints(out: Path) -> None:
+    (out.parent / f"{out.name}.checkpoints").mkdir()
+    (out.parent / f"{out.name}.checkpoints" / "mine.txt").write_text("a user's file")
+
+
+def _left_by_a_killed_writer(out: Path) -> None:
+    (out.parent / f".{out.name}.tmp-999999999-abcd").mkdir()
+    (out.parent / f".{out.name}.tmp-999999999-abcd" / "model.safetensors").write_bytes(b"x")
 
 
 TRAIN = "train --data {ws}/train.txt --out {out} " + " ".join(FAST)
@@ -456,6 +473,21 @@ CASES: list[Case] = [
         )
     ),
     Case(f"{TRAIN} --lr 1e30", says="diverged"),
+    Case(f"{TRAIN} --threads 1000000", says="up to 1024"),  # OpenMP would crash
+    Case(
+        f"{TRAIN} --checkpoint-every 2", says="not a checkpoint directory", setup=_user_checkpoints
+    ),
+    Case(TRAIN, codes=(OK,), setup=_left_by_a_killed_writer),
+    Case(
+        "train --data {ws}/train.txt --out {out}/" + "x" * 300 + " " + " ".join(FAST),
+        codes=(SYSTEM,),
+        says="File name too long",
+    ),
+    Case(
+        "tune --store {ws}/store --out {out} --trials 1 --quiet",
+        says="Optuna database",
+        setup=_damaged_tune_db,
+    ),
     # -- train from a store ---------------------------------------------------------------------
     *(
         Case(f"train --store {{ws}}/bad_stores/{name} --out {{out}} " + " ".join(FAST))
@@ -891,6 +923,8 @@ def _case_id(case: Case) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_cli_hostile_input(ws, outs, case):
     out = outs / f"case-{CASES.index(case)}"
+    if case.setup is not None:
+        case.setup(out)
     before = snapshot(ws)
     result = run_cli(*_argv(case, ws, out))
     assert result.clean(), result.err[-2000:]
@@ -899,6 +933,8 @@ def test_cli_hostile_input(ws, outs, case):
         assert result.err.strip(), "a refusal says why"
         assert case.says in result.err, result.err
     assert snapshot(ws) == before
+    if case.setup is _left_by_a_killed_writer:
+        assert [p.name for p in outs.glob(f".{out.name}.*")] == []  # and it is cleaned up
 
 
 def test_the_table_is_large():

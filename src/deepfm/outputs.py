@@ -21,6 +21,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -218,14 +219,18 @@ def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
 
 
 def remove_stale(path: Path, tag: str = "tmp") -> None:
-    """Remove the temporary siblings of ``path`` left by processes that were killed (kill -9
-    leaves no chance to clean up); those of live processes are theirs."""
+    """Remove the temporary siblings ``.NAME.TAG-<pid>-...`` of ``path`` (files or
+    directories) left by processes that were killed (kill -9 leaves no chance to clean up);
+    those of live processes are theirs."""
     for stale in path.parent.glob(f".{glob_escape(path.name)}.{tag}-*"):
         pid = stale.name.rsplit(f".{tag}-", 1)[1].split("-", 1)[0]
         try:
             os.kill(int(pid), 0)
         except (ValueError, ProcessLookupError):
-            remove_quietly(stale)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                remove_quietly(stale)
         except PermissionError:  # another user's live process
             continue
 

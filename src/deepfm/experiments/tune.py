@@ -282,16 +282,23 @@ def run_tune(
     identity = canonical([data.fingerprint, base.to_dict(), base_train.to_dict(), space, seed])
     name = f"{COMMAND}-{model}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=name,
-        storage=f"sqlite:///{(out / 'tune.db').resolve()}",
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
-        load_if_exists=True,
-    )
-    _fail_interrupted(study)
-    reused = _finished(study)
+    database = (out / "tune.db").resolve()
+    try:
+        study = optuna.create_study(
+            study_name=name,
+            storage=f"sqlite:///{database}",
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=seed),
+            pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+            load_if_exists=True,
+        )
+        _fail_interrupted(study)
+        reused = _finished(study)
+    except Exception as exc:  # SQLAlchemy's and Optuna's errors: a damaged or foreign file
+        raise ConfigError(
+            f"{database} is not a usable Optuna database ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}): move it away to start the search anew"
+        ) from None
 
     def objective(trial) -> float:
         params = suggest(trial, space)

@@ -42,7 +42,15 @@ from deepfm.data.featuremap import FeatureMap
 from deepfm.errors import BundleError, DeepFMError, OutputError
 from deepfm.models.registry import ModelConfig, build_model
 from deepfm.nn import InputLayout
-from deepfm.outputs import BUNDLE, claim_directory, fsync_file, json_text, make_dirs, reason
+from deepfm.outputs import (
+    BUNDLE,
+    claim_directory,
+    fsync_file,
+    json_text,
+    make_dirs,
+    reason,
+    remove_stale,
+)
 
 WEIGHTS = "model.safetensors"
 FEATURE_MAP = "feature_map.json"
@@ -117,8 +125,10 @@ def save_bundle(
     overwritten). A failure leaves the previous bundle, or nothing, in place."""
     target = claim_directory(directory, BUNDLE, overwrite=overwrite, inputs=inputs)
     make_dirs(target.parent)
+    remove_stale(target)  # what a killed writer left
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        prefix = f".{target.name}.tmp-{os.getpid()}-"
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     except OSError as exc:
         raise OutputError(f"cannot write the bundle {target}: {reason(exc)}") from None
     try:
@@ -166,7 +176,14 @@ def _json_object(path: Path, what: str) -> dict[str, Any]:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
-        raise BundleError(f"{directory} is not a model bundle directory")
+        previous = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+        hint = (
+            f" (a write of it was interrupted; the previous bundle is {previous[-1]}: rename "
+            "it back)"
+            if previous and not directory.exists()
+            else ""
+        )
+        raise BundleError(f"{directory} is not a model bundle directory{hint}")
     if not (directory / MANIFEST).exists():
         raise BundleError(
             f"{directory} has no {MANIFEST}: not a bundle, or one that was never completed"

@@ -56,6 +56,7 @@ from starlette.requests import ClientDisconnect
 from deepfm.errors import ConfigError, DataError, DeepFMError
 from deepfm.outputs import to_json
 from deepfm.serve.predictor import Predictor, Runtime
+from deepfm.train.trainer import MAX_THREADS
 
 log = logging.getLogger("deepfm.serve")
 
@@ -92,8 +93,8 @@ class ServeSettings:
         self.model_dir = Path(self.model_dir)
         if self.max_records < 1 or self.max_body_bytes < 1:
             raise ConfigError("--max-records and --max-body-bytes must be positive")
-        if self.threads < 1 or self.concurrency < 1:
-            raise ConfigError("--threads and --concurrency must be positive")
+        if not 1 <= self.threads <= MAX_THREADS or not 1 <= self.concurrency <= MAX_THREADS:
+            raise ConfigError(f"--threads and --concurrency must be in 1..{MAX_THREADS}")
         if self.token is not None and not self.token.strip():
             raise ConfigError("the token must not be empty: give one, or no token at all")
         if not 0 <= self.port <= 65535:

@@ -73,6 +73,8 @@ SPARSE_FACTOR_ONE_GPU = 64
 RESIDENT_SHARE = 0.5
 #: seeds are 32-bit unsigned integers (what every random generator used here accepts)
 MAX_SEED = 2**32 - 1
+#: most torch CPU threads accepted (a million makes OpenMP crash the process)
+MAX_THREADS = 1024
 
 
 def _is_int(value: Any) -> bool:
@@ -136,8 +138,12 @@ class TrainConfig:
             raise ConfigError("lr_decay must be in (0, 1] and the FTRL settings >= 0")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"the seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
-        if self.threads is not None and not (_is_int(self.threads) and self.threads >= 1):
-            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.threads is not None and not (
+            _is_int(self.threads) and 1 <= self.threads <= MAX_THREADS
+        ):
+            raise ConfigError(
+                f"threads must be a positive integer up to {MAX_THREADS}, got {self.threads!r}"
+            )
         if self.device != "auto":
             try:
                 torch.device(self.device)
