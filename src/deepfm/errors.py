@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+from typing import Any
+
 
 class DeepFMError(Exception):
     """Base class of every error the project raises on purpose."""
@@ -51,3 +55,16 @@ class OutputError(DeepFMError):
 class DeepFMWarning(UserWarning):
     """Something the user should know that does not stop the command (e.g. an undefined AUC
     written as null). The CLI prints these as one ``warning:`` line each."""
+
+
+# -- type checks of settings a user gives (YAML, JSON and Python give values of any type) -----
+
+
+def is_integer(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite real number (Python or NumPy), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)

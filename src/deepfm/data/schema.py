@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from deepfm.errors import ConfigError
+from deepfm.errors import ConfigError, is_integer
 
 FieldKind = Literal["categorical", "numeric", "multi", "hashed"]
 NumericMode = Literal["bucket", "value"]
@@ -58,7 +58,7 @@ class FieldSpec:
             raise ConfigError(f"field {self.name!r}: separator must be a non-empty string")
         for key in ("max_len", "min_count", "buckets"):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            if value is not None and not is_integer(value):
                 raise ConfigError(f"field {self.name!r}: {key} must be an integer, got {value!r}")
         if self.kind not in FIELD_KINDS:
             raise ConfigError(
@@ -102,7 +102,7 @@ class Schema:
             raise ConfigError("a schema needs at least one field")
         if self.label is not None and (not isinstance(self.label, str) or not self.label):
             raise ConfigError(f"the label must be a column name, got {self.label!r}")
-        if not isinstance(self.min_count, int) or isinstance(self.min_count, bool):
+        if not is_integer(self.min_count):
             raise ConfigError(f"min_count must be an integer, got {self.min_count!r}")
         ignore = self.extra.get("ignore") or []
         if not isinstance(ignore, list) or not all(isinstance(n, str) for n in ignore):

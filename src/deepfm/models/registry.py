@@ -7,16 +7,14 @@ initialise this one (FNN: ``pretrain="fm"``; see :func:`build_pretrain_model`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
-from deepfm.errors import ConfigError
+from deepfm.errors import ConfigError, is_finite_number, is_integer
 from deepfm.nn import InputLayout
 from deepfm.nn.mlp import ACTIVATIONS
 
@@ -70,19 +68,19 @@ class ModelConfig:
         if not isinstance(self.name, str):
             raise ConfigError(f"the model name must be a string, got {self.name!r}")
         hidden = self.hidden
-        if not isinstance(hidden, list | tuple) or not all(_is_int(h) and h > 0 for h in hidden):
+        if not isinstance(hidden, list | tuple) or not all(is_integer(h) and h > 0 for h in hidden):
             raise ConfigError(f"hidden layer sizes must be positive integers, got {hidden!r}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
         object.__setattr__(self, "crosses", parse_crosses(self.crosses))
-        if isinstance(self.cross_buckets, bool) or not isinstance(self.cross_buckets, int):
+        if not is_integer(self.cross_buckets):
             raise ConfigError(f"cross_buckets must be an integer, got {self.cross_buckets!r}")
         if self.cross_buckets < 1:
             raise ConfigError(f"cross_buckets must be positive, got {self.cross_buckets}")
-        if self.embed_dim is not None and not (_is_int(self.embed_dim) and self.embed_dim > 0):
+        if self.embed_dim is not None and not (is_integer(self.embed_dim) and self.embed_dim > 0):
             raise ConfigError(f"embed_dim must be a positive integer, got {self.embed_dim!r}")
-        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+        if not (is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout is a drop rate in [0, 1), got {self.dropout!r}")
-        if not (_is_number(self.l2) and self.l2 >= 0):
+        if not (is_finite_number(self.l2) and self.l2 >= 0):
             raise ConfigError(f"l2 must be a finite number >= 0, got {self.l2!r}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
@@ -107,14 +105,6 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return _is_int(value) or (isinstance(value, float | np.floating) and math.isfinite(value))
 
 
 Builder = Callable[[InputLayout, ModelConfig], nn.Module]

@@ -53,7 +53,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from starlette.requests import ClientDisconnect
 
-from deepfm.errors import ConfigError, DataError, DeepFMError
+from deepfm.errors import ConfigError, DataError, DeepFMError, is_finite_number
 from deepfm.outputs import to_json
 from deepfm.serve.predictor import Predictor, Runtime
 from deepfm.train.trainer import MAX_THREADS
@@ -106,7 +106,7 @@ class ServeSettings:
             )
         for name in ("header_timeout", "body_timeout"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and 0 < value <= 3600):
+            if not (is_finite_number(value) and 0 < value <= 3600):
                 raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 3600] seconds")
 
 

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from deepfm.data.encoded import EncodedArrays
 from deepfm.data.loader import Batch, BatchLoader
-from deepfm.errors import ConfigError
+from deepfm.errors import ConfigError, is_finite_number, is_integer
 from deepfm.models.registry import ModelEntry, build_pretrain_model
 from deepfm.nn import regularization
 from deepfm.train import checkpoint as ckpt
@@ -75,14 +75,6 @@ RESIDENT_SHARE = 0.5
 MAX_SEED = 2**32 - 1
 #: most torch CPU threads accepted (a million makes OpenMP crash the process)
 MAX_THREADS = 1024
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return _is_int(value) or isinstance(value, float)
 
 
 @dataclass
@@ -126,20 +118,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "decay_patience"):
             value, least = getattr(self, name), 0 if "patience" in name else 1
-            if not _is_int(value) or value < least:
+            if not is_integer(value) or value < least:
                 raise ConfigError(f"{name} must be at least {least} (an integer), got {value!r}")
         for name in ("lr", "ftrl_beta", "ftrl_l1", "ftrl_l2", "lr_decay"):
             value = getattr(self, name)
-            if value is not None and not (_is_number(value) and math.isfinite(value)):
+            if value is not None and not is_finite_number(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"the learning rate must be positive, got {self.lr}")
         if not 0 < self.lr_decay <= 1 or min(self.ftrl_beta, self.ftrl_l1, self.ftrl_l2) < 0:
             raise ConfigError("lr_decay must be in (0, 1] and the FTRL settings >= 0")
-        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+        if not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"the seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.threads is not None and not (
-            _is_int(self.threads) and 1 <= self.threads <= MAX_THREADS
+            is_integer(self.threads) and 1 <= self.threads <= MAX_THREADS
         ):
             raise ConfigError(
                 f"threads must be a positive integer up to {MAX_THREADS}, got {self.threads!r}"
