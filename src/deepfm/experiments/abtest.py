@@ -102,7 +102,8 @@ class ABTestConfig:
             raise ConfigError(f"the test lasts at least one day, got {self.days}")
         if not 1000 <= self.initial_rows <= MOST_ROWS:
             raise ConfigError(
-                f"the logs before day 1 need 1,000..{MOST_ROWS:,} rows, got {self.initial_rows:,}"
+                f"the logs before day 1 need >= 1000 rows (at most {MOST_ROWS:,}), got "
+                f"{self.initial_rows:,}"
             )
         if self.days > 366:
             raise ConfigError(f"the test lasts at most a year (366 days), got {self.days:,}")

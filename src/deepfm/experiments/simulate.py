@@ -100,7 +100,9 @@ class SimulationConfig:
         object.__setattr__(self, "crosses", parse_crosses(self.crosses))
         check_population(self.n_types, self.users_per_type)
         if not 1000 <= self.rows <= MOST_ROWS:
-            raise ConfigError(f"the logs need 1,000..{MOST_ROWS:,} rows, got {self.rows:,}")
+            raise ConfigError(
+                f"the logs need at least 1000 rows (at most {MOST_ROWS:,}), got {self.rows:,}"
+            )
         if not self.list_sizes or min(self.list_sizes) < 1:
             raise ConfigError(f"list sizes must be positive, got {self.list_sizes}")
         if not 0 <= self.hour < 24 or not 0 <= self.weekday < 7:
@@ -138,7 +140,10 @@ def check_population(n_types: int, users_per_type: int) -> None:
     if not 1 <= n_types <= len(TYPE_CATEGORIES):
         raise ConfigError(f"the market has 1..{len(TYPE_CATEGORIES)} user types, got {n_types}")
     if not 2 <= users_per_type <= MOST_USERS_PER_TYPE:
-        raise ConfigError(f"need 2..{MOST_USERS_PER_TYPE:,} users per type, got {users_per_type:,}")
+        raise ConfigError(
+            f"need at least 2 users per type (at most {MOST_USERS_PER_TYPE:,}), got "
+            f"{users_per_type:,}"
+        )
 
 
 def simulation_market(n_types: int, users_per_type: int, seed: int) -> AppMarket:

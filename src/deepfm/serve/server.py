@@ -620,9 +620,9 @@ def serve(settings: ServeSettings) -> None:
     """Load the bundle, bind the socket, and serve until SIGINT/SIGTERM."""
     import torch
 
-    torch.set_num_threads(settings.threads)
     app = create_app(settings)
     server, sock = build_server(settings, app)
+    torch.set_num_threads(settings.threads)  # once the bundle has loaded: this process serves
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     if not is_loopback(settings.host) and settings.token is None:
