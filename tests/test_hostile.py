@@ -216,6 +216,7 @@ def ws(tmp_path_factory) -> Path:
     (root / "readme.txt").write_text("a user's file\n")
     (root / "link_to_notes").symlink_to(root / "notes")
     (root / "link_to_train").symlink_to(train)
+    (root / "link_to_bundle").symlink_to(root / "bundle")
     (root / "dangling").symlink_to(root / "nowhere")
     (root / "ro").mkdir()
     for folder in ("bad", "bad_bundles", "bad_stores"):
@@ -250,6 +251,12 @@ def _damaged_tune_db(out: Path) -> None:
 def _user_checkpoints(out: Path) -> None:
     (out.parent / f"{out.name}.checkpoints").mkdir()
     (out.parent / f"{out.name}.checkpoints" / "mine.txt").write_text("a user's file")
+
+
+def _users_report(out: Path) -> None:
+    out.mkdir()
+    (out / "compare.md").write_text("| model | AUC |\n|---|---|\n")
+    (out / "report.md").write_text("# my own report, not deepfm's\n")
 
 
 def _left_by_a_killed_writer(out: Path) -> None:
@@ -639,6 +646,8 @@ CASES: list[Case] = [
             "{ws}/link_to_train",
             "{ws}/ckpt_bundle.checkpoints/latest.json",
             "{ws}/readme.txt/inner",
+            "{ws}/link_to_bundle/p.txt",
+            "{ws}/link_to_bundle",
             "/dev/null",
         )
         for extra in ("", "--overwrite")
@@ -815,6 +824,7 @@ CASES: list[Case] = [
     Case("compare --criteo {ws}/bad/cut.txt.gz --out {out} --models fm --seeds 1 --quiet"),
     Case("compare --out {out} --quiet", says="--store"),
     Case("report {ws}/notes", says="no study"),
+    Case("report {out}", says="not written by deepfm report", setup=_users_report),
     Case("report {ws}/missing"),
     Case("report {ws}/readme.txt"),
     *(

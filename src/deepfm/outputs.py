@@ -298,11 +298,14 @@ def to_json(data: Any) -> Any:
     return finite_json(data)[0]
 
 
-def json_text(data: Any, *, indent: int | None = 2, sort_keys: bool = False, name: str = "") -> str:
-    """Strict JSON text of ``data``; non-finite numbers become null with a warning naming
-    them (``name`` says which output they are in)."""
+def json_text(
+    data: Any, *, indent: int | None = 2, sort_keys: bool = False, name: str = "", warn: bool = True
+) -> str:
+    """Strict JSON text of ``data``; non-finite numbers become null, with a warning naming
+    them (``name`` says which output they are in) unless ``warn`` is False (outputs where a
+    missing number is expected, like the standard deviation of a single seed)."""
     clean, replaced = finite_json(data)
-    if replaced:
+    if replaced and warn:
         more = f" and {len(replaced) - 8} more" if len(replaced) > 8 else ""
         shown = ", ".join(replaced[:8]) + more
         warnings.warn(
@@ -314,10 +317,10 @@ def json_text(data: Any, *, indent: int | None = 2, sort_keys: bool = False, nam
 
 
 def write_json(
-    path: PathLike, data: Any, *, indent: int | None = 2, sort_keys: bool = False
+    path: PathLike, data: Any, *, indent: int | None = 2, sort_keys: bool = False, warn: bool = True
 ) -> Path:
     """Write ``data`` as strict JSON to ``path`` atomically (see :func:`json_text`)."""
-    text = json_text(data, indent=indent, sort_keys=sort_keys, name=Path(path).name)
+    text = json_text(data, indent=indent, sort_keys=sort_keys, name=Path(path).name, warn=warn)
     return write_text(path, text)
 
 

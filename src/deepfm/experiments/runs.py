@@ -256,8 +256,10 @@ class RunSpec:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Strict JSON, written through a temporary file (a killed study leaves no half file)."""
-    return outputs.write_json(path, data, indent=1)
+    """Strict JSON, written through a temporary file (a killed study leaves no half file).
+    Missing numbers are null without a warning: the tables show them as "–" (a single seed has
+    no standard deviation; an undefined AUC was warned about when it was computed)."""
+    return outputs.write_json(path, data, indent=1, warn=False)
 
 
 class RunCache:

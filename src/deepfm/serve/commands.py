@@ -273,6 +273,7 @@ def read_candidates(path: str | Path) -> list[dict[str, Any]]:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from deepfm.cli import print_json
     from deepfm.serve.predictor import Predictor
 
     if args.top < 1:
@@ -287,7 +288,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         print(f"note: not model fields, ignored: {', '.join(unused)}", file=sys.stderr)
     items = predictor.rank(user, context, candidates, top=args.top, by=args.by)
     if args.json:
-        print(json.dumps({"items": items}))
+        print_json({"items": items}, indent=None)
         return 0
     print(f"{'rank':>4}  {'index':>6}  {'score':>10}  {'ctr':>8}")
     for position, item in enumerate(items, start=1):
