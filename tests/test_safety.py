@@ -374,9 +374,32 @@ def test_9_permission_errors_are_messages(data, tmp_path, monkeypatch):
     def no_write(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(bundle_module.tempfile, "mkdtemp", no_write)
-    result = run_cli("train", "--data", data.train, "--out", tmp_path / "b", *FAST)
+    before = snapshot(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(bundle_module.tempfile, "mkdtemp", no_write)
+        result = run_cli("train", "--data", data.train, "--out", tmp_path / "b", *FAST)
     assert result.code == 1 and result.clean() and "Permission denied" in result.err
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savetxt", no_write)
+        argv = ["predict", "--model", data.bundle, "--data", data.test, "--out", tmp_path / "p"]
+        result = run_cli(*argv)
+    assert result.code == 1 and result.clean() and "Permission denied" in result.err
+    real_mkdir = Path.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "mkdir", read_only)
+        for argv in (
+            ["prepare", "--input", data.train, "--out", tmp_path / "ro" / "store", "--quiet"],
+            ["demo", "--rows", "500", "--out", tmp_path / "ro" / "demo", "--quiet"],
+        ):
+            result = run_cli(*argv)
+            assert result.code == 1 and result.clean() and "Permission denied" in result.err
+    assert snapshot(tmp_path) == before  # nothing half-written anywhere
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
@@ -542,6 +565,18 @@ def test_9_a_full_disk_or_a_kill_during_predict_leaves_the_old_file(data, tmp_pa
     assert out.read_text() == "previous predictions\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]  # the stale file went too
     assert run_cli(*argv).code == 0 and len(out.read_text().splitlines()) == 80
+
+
+def test_9_a_full_disk_during_prepare_leaves_no_store(data, tmp_path, monkeypatch):
+    import deepfm.data.store as store_module
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "write_json_atomic", full)
+    result = run_cli("prepare", "--input", data.train, "--out", tmp_path / "s", "--quiet")
+    assert result.code == 1 and result.clean() and "No space left" in result.err
+    assert list(tmp_path.iterdir()) == []  # neither the store nor its partial directory
 
 
 def test_9_store_arrays_damaged_in_range_are_refused(tmp_path):
