@@ -477,6 +477,12 @@ CASES: list[Case] = [
             "--bad-rows maybe",
             "--format bogus",
             "--store {ws}/store",
+            "--crosses C1xC2",
+            "--model lr --crosses ,",
+            "--model lr --crosses nope×C2",
+            "--model lr --cross-buckets 0",
+            "--model poly2 --cross-buckets -1",
+            "--model poly2 --cross-buckets 1000000000000",
         )
     ),
     Case(f"{TRAIN} --lr 1e30", says="diverged"),
