@@ -141,19 +141,22 @@ def _finish_line(handle: IO[bytes], path: str | Path) -> bytes:
             raise DataError(_too_long(), path=str(path))
 
 
-def read_range(path: str | Path, start: int, stop: int) -> bytearray | bytes:
+def read_range(
+    path: str | Path, start: int, stop: int, *, line_start: bool = False
+) -> bytearray | bytes:
     """The lines of a plain file that start at a byte in ``[start, stop)``: a line under way at
-    ``start`` belongs to the range before, the last line is read to its end."""
+    ``start`` belongs to the range before (unless ``line_start``: ``start`` is the first data
+    byte, after a header or a byte-order mark), the last line is read to its end."""
     try:
-        return _read_range(path, start, stop)
+        return _read_range(path, start, stop, line_start)
     except OSError as exc:
         raise read_error(path, exc) from None
 
 
-def _read_range(path: str | Path, start: int, stop: int) -> bytearray | bytes:
+def _read_range(path: str | Path, start: int, stop: int, line_start: bool) -> bytearray | bytes:
     with open(path, "rb") as handle:
         begin = start
-        if start > 0:
+        if start > 0 and not line_start:
             handle.seek(start - 1)
             if handle.read(1) != b"\n":
                 begin = start + len(_finish_line(handle, path))
@@ -477,7 +480,11 @@ class DelimitedReader:
         breaks it holds. Bad rows go to this reader's tally, numbered the same way (a
         collecting tally in a worker: :meth:`BadRows.replay` shifts them)."""
         data = (
-            block.data if block.data is not None else read_range(self.path, block.start, block.stop)
+            block.data
+            if block.data is not None
+            else read_range(
+                self.path, block.start, block.stop, line_start=block.first_line is not None
+            )
         )
         if not data:
             return None, 0
