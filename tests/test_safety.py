@@ -613,6 +613,64 @@ def test_9_bad_rows_skip_skips_rows_pyarrow_rejects_with_their_line(tmp_path):
     assert [e["line"] for e in manifest["bad_rows"]["examples"]] == [3, 6]
 
 
+def _criteo_days(tmp_path: Path, days: int = 3) -> list[Path]:
+    """``days`` generated Criteo files (one block each: with ``--workers 2`` each goes to a
+    worker process)."""
+    return [criteo_file(tmp_path / f"day_{d}.txt", seed=d) for d in range(days)]
+
+
+def _break_line(path: Path, line: int, make_bad) -> None:
+    lines = path.read_text().splitlines()
+    lines[line - 1] = make_bad(lines[line - 1])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_9_bad_rows_in_prepare_workers_are_located_or_skipped(tmp_path):
+    days = _criteo_days(tmp_path)
+    _break_line(days[1], 100, lambda text: text + "\textra")  # one column too many
+    _break_line(days[2], 200, lambda text: "1\t1_000" + text[text.index("\t", 2) :])  # I1
+    pattern = tmp_path / "day_*.txt"
+    argv = ["prepare", "--input", pattern, "--workers", "2", "--shards", "2", "--quiet"]
+    before = snapshot(tmp_path)
+    result = run_cli(*argv, "--out", tmp_path / "s1")  # --bad-rows error
+    assert result.code == 2 and result.clean(), result.err
+    assert f"{days[1]}:100: expected 40 columns, found 41" in result.err
+    assert snapshot(tmp_path) == before  # neither store nor partial nor work files
+    result = run_cli(*argv, "--out", tmp_path / "s2", "--bad-rows", "skip")
+    assert result.code == 0, result.err
+    manifest = Store.open(tmp_path / "s2").manifest
+    assert manifest["rows"]["bad"] == 2 and manifest["rows"]["total"] == 3 * 600 - 2
+    assert manifest["workers"] == 2 and manifest["shards"] == 2  # parsed in worker processes
+    examples = [(e["path"], e["line"]) for e in manifest["bad_rows"]["examples"]]
+    assert examples == [(str(days[1]), 100), (str(days[2]), 200)]
+
+
+def test_9_truncated_or_fake_zstd_inputs_and_empty_globs_are_messages(tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "in").mkdir()
+    days = _criteo_days(tmp_path / "in")
+    packed = tmp_path / "in" / "day_3.txt.zst"
+    with pa.CompressedOutputStream(str(packed), "zstd") as stream:
+        stream.write(criteo_file(tmp_path / "plain.txt", 2000, seed=3).read_bytes())
+    (tmp_path / "plain.txt").unlink()
+    whole = packed.read_bytes()
+    packed.write_bytes(whole[: len(whole) // 2])
+    argv = ["prepare", "--workers", "2", "--quiet", "--out", tmp_path / "out" / "s"]
+    inputs = ["--input", *days, "--input", packed]
+    before = snapshot(tmp_path)
+    result = run_cli(*argv, *inputs)
+    assert result.code == 2 and result.clean(), result.err
+    assert f"{packed}: the compressed file is truncated or damaged" in result.err
+    packed.write_bytes(days[0].read_bytes())  # not zstd at all
+    before = snapshot(tmp_path)
+    result = run_cli(*argv, *inputs)
+    assert result.code == 2 and result.clean() and str(packed) in result.err, result.err
+    result = run_cli(*argv, "--input", tmp_path / "in" / "nothing_*.gz")
+    assert result.code == 2 and result.clean() and "no file matches this pattern" in result.err
+    assert snapshot(tmp_path) == before
+
+
 # -- 10. the server --------------------------------------------------------------------------------
 
 
