@@ -671,6 +671,26 @@ def test_9_truncated_or_fake_zstd_inputs_and_empty_globs_are_messages(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_9_a_killed_prepare_worker_is_a_system_error_not_a_traceback(tmp_path, monkeypatch):
+    from deepfm.data import prepare
+
+    pool = prepare._Pool(2, {})
+    try:  # a worker killed (by the OOM killer, say) while it holds a task
+        with pytest.raises(MemoryError, match="a prepare worker process died"):
+            list(pool.imap(os._exit, [9, 9]))
+    finally:
+        pool.close()
+
+    def killed(*args, **kwargs):
+        raise MemoryError("a prepare worker process died (test)")
+
+    monkeypatch.setattr(prepare, "_count_all", killed)
+    source = criteo_file(tmp_path / "in.txt")
+    result = run_cli("prepare", "--input", source, "--out", tmp_path / "s", "--quiet")
+    assert result.code == 1 and result.clean() and "worker process died" in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]  # no partial store
+
+
 # -- 10. the server --------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,6 +427,11 @@ class _Pool:
                     yield pending.pop(0).result()
             while pending:
                 yield pending.pop(0).result()
+        except BrokenProcessPool:
+            raise MemoryError(
+                "a prepare worker process died (most often killed by the system for lack of "
+                "memory): lower --workers or --memory-mb"
+            ) from None
         finally:
             for future in pending:
                 future.cancel()
