@@ -455,6 +455,18 @@ def test_9_bundle_json_files_that_are_not_objects(data, tmp_path, name, content)
     assert result.code == 2 and result.clean() and "corrupt" in result.err, result.err
 
 
+@pytest.mark.parametrize("name", ["../../../../../../dev/zero", "/dev/zero", "vocab", "."])
+def test_9_a_manifest_naming_files_outside_the_bundle_is_refused(data, tmp_path, name):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(data.bundle, bundle)
+    (bundle / "vocab").mkdir(exist_ok=True)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["files"][name] = "0" * 64  # /dev/zero would be hashed forever
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    result = run_cli("predict", "--model", bundle, "--data", data.test, "--out", tmp_path / "p")
+    assert result.code == 2 and result.clean() and "is not a file of it" in result.err
+
+
 BAD_FLAGS = [
     (["--lr", "nan"], "lr must be a finite number"),
     (["--lr", "inf"], "lr must be a finite number"),

@@ -197,10 +197,15 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 def _verify(directory: Path, files: dict[str, str]) -> None:
     """Every file present and matching its recorded sha256 (hashed in threads: hashlib releases
     the GIL, and a bundle of a 10M-value vocabulary holds ~0.5 GB)."""
-    names = sorted({*HASHED, *files})
+    names = sorted({*HASHED, *map(str, files)})
+    root = directory.resolve()
     for name in names:
-        if not (directory / name).exists():
+        path = directory / name
+        if not path.exists():
             raise BundleError(f"{directory} lacks {name}")
+        if not path.resolve().is_relative_to(root) or not path.is_file():
+            # a manifest naming ../../dev/zero would otherwise be hashed forever
+            raise BundleError(f"{directory / MANIFEST} is corrupt: {name!r} is not a file of it")
     try:
         with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
             digests = dict(
