@@ -502,6 +502,8 @@ SCHEMAS = [
     "fields: [user]\nlabel: [click]",
     "fields: [{name: user, separator: 5}]",
     "fields: [{name: user, max_len: long}]",
+    "fields: [{name: user, buckets: many}]",
+    "fields: [user]\nhash_buckets: lots",
     "fields: [{name: user, kind: [categorical]}]",
     "fields: user",
     "fields: [user]\nignore: item",

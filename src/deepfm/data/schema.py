@@ -114,10 +114,8 @@ class Schema:
             raise ConfigError(f"the label column {self.label!r} is also declared as a field")
         if self.min_count < 1:
             raise ConfigError("min_count must be at least 1")
-        if self.hash_buckets is not None and (
-            not isinstance(self.hash_buckets, int)
-            or isinstance(self.hash_buckets, bool)
-            or self.hash_buckets < 1
+        if self.hash_buckets is not None and not (
+            is_integer(self.hash_buckets) and self.hash_buckets >= 1
         ):
             raise ConfigError(f"hash_buckets must be an integer >= 1, got {self.hash_buckets!r}")
 
