@@ -609,6 +609,21 @@ def test_9_store_arrays_damaged_in_range_are_refused(tmp_path):
     assert run_cli("train", "--store", store, "--out", out, *FAST).code == 0
 
 
+def test_9_a_sharded_store_damaged_in_range_is_refused_naming_the_shard(tmp_path):
+    store = tmp_path / "store"
+    source = criteo_file(tmp_path / "train.txt")
+    argv = ["prepare", "--input", source, "--out", store, "--shards", "3", "--quiet"]
+    assert run_cli(*argv).code == 0
+    out = tmp_path / "b"
+    assert run_cli("train", "--store", store, "--out", out, *FAST).code == 0  # sound: trains
+    shard = store / "train" / "labels.00001.f32"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-4] + np.float32(0.5).tobytes())  # its last row's label
+    result = run_cli("train", "--store", store, "--out", out, *FAST, "--overwrite")
+    assert result.code == 2 and result.clean() and "labels other than 0 and 1" in result.err
+    assert str(shard) in result.err, result.err
+
+
 def test_9_bad_rows_skip_skips_rows_pyarrow_rejects_with_their_line(tmp_path):
     schema = tmp_path / "schema.yaml"
     schema.write_text(CSV_SCHEMA)

@@ -382,31 +382,32 @@ class Store:
     def check(self, split: str, arrays: EncodedArrays) -> None:
         """Refuse arrays whose bytes were changed in place (sizes match, values do not): ids
         outside the feature table, labels other than 0/1, non-finite values. One vectorised
-        pass in blocks of rows (a few seconds for tens of GB)."""
+        pass in blocks of rows per file (a few seconds for tens of GB)."""
         size = self.feature_map.num_features
-        for start in range(0, len(arrays), CHECK_ROWS):
-            part = slice(start, start + CHECK_ROWS)
-            problem = None
-            ids = arrays.ids[part]
-            if ids.size and (ids.min() < 0 or ids.max() >= size):
-                problem = "ids", f"feature ids outside [0, {size})"
-            elif arrays.labels is not None and not np.isin(arrays.labels[part], (0, 1)).all():
-                problem = "labels", "labels other than 0 and 1"
-            elif arrays.values is not None and not np.isfinite(arrays.values[part]).all():
-                problem = "values", "NaN or infinite values"
-            if problem is not None:
-                name, what = problem
-                raise DataError(
-                    f"store array {split}/{name} holds {what} (rows {start:,}-"
-                    f"{min(start + CHECK_ROWS, len(arrays)):,}): the store is damaged, "
-                    "prepare it again",
-                    path=str(self._array_path(split, name)),
-                )
-
-    def _array_path(self, split: str, name: str) -> Path:
-        """The file of an array, or the store when the array is split over shard files."""
-        parts = _parts(self.manifest["arrays"][split][name])
-        return self.path / parts[0][0] if len(parts) == 1 else self.path
+        checks = (
+            ("ids", arrays.ids, lambda a: a.size and (a.min() < 0 or a.max() >= size),
+             f"feature ids outside [0, {size})"),
+            ("labels", arrays.labels, lambda a: not np.isin(a, (0, 1)).all(),
+             "labels other than 0 and 1"),
+            ("values", arrays.values, lambda a: not np.isfinite(a).all(),
+             "NaN or infinite values"),
+        )  # fmt: skip
+        for name, array, damaged, what in checks:
+            if array is None:
+                continue
+            first_row = 0
+            for piece in array.parts if isinstance(array, ShardedArray) else [array]:
+                for start in range(0, len(piece), CHECK_ROWS):
+                    if damaged(piece[start : start + CHECK_ROWS]):
+                        rows = first_row + start, first_row + min(start + CHECK_ROWS, len(piece))
+                        raise DataError(
+                            f"store array {split}/{name} holds {what} (rows {rows[0]:,}-"
+                            f"{rows[1]:,}): the store is damaged, prepare it again",
+                            path=str(
+                                getattr(piece, "filename", None) or self._array_path(split, name)
+                            ),
+                        )
+                first_row += len(piece)
 
     def iter_splits(self) -> Iterator[tuple[str, EncodedArrays]]:
         for split in SPLITS:
