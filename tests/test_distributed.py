@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import REPO, shared_file
+from conftest import REPO
 from deepfm.data.formats import get_format
 from deepfm.data.pipeline import load_dataset
 from deepfm.data.splits import SplitSpec
@@ -80,8 +80,8 @@ GRADIENTS = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def criteo():
-    path = shared_file("criteo", "criteo_train_sample.txt")
+def criteo(generated_criteo):
+    path = generated_criteo.train
     return path, load_dataset(get_format("criteo"), [str(path)], split=SplitSpec.parse("none"))
 
 

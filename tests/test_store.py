@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, criteo_line, shared_file
+from conftest import CRITEO_ROWS, CRITEO_TEST_ROWS, REPO, criteo_line, shared_file
 from deepfm.cli import main
 from deepfm.data.formats import DataFormat, get_format, table_chunk
 from deepfm.data.pipeline import load_dataset
@@ -84,7 +84,7 @@ def test_manifest_records_sources_cardinalities_and_counts(tmp_path, criteo_trai
     assert on_disk == manifest
     (source,) = manifest["sources"]
     assert source["sha256"] == hashlib.sha256(criteo_train.read_bytes()).hexdigest()
-    assert source["rows"] == 11212 and source["bytes"] == criteo_train.stat().st_size
+    assert source["rows"] == CRITEO_ROWS and source["bytes"] == criteo_train.stat().st_size
     sizes = manifest["field_cardinalities"]
     assert list(sizes) == [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
     assert sum(sizes.values()) == manifest["num_features"]
@@ -243,7 +243,7 @@ def test_unlabeled_input_makes_an_unlabeled_store(tmp_path, criteo_test_unlabele
     result = prepared(tmp_path, "criteo", [criteo_test_unlabeled], "none")
     store = Store.open(result.path)
     assert not store.labeled and store.split("train").labels is None
-    assert result.manifest["rows"]["train"] + result.manifest["rows"]["valid"] == 9999
+    assert result.manifest["rows"]["train"] + result.manifest["rows"]["valid"] == CRITEO_TEST_ROWS
     assert not (result.path / "train" / "labels.f32").exists()
 
 
@@ -331,7 +331,7 @@ def test_cli_prepare_then_train_from_store_then_predict_unlabeled(
         == 0
     )
     p = np.loadtxt(out)
-    assert len(p) == 9999 and np.all((p > 0) & (p < 1))
+    assert len(p) == CRITEO_TEST_ROWS and np.all((p > 0) & (p < 1))
 
 
 def test_prepare_command_starts_without_torch(tmp_path, criteo_csv):
@@ -348,11 +348,8 @@ def test_prepare_command_starts_without_torch(tmp_path, criteo_csv):
 
 def _generated(path: Path, rows: int, seed: int = 0) -> Path:
     """Criteo-format rows from benchmarks/make_criteo.py, with the long tail."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from make_criteo import write_criteo
-    finally:
-        sys.path.pop(0)
+    from make_criteo import write_criteo  # conftest puts benchmarks/ on the path
+
     write_criteo(path, rows, seed=seed, vocab_cap=2000, tail_share=0.9)
     return path
 

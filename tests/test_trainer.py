@@ -25,10 +25,8 @@ from deepfm.train.trainer import (
 
 
 @pytest.fixture(scope="module")
-def criteo(request):
-    from conftest import shared_file
-
-    path = shared_file("criteo", "criteo_train_sample.txt")
+def criteo(generated_criteo):
+    path = generated_criteo.train
     return load_dataset(get_format("criteo"), [str(path)], split=SplitSpec.parse("random:0.9"))
 
 
