@@ -1,11 +1,11 @@
 """Shared fixtures.
 
 Tests that only need Criteo-shaped data read *generated* Criteo files (``criteo_train``,
-``criteo_test_unlabeled``, ``criteo_csv``: ``benchmarks/make_criteo.py``'s generator, seeded,
-written once per test session), so the suite runs from a fresh clone. Only the checks *about*
-the real samples read ../shared/data (``shared_file``, ``real_criteo_train``; never committed
-to this repo) and skip with the reason when the folder is absent. Set DEEPFM_SHARED_DATA to
-point elsewhere.
+``criteo_test``, ``criteo_test_unlabeled``, ``criteo_csv``: ``benchmarks/make_criteo.py``'s
+generator, seeded, written once per test session), so the suite runs from a fresh clone. Only
+the checks *about* the real samples read ../shared/data (``shared_file``,
+``real_criteo_train``; never committed to this repo) and skip with the reason when the folder
+is absent. Set DEEPFM_SHARED_DATA to point elsewhere.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def shared_file(*parts: str) -> Path:
 
 @dataclass(frozen=True)
 class CriteoFiles:
-    """Generated Criteo-format files: Kaggle TSV with labels, without, and headered CSV."""
+    """Generated Criteo-format files of one generator (one vocabulary, one click model): the
+    training file, held-out rows with and without labels (Kaggle TSV), and headered CSV."""
 
     train: Path
+    test: Path
     test_unlabeled: Path
     csv: Path
 
@@ -53,16 +55,16 @@ class CriteoFiles:
 def write_criteo_files(directory: Path) -> CriteoFiles:
     import pyarrow.csv as pa_csv
 
-    from make_criteo import CriteoGenerator, write_criteo
+    from make_criteo import CriteoGenerator, write_tsv
 
     directory.mkdir(parents=True, exist_ok=True)
-    files = CriteoFiles(directory / "train.txt", directory / "test.txt", directory / "train.csv")
-    write_criteo(files.train, CRITEO_ROWS, seed=0, vocab_cap=CRITEO_VOCAB_CAP)
-    write_criteo(
-        files.test_unlabeled, CRITEO_TEST_ROWS, seed=1, labeled=False, vocab_cap=CRITEO_VOCAB_CAP
-    )
-    table = CriteoGenerator(2, vocab_cap=CRITEO_VOCAB_CAP).table(CRITEO_CSV_ROWS)
-    pa_csv.write_csv(table, files.csv)
+    files = CriteoFiles(*(directory / n for n in ("train.txt", "test.txt", "test-x.txt", "s.csv")))
+    generator = CriteoGenerator(0, vocab_cap=CRITEO_VOCAB_CAP)
+    write_tsv(files.train, [generator.table(CRITEO_ROWS)])
+    held_out = generator.table(CRITEO_TEST_ROWS)
+    write_tsv(files.test, [held_out])
+    write_tsv(files.test_unlabeled, [held_out.drop_columns(["label"])])
+    pa_csv.write_csv(generator.table(CRITEO_CSV_ROWS), files.csv)
     return files
 
 
@@ -75,6 +77,12 @@ def generated_criteo(tmp_path_factory) -> CriteoFiles:
 @pytest.fixture
 def criteo_train(generated_criteo) -> Path:
     return generated_criteo.train
+
+
+@pytest.fixture
+def criteo_test(generated_criteo) -> Path:
+    """Labeled held-out rows of the training file's generator."""
+    return generated_criteo.test
 
 
 @pytest.fixture

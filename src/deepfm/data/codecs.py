@@ -288,7 +288,9 @@ def string_tokens(column: pa.Array | pa.ChunkedArray, keep_values: bool = False)
             dictionary.type
         ):
             dictionary = dictionary.cast(pa.string())
-        entry = pc.fill_null(part.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        # int64 first: indices may be unsigned (polars' categoricals), where -1 does not fit
+        indices_64 = part.indices.cast(pa.int64())
+        entry = pc.fill_null(indices_64, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         indices.append(np.where(entry >= 0, entry + base, -1))
         dictionaries.append(dictionary)
         base += len(dictionary)
@@ -343,14 +345,24 @@ def bucket_tokens(column: pa.Array | pa.ChunkedArray | np.ndarray) -> Tokens:
 
 
 def bag_lists(column: pa.Array | pa.ChunkedArray, separator: str) -> pa.ListArray:
-    """A string column of bags ``"a|b|c"`` as a list array; empty or null cells become ``[]``,
-    empty items (``"a||b"``, a trailing separator) are dropped."""
+    """A column of bags as a list array of strings: a string column ``"a|b|c"`` is split on
+    ``separator``, a list column (an in-memory table's) taken as it is, its items as text.
+    Empty or null cells become ``[]``; empty or null items (``"a||b"``, a trailing separator)
+    are dropped."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
-    strings = pc.fill_null(column.cast(pa.string()), "")
-    lists = pc.split_pattern(strings, pattern=separator)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+        items = pc.list_flatten(column)  # the items of the non-null lists, in order
+        if pa.types.is_dictionary(items.type):
+            items = items.dictionary_decode()
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        lists = pa.ListArray.from_arrays(offsets, pc.fill_null(items.cast(pa.string()), ""))
+    else:
+        strings = pc.fill_null(column.cast(pa.string()), "")
+        lists = pc.split_pattern(strings, pattern=separator)
     flat = pc.list_flatten(lists)
     keep = pc.not_equal(flat, "")
     if pc.all(keep).as_py() is not False:

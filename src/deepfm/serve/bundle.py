@@ -87,6 +87,8 @@ class Bundle:
     metrics: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: the TrainConfig settings it was trained with (as saved; empty for older bundles)
+    train_config: dict[str, Any] = field(default_factory=dict)
 
 
 def save_bundle(
@@ -219,4 +221,7 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
     except (DeepFMError, KeyError, RuntimeError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot load the model: {exc}") from None
     model.to(device).eval()
-    return Bundle(model, config, feature_map, meta.get("format", ""), metrics, manifest, directory)
+    return Bundle(
+        model, config, feature_map, meta.get("format", ""), metrics, manifest, directory,
+        train_config=meta.get("train") or {},
+    )  # fmt: skip
