@@ -43,6 +43,7 @@ from torch import nn
 from deepfm.data.encoded import EncodedArrays
 from deepfm.data.featuremap import FeatureMap
 from deepfm.data.formats import table_chunk
+from deepfm.data.pipeline import Dataset
 from deepfm.data.splits import TRAIN, VALID, SplitSpec, assign
 from deepfm.data.synthetic import AppMarket
 from deepfm.errors import ConfigError
@@ -62,9 +63,9 @@ from deepfm.experiments.simulate import (
     score_matrix,
     simulation_market,
 )
-from deepfm.models.registry import ModelConfig, build_model, get_entry, parse_crosses
-from deepfm.nn import InputLayout
-from deepfm.train.trainer import TrainConfig, Trainer
+from deepfm.models.registry import ModelConfig, get_entry, parse_crosses
+from deepfm.train.run import fit_and_evaluate
+from deepfm.train.trainer import TrainConfig
 
 #: the paper's control (the well-engineered LR), plain LR as a second reference, the treatment
 CONTROL, REFERENCE, TREATMENT = ENGINEERED_LR, "lr", "deepfm"
@@ -164,14 +165,14 @@ class Arm:
     def __init__(
         self,
         name: str,
-        layout: InputLayout,
+        feature_map: FeatureMap,
         model_config: ModelConfig,
         train_config: TrainConfig,
         daily_epochs: int,
     ) -> None:
         self.name = name
         self.entry = get_entry(model_config.name)
-        self.layout = layout
+        self.feature_map = feature_map
         self.config = model_config
         self.full = train_config
         # a warm-started day: a few epochs, stop at the first epoch without a better AUC
@@ -184,11 +185,11 @@ class Arm:
         """Fit on all logs so far; returns the best validation AUC/Logloss."""
         # FTRL keeps its model in its optimiser state, which a fresh trainer does not carry over
         warm = warm_start and self.model is not None and self.entry.optimizer != "ftrl"
-        if not warm:
-            self.model = build_model(self.layout, self.config)
-        assert self.model is not None
-        fit = Trainer(self.daily if warm else self.full).fit(self.model, self.entry, train, valid)
-        return fit.best_valid
+        logs = Dataset(self.feature_map, train, valid, None)
+        config = self.daily if warm else self.full
+        trained = fit_and_evaluate(logs, self.config, config, model=self.model if warm else None)
+        self.model = trained.model
+        return trained.metrics.get("valid", {})
 
 
 def run_abtest(
@@ -213,11 +214,10 @@ def run_abtest(
     logs = EncodedArrays.concat(
         [initial.train, initial.valid], feature_map.num_slots, feature_map.needs_values
     )
-    layout = InputLayout.of(feature_map)
     arms = {
         name: Arm(
             name,
-            layout,
+            feature_map,
             online_model_config(name, model_config, config.crosses),
             config_for(train_config, name),
             config.daily_epochs,
