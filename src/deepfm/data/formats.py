@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from deepfm.common import file_sha256
 from deepfm.data.reader import (
     DEFAULT_BLOCK_BYTES,
     BadRows,
@@ -59,14 +60,6 @@ CRITEO_SCHEMA = Schema(
     label="label",
     min_count=10,
 )
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class DataFormat:

@@ -19,7 +19,6 @@ import numpy as np
 from deepfm.errors import ConfigError
 
 TRAIN, VALID, TEST = 0, 1, 2
-SPLIT_NAMES = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)

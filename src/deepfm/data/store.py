@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,15 +365,6 @@ class Store:
             test,
             self.bad_rows(),
         )
-
-    def iter_splits(self) -> Iterator[tuple[str, EncodedArrays]]:
-        for split in SPLITS:
-            if self.rows(split):
-                yield split, self.split(split)
-
-
-def open_store(path: str | Path) -> Store:
-    return Store.open(path)
 
 
 def _parts(meta: dict) -> list[tuple[str, int]]:

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from deepfm.common import sigmoid
 from deepfm.data.schema import FieldSpec, Schema
 
 CATEGORIES = (
@@ -72,10 +73,6 @@ PLANTED_CROSSES = ("category×hour", "history×category")
 USER_FIELDS = ("user_id", "gender", "age", "history")
 APP_FIELDS = ("app_id", "category", "downloads")
 CONTEXT_FIELDS = ("hour", "weekday")
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 @dataclass(frozen=True)

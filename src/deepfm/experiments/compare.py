@@ -347,7 +347,8 @@ def protocol_store(
 ) -> Path:
     """A store of ``file`` with ``split`` at ``out``: reused when it holds the same file (same
     sha256) with the same split, prepared (again) otherwise."""
-    from deepfm.data.formats import file_sha256, get_format
+    from deepfm.common import file_sha256
+    from deepfm.data.formats import get_format
     from deepfm.data.prepare import prepare_store
     from deepfm.data.splits import SplitSpec
     from deepfm.data.store import Store, is_store

@@ -39,6 +39,7 @@ from deepfm.experiments.runs import (
     write_json,
 )
 from deepfm.experiments.study_plots import sweep_lines
+from deepfm.models.presets import dropout_of
 
 COMMAND = "sweep"
 PARAMS = ("activation", "dropout", "neurons", "layers", "shape")
@@ -136,7 +137,7 @@ def point_overrides(
     if param == "activation":
         return {"activation": value}
     if param == "dropout":
-        return {"dropout": round(1.0 - float(value), 12)}  # keep 0.9 → drop 0.1 exactly
+        return {"dropout": dropout_of(value)}  # the sweep's values are keep probabilities
     if param == "neurons":
         return {"hidden": (int(value),) * depth}
     if param == "layers":

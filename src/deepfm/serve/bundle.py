@@ -17,7 +17,6 @@ never sees a half-written bundle; loading checks every hash before using a file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from deepfm import __version__
+from deepfm.common import file_sha256
 from deepfm.data.featuremap import FeatureMap
 from deepfm.errors import BundleError, DeepFMError
 from deepfm.models.registry import ModelConfig, build_model
@@ -51,14 +51,6 @@ def bundle_files(directory: Path) -> list[str]:
     """Every file of a bundle but its manifest, as paths relative to ``directory``."""
     found = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
     return sorted(name for name in found if name != MANIFEST)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -119,7 +111,7 @@ def save_bundle(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": config.name,
             "feature_map_sha256": feature_map.digest(),
-            "files": {name: sha256_file(tmp / name) for name in bundle_files(tmp)},
+            "files": {name: file_sha256(tmp / name) for name in bundle_files(tmp)},
         }
         write_json(tmp / MANIFEST, manifest)
         replace_dir(tmp, target)
@@ -127,19 +119,6 @@ def save_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
-    """Rewrite ``metrics.json`` of a bundle and its hash (written to a temp file, then renamed)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    tmp = directory / f".{METRICS}.tmp"
-    write_json(tmp, metrics)
-    manifest["files"][METRICS] = sha256_file(tmp)
-    os.replace(tmp, directory / METRICS)
-    tmp_manifest = directory / f".{MANIFEST}.tmp"
-    write_json(tmp_manifest, manifest)
-    os.replace(tmp_manifest, directory / MANIFEST)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -165,7 +144,7 @@ def _verify(directory: Path, files: dict[str, str]) -> None:
             raise BundleError(f"{directory} lacks {name}")
     with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
         digests = dict(
-            zip(names, pool.map(lambda n: sha256_file(directory / n), names), strict=True)
+            zip(names, pool.map(lambda n: file_sha256(directory / n), names), strict=True)
         )
     for name in names:
         if files.get(name) != digests[name]:

@@ -17,7 +17,6 @@ is skipped for the next older one, so a half-written file is never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,19 +27,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from deepfm.common import file_sha256
 from deepfm.errors import ConfigError
 
 LATEST = "latest.json"
 KEEP = 2
 _PREFIX = "ckpt-"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -163,7 +155,7 @@ def commit(
         "step": step,
         "state": state,
         "optimizer": optimizer_tree,
-        "sha256": {name: _sha256(folder / name) for name in files},
+        "sha256": {name: file_sha256(folder / name) for name in files},
     }
     _write_json(folder / "state.json", record)
     final = directory / f"{_PREFIX}{step:09d}"
@@ -198,7 +190,7 @@ def _verified(folder: Path) -> Checkpoint | None:
     try:
         record = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         for name, digest in record["sha256"].items():
-            if _sha256(folder / name) != digest:
+            if file_sha256(folder / name) != digest:
                 return None
         model = load_file(str(folder / "model.safetensors"))
         best_path = folder / "best.safetensors"

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from deepfm.common import sigmoid
 from deepfm.data.encoded import EncodedArrays
 from deepfm.data.loader import Batch, BatchLoader
 from deepfm.errors import ConfigError
@@ -347,10 +348,6 @@ def predict_logits(
     model.train(was_training)
     logits = torch.cat(out) if out else torch.zeros(0, device=device)
     return logits if as_tensor else logits.cpu().numpy()
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
 def predict_proba(
