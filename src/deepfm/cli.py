@@ -91,6 +91,34 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tru
     )
 
 
+class _BundleFlag(argparse.Action):
+    """``--bundle DIR``; ``--model DIR``, its former name, still works with a note."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string == "--model":
+            print(
+                "note: --model DIR is deprecated where it names a bundle: use --bundle DIR "
+                "(--model names a registry model in train and the studies)",
+                file=sys.stderr,
+            )
+        setattr(namespace, self.dest, values)
+
+
+def add_bundle_option(parser: argparse.ArgumentParser) -> None:
+    """The bundle a command reads (evaluate, predict, serve, rank, export). It was ``--model``,
+    which in ``train`` and the studies is a registry name: one flag, two meanings. ``--bundle``
+    is now the name; ``--model`` stays as a deprecated alias so that scripts keep working."""
+    parser.add_argument(
+        "--bundle",
+        "--model",
+        dest="bundle",
+        required=True,
+        metavar="DIR",
+        action=_BundleFlag,
+        help="bundle directory (written by train or CTRClassifier.save; --model DIR: deprecated)",
+    )
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     from deepfm.train.trainer import MONITORS, TrainConfig
 
@@ -148,39 +176,68 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, fitting: bool) -> None:
-    from deepfm.data.formats import format_names
-
+    """``--data`` files and how they are read (train, evaluate, predict); ``fitting`` adds
+    ``--store``, ``--test`` and the fitting options."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data", nargs="+", required=not fitting, metavar="PATH", help="input file(s)"
     )
-    group.add_argument("--format", default=None, choices=format_names(), help="input format")
-    group.add_argument("--schema", help="YAML schema (needed by --format csv)")
+    add_format_options(group)
+    if fitting:
+        group.add_argument(
+            "--store", help="a store written by `deepfm prepare` (instead of --data)"
+        )
+        group.add_argument("--test", nargs="+", metavar="PATH", help="test file(s)")
+        add_fitting_options(group)
+
+
+def add_format_options(group) -> None:
+    """How raw files are read: one definition for train, evaluate, predict and prepare."""
+    from deepfm.data.formats import format_names
+
+    group.add_argument(
+        "--format",
+        choices=format_names(),
+        help="input format (default criteo; evaluate and predict: the bundle's)",
+    )
+    group.add_argument("--schema", help="YAML schema (needed by --format csv and parquet)")
     group.add_argument(
         "--bad-rows",
         choices=("error", "skip"),
         default="error",
         help="stop on the first malformed row (default) or skip and count malformed rows",
     )
-    if fitting:
-        group.add_argument(
-            "--store", help="a store written by `deepfm prepare` (instead of --data)"
-        )
-        group.add_argument("--test", nargs="+", metavar="PATH", help="test file(s)")
-        group.add_argument(
-            "--split",
-            default=None,
-            help="random:0.9 (default), sequential:6/7, or none; ignored with --test",
-        )
-        group.add_argument("--valid-fraction", type=float, default=0.1)
-        group.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
-        group.add_argument(
-            "--hash-buckets",
-            type=int,
-            metavar="N",
-            help="hash every categorical field with more than N distinct training values into "
-            "N buckets (no vocabulary)",
-        )
+    group.add_argument(
+        "--ratings", help="movielens-100k: the ratings file, e.g. ua.test (default u.data)"
+    )
+    group.add_argument("--featindex", help="ipinyou: feature dictionary (default: beside data)")
+
+
+def add_fitting_options(group) -> None:
+    """How rows are split and the feature map fitted: train and prepare."""
+    group.add_argument(
+        "--split",
+        help="random:0.9 (default), sequential:6/7, or none; train: ignored with --test",
+    )
+    group.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.1,
+        help="share of the training part kept for validation (sequential: its last rows)",
+    )
+    group.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
+    group.add_argument(
+        "--hash-buckets",
+        type=int,
+        metavar="N",
+        help="hash every categorical field with more than N distinct training values into N "
+        "buckets (no vocabulary; distinct values may share an id)",
+    )
+
+
+def format_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The format-specific options of :func:`add_format_options` (for ``get_format``)."""
+    return {"ratings": args.ratings, "featindex": args.featindex}
 
 
 def model_config_from(args: argparse.Namespace):
@@ -236,7 +293,7 @@ def data_format_from(args: argparse.Namespace, default: str = "criteo"):
     from deepfm.data.schema import load_schema
 
     schema = load_schema(args.schema) if args.schema else None
-    return get_format(args.format or default, schema)
+    return get_format(args.format or default, schema, **format_options(args))
 
 
 def print_json(data: Any) -> None:
@@ -347,6 +404,8 @@ def _store_dataset(args: argparse.Namespace):
             ("--hash-buckets", args.hash_buckets),
             ("--schema", args.schema),
             ("--format", args.format),
+            ("--ratings", args.ratings),
+            ("--featindex", args.featindex),
         )
         if value
     ]
@@ -367,13 +426,15 @@ def _bundle_and_rows(args: argparse.Namespace):
     from deepfm.data.reader import BadRows
     from deepfm.serve.bundle import load_bundle
 
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.bundle)
     if args.format and args.format != bundle.data_format:
         print(
             f"note: reading {args.format} data with a model trained on {bundle.data_format}",
             file=sys.stderr,
         )
-    data_format = get_format(args.format or bundle.data_format, bundle.feature_map.schema)
+    data_format = get_format(
+        args.format or bundle.data_format, bundle.feature_map.schema, **format_options(args)
+    )
     bad_rows = BadRows(args.bad_rows)
     encoded = encode_files(bundle.feature_map, data_format, args.data, bad_rows)
     return bundle, encoded, bad_rows
@@ -456,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("predict", cmd_predict, "one click probability per input row"),
     ):
         command = sub.add_parser(name, help=text)
-        command.add_argument("--model", required=True, help="bundle directory")
+        add_bundle_option(command)
         add_data_options(command, fitting=False)
         if name == "evaluate":
             command.add_argument("--json", action="store_true", help="print one JSON object")

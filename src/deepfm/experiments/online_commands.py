@@ -22,18 +22,11 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _hidden(text: str | None):
+def _hidden(sizes: tuple[int, ...] | None):
+    """The online model, with ``--hidden`` (parsed by the CLI's one ``parse_hidden``)."""
     from deepfm.experiments.simulate import ONLINE_MODEL
 
-    if text is None:
-        return ONLINE_MODEL
-    try:
-        sizes = tuple(int(s) for s in text.replace("-", ",").split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(f"hidden sizes like 200,200,200, not {text!r}") from None
-    if not sizes:
-        raise ConfigError("give at least one hidden layer size")
-    return ONLINE_MODEL.replace(hidden=sizes)
+    return ONLINE_MODEL if sizes is None else ONLINE_MODEL.replace(hidden=sizes)
 
 
 def _train_config(args: argparse.Namespace):
@@ -105,6 +98,7 @@ def cmd_abtest(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, out: str) -> None:
+    from deepfm.cli import parse_hidden
     from deepfm.data.synthetic import PLANTED_CROSSES
 
     parser.add_argument("--out", default=out, help=f"output directory (default {out})")
@@ -112,7 +106,9 @@ def _common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--types", type=int, default=6, help="user types t (at most 6)")
     parser.add_argument("--users-per-type", type=int, default=100, help="users per type n")
     parser.add_argument(
-        "--hidden", help="DeepFM-D's deep part, e.g. 400,400,400 (default 200,200,200)"
+        "--hidden",
+        type=parse_hidden,
+        help="DeepFM-D's deep part, e.g. 400,400,400 (default 200,200,200)",
     )
     parser.add_argument("--epochs", type=int, default=10, help="most epochs of a full training")
     parser.add_argument(

@@ -17,13 +17,15 @@ TOKEN_ENV = "DEEPFM_TOKEN"
 
 
 def register_commands(sub: argparse._SubParsersAction) -> None:
+    from deepfm.cli import add_bundle_option
+
     serve = sub.add_parser(
         "serve",
         help="HTTP service: /predict, /rank, /model, /metrics, /reload (FastAPI + uvicorn)",
         description="Score and rank with a bundle over HTTP. SIGHUP or POST /reload loads the "
         "bundle directory again and swaps it in without failing a request.",
     )
-    serve.add_argument("--model", required=True, help="bundle directory")
+    add_bundle_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     serve.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
@@ -55,7 +57,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export", help="write a bundle's model as ONNX (ids/values in, CTR out)"
     )
-    export.add_argument("--model", required=True, help="bundle directory")
+    add_bundle_option(export)
     export.add_argument("--format", choices=("onnx",), default="onnx")
     export.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     export.add_argument(
@@ -69,7 +71,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     rank = sub.add_parser(
         "rank", help="rank candidates for one user and context by CTR or CTR x bid"
     )
-    rank.add_argument("--model", required=True, help="bundle directory")
+    add_bundle_option(rank)
     rank.add_argument("--user", default="{}", help="user fields: a JSON object or @file.json")
     rank.add_argument("--context", default="{}", help="context fields: a JSON object or @file.json")
     rank.add_argument(
@@ -97,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     token = args.token or os.environ.get(TOKEN_ENV) or None
     settings = ServeSettings(
-        model_dir=Path(args.model),
+        model_dir=Path(args.bundle),
         runtime=args.runtime,
         host=args.host,
         port=args.port,
@@ -121,7 +123,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from deepfm.serve.onnx_export import OnnxScorer, export_onnx
     from deepfm.serve.predictor import Predictor
 
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.bundle)
     out = export_onnx(bundle, args.out)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 2**20:.1f} MiB, model {bundle.config.name})", file=sys.stderr)
@@ -221,7 +223,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     user = json_argument(args.user, "user")
     context = json_argument(args.context, "context")
     candidates = read_candidates(args.candidates)
-    predictor = Predictor.load(args.model, runtime=args.runtime)
+    predictor = Predictor.load(args.bundle, runtime=args.runtime)
     fields = predictor.encoder.names
     unused = sorted({k for c in candidates for k in c} - fields - {"bid"})
     if unused:
