@@ -72,3 +72,27 @@ def test_trainer_flags_are_trainconfig_fields():
               "and checkpoints")]  # fmt: skip
     dests = {a.dest for g in groups for a in g._group_actions} - {"quiet"}
     assert dests <= names, dests - names
+
+
+def test_no_flag_is_defined_in_two_places():
+    """A flag several commands take is defined once (``cli.FLAGS``, ``add_flag``) or by one
+    option function (``add_model_options``, ``add_train_options``, ``add_format_options``, ...);
+    ``add_argument("--x")`` appears once per name in the source."""
+    import ast
+
+    from conftest import REPO
+
+    sites = collections.Counter()
+    for path in (REPO / "src" / "deepfm").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "add_argument"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and str(node.args[0].value).startswith("--")
+            ):
+                sites[node.args[0].value] += 1
+    twice = {flag: n for flag, n in sites.items() if n > 1 and flag not in SECOND_MEANINGS}
+    assert not twice, twice

@@ -40,6 +40,38 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+#: flags that several commands take, each defined once: its type and its one meaning (a
+#: command gives its own default and says it in its help). Command-specific flags stay with
+#: their command; ``tests/test_flags.py`` checks that a name means one thing everywhere.
+FLAGS: dict[str, dict[str, Any]] = {
+    "--out": {"help": "output directory"},
+    "--seed": {"type": int, "help": "random seed"},
+    "--seeds": {"type": int, "help": "runs per setting, with seeds --seed, --seed + 1, ..."},
+    "--threads": {"type": int, "help": "torch CPU threads (fix for reproducible results)"},
+    "--quiet": {"action": "store_true", "help": "no progress output"},
+    "--json": {"action": "store_true", "help": "print JSON"},
+    "--hidden": {"type": parse_hidden, "help": "hidden layer sizes, e.g. 400,400,400"},
+    "--rows": {"type": int, "help": "rows (impressions) to generate"},
+    "--models": {"help": "comma list of registry names (see `deepfm models`)"},
+    "--epochs": {"type": int, "help": "most epochs (early stopping may end sooner)"},
+    "--batch-size": {"type": int, "help": "rows per training step"},
+    "--workers": {"type": int, "help": "processes working together"},
+    "--store": {"help": "a store written by `deepfm prepare`"},
+    "--split": {"help": "random:0.9, sequential:6/7 or none"},
+    "--runtime": {"choices": ("torch", "onnx"), "default": "torch", "help": "scoring runtime"},
+    "--preset": {"help": "the paper's Table III settings: criteo-random, criteo-sequential"},
+    "--overwrite": {"action": "store_true", "help": "replace an existing output"},
+    "--embed-dim": {"type": int, "help": "embedding size"},
+    "--crosses": {"metavar": "AxB,...", "help": "field crosses of LR, e.g. 'C1×C2,I1×C3'"},
+}
+
+
+def add_flag(parser, name: str, **settings: Any) -> None:
+    """Add the shared flag ``name`` (:data:`FLAGS`) with this command's ``settings`` (default,
+    help, required, metavar)."""
+    parser.add_argument(name, **{**FLAGS[name], **settings})
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = True) -> None:
     """Model flags. Their defaults are None so that ``model_config_from`` can tell a flag given
     on the command line (it wins) from a preset's value; read them through that function.
@@ -50,19 +82,20 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tru
     group = parser.add_argument_group("model")
     if model_flag:
         group.add_argument("--model", default="deepfm", help="registry name (see `deepfm models`)")
-    group.add_argument(
+    add_flag(
+        group,
         "--preset",
         help="model settings of the paper's Table III: criteo-random or criteo-sequential "
         "(or a YAML file); flags given explicitly override it",
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--embed-dim",
-        type=int,
         help="embedding size; default is the paper's: k=10 for FM/DeepFM, k+1 for DNN-family",
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--hidden",
-        type=parse_hidden,
         help="hidden layer sizes of the deep part, e.g. 400,400,400 (default "
         f"{','.join(map(str, default.hidden))})",
     )
@@ -77,9 +110,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tru
         "--l2", type=float, help=f"L2 on the FM part (rows used per batch; default {default.l2})"
     )
     if model_flag:
-        group.add_argument(
+        add_flag(
+            group,
             "--crosses",
-            metavar="AxB,...",
             help="lr only: field crosses, each with its own weight table, e.g. "
             "'C1×C2,I1×C3' (× or * or x between two field names)",
         )
@@ -124,8 +157,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
     default = TrainConfig()
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=default.epochs)
-    group.add_argument("--batch-size", type=int, default=default.batch_size)
+    add_flag(group, "--epochs", default=default.epochs)
+    add_flag(group, "--batch-size", default=default.batch_size)
     group.add_argument(
         "--lr", type=float, help="learning rate (default: Adam 3e-3; FTRL alpha 0.05)"
     )
@@ -141,9 +174,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         default=default.monitor,
         help="validation score of early stopping and lr decay (default AUC - Logloss)",
     )
-    group.add_argument("--seed", type=int, default=default.seed)
-    group.add_argument("--threads", type=int, help="torch CPU threads (fix for reproducibility)")
-    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_flag(group, "--seed", default=default.seed)
+    add_flag(group, "--threads", help="torch CPU threads (fix for reproducibility)")
+    add_flag(group, "--quiet", help="no progress bars")
     speed = parser.add_argument_group("speed, scale and checkpoints")
     speed.add_argument("--device", default=default.device, help="auto, cpu, cuda or cuda:N")
     speed.add_argument(
@@ -184,9 +217,7 @@ def add_data_options(parser: argparse.ArgumentParser, *, fitting: bool) -> None:
     )
     add_format_options(group)
     if fitting:
-        group.add_argument(
-            "--store", help="a store written by `deepfm prepare` (instead of --data)"
-        )
+        add_flag(group, "--store", help="a store written by `deepfm prepare` (instead of --data)")
         group.add_argument("--test", nargs="+", metavar="PATH", help="test file(s)")
         add_fitting_options(group)
 
@@ -215,7 +246,8 @@ def add_format_options(group) -> None:
 
 def add_fitting_options(group) -> None:
     """How rows are split and the feature map fitted: train and prepare."""
-    group.add_argument(
+    add_flag(
+        group,
         "--split",
         help="random:0.9 (default), sequential:6/7, or none; train: ignored with --test",
     )
@@ -493,23 +525,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     demo = sub.add_parser("demo", help="LR, FM and DeepFM-D on the simulated app market")
-    demo.add_argument("--rows", type=int, default=200_000, help="generated impressions")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--threads", type=int)
-    demo.add_argument("--epochs", type=int, default=30, help="at most (early stopping)")
-    demo.add_argument("--batch-size", type=int, default=1024)
-    demo.add_argument(
-        "--hidden", type=parse_hidden, default=(400, 400, 400), help="DeepFM-D's deep part"
-    )
-    demo.add_argument("--quiet", action="store_true")
+    add_flag(demo, "--rows", default=200_000, help="generated impressions")
+    add_flag(demo, "--seed", default=0)
+    add_flag(demo, "--out", default="runs/demo", help="output directory")
+    add_flag(demo, "--threads")
+    add_flag(demo, "--epochs", default=30, help="at most (early stopping)")
+    add_flag(demo, "--batch-size", default=1024)
+    add_flag(demo, "--hidden", default=(400, 400, 400), help="DeepFM-D's deep part")
+    add_flag(demo, "--quiet")
     demo.set_defaults(handler=cmd_demo)
 
     train = sub.add_parser("train", help="train a model and write a bundle")
     add_data_options(train, fitting=True)
     add_model_options(train)
     add_train_options(train)
-    train.add_argument("--out", required=True, help="bundle directory to write")
+    add_flag(train, "--out", required=True, help="bundle directory to write")
     train.set_defaults(handler=cmd_train)
 
     for name, handler, text in (
@@ -520,9 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_bundle_option(command)
         add_data_options(command, fitting=False)
         if name == "evaluate":
-            command.add_argument("--json", action="store_true", help="print one JSON object")
+            add_flag(command, "--json", help="print one JSON object")
         else:
-            command.add_argument("--out", required=True, help="output file")
+            add_flag(command, "--out", required=True, help="output file")
         command.set_defaults(handler=handler)
 
     for module in COMMAND_MODULES:

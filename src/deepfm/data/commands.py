@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from deepfm.cli import add_flag
+
 
 def register_commands(subparsers) -> None:
     from deepfm.cli import add_fitting_options, add_format_options
@@ -26,15 +28,15 @@ def register_commands(subparsers) -> None:
         metavar="PATH",
         help="input files or glob patterns ('logs/day_*.gz'); .gz and .zst are read as streams",
     )
-    parser.add_argument("--out", required=True, metavar="STORE", help="store directory to write")
+    add_flag(parser, "--out", required=True, metavar="STORE", help="store directory to write")
     add_format_options(parser)
     add_fitting_options(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    add_flag(parser, "--seed", default=0, help="seed of the random split")
+    add_flag(parser, "--overwrite", help="replace an existing store")
     parser.add_argument("--block-mb", type=int, default=16, help="bytes parsed per block (MiB)")
-    parser.add_argument(
+    add_flag(
+        parser,
         "--workers",
-        type=int,
         help="worker processes parsing and encoding (default: the cores; 1: this process)",
     )
     parser.add_argument(
@@ -49,8 +51,8 @@ def register_commands(subparsers) -> None:
         default=1,
         help="files per split array; a DDP rank of a world dividing it reads whole shards",
     )
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_flag(parser, "--json", help="print the summary as JSON")
+    add_flag(parser, "--quiet", help="no progress messages")
     parser.set_defaults(handler=cmd_prepare)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deepfm.cli import add_flag
 from deepfm.errors import ConfigError
 
 
@@ -98,24 +99,20 @@ def cmd_abtest(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, out: str) -> None:
-    from deepfm.cli import parse_hidden
     from deepfm.data.synthetic import PLANTED_CROSSES
 
-    parser.add_argument("--out", default=out, help=f"output directory (default {out})")
-    parser.add_argument("--seed", type=int, default=0, help="market, logs, training and traffic")
+    add_flag(parser, "--out", default=out, help=f"output directory (default {out})")
+    add_flag(parser, "--seed", default=0, help="market, logs, training and traffic")
     parser.add_argument("--types", type=int, default=6, help="user types t (at most 6)")
     parser.add_argument("--users-per-type", type=int, default=100, help="users per type n")
-    parser.add_argument(
-        "--hidden",
-        type=parse_hidden,
-        help="DeepFM-D's deep part, e.g. 400,400,400 (default 200,200,200)",
+    add_flag(
+        parser, "--hidden", help="DeepFM-D's deep part, e.g. 400,400,400 (default 200,200,200)"
     )
-    parser.add_argument("--epochs", type=int, default=10, help="most epochs of a full training")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (results depend on it)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no training progress")
-    parser.add_argument(
+    add_flag(parser, "--epochs", default=10, help="most epochs of a full training")
+    add_flag(parser, "--threads", default=1, help="torch CPU threads (results depend on it)")
+    add_flag(parser, "--quiet", help="no training progress")
+    add_flag(
+        parser,
         "--crosses",
         default=",".join(PLANTED_CROSSES),
         help="the crosses of the engineered LR, the paper's baseline (default: the market's "
@@ -133,7 +130,7 @@ def register_commands(subparsers) -> None:
         "personalization@L, coverage@L, popularity@L.",
     )
     _common(simulate, "runs/simulate")
-    simulate.add_argument("--rows", type=int, default=150_000, help="logged impressions")
+    add_flag(simulate, "--rows", default=150_000, help="logged impressions")
     simulate.add_argument("--lists", default="5,10,20", help="list sizes L, e.g. 5,10,20")
     simulate.add_argument("--hour", type=int, default=15, help="hour of every list request")
     simulate.add_argument("--weekday", type=int, default=2, help="weekday (0-6) of the requests")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deepfm.cli import add_flag
 from deepfm.errors import ConfigError, DataError
 
 TOKEN_ENV = "DEEPFM_TOKEN"
@@ -28,7 +29,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     add_bundle_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    serve.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    add_flag(serve, "--runtime", default="torch")
     serve.add_argument(
         "--token",
         help=f"require 'Authorization: Bearer TOKEN' on every route but /health (or set "
@@ -43,9 +44,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-body-bytes", type=int, default=8 << 20, help="largest request body (more: 413)"
     )
-    serve.add_argument(
-        "--threads", type=int, default=1, help="intra-op threads of one forward pass (default 1)"
-    )
+    add_flag(serve, "--threads", default=1, help="intra-op threads of one forward pass (default 1)")
     serve.add_argument(
         "--concurrency",
         type=int,
@@ -59,7 +58,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_bundle_option(export)
     export.add_argument("--format", choices=("onnx",), default="onnx")
-    export.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    add_flag(export, "--out", required=True, help="output file, e.g. model.onnx")
     export.add_argument(
         "--check-rows",
         type=int,
@@ -82,8 +81,8 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     )
     rank.add_argument("--top", type=int, default=10, help="how many to print (default 10)")
     rank.add_argument("--by", choices=("ctr", "ctr_bid"), default="ctr")
-    rank.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
-    rank.add_argument("--json", action="store_true", help="print {'items': [...]} as JSON")
+    add_flag(rank, "--runtime", default="torch")
+    add_flag(rank, "--json", help="print {'items': [...]} as JSON")
     rank.set_defaults(handler=cmd_rank)
 
 
