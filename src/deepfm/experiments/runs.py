@@ -343,6 +343,24 @@ def run_all(
     return results
 
 
+def run_specs(
+    data: StudyData, specs: Sequence[RunSpec], out: str | Path, *, desc: str, progress: bool
+) -> dict[str, list[dict[str, Any]]]:
+    """Train every spec on the study's store through the one fit path (:func:`fit_run`;
+    finished runs cached in ``out/runs``); the results grouped by model, in spec order."""
+    results = run_all(
+        specs,
+        lambda spec: fit_run(data.dataset, spec.model, spec.train),
+        RunCache(Path(out) / "runs"),
+        desc=desc,
+        progress=progress,
+    )
+    per_model: dict[str, list[dict[str, Any]]] = {}
+    for spec, result in zip(specs, results, strict=True):
+        per_model.setdefault(spec.model.name, []).append(result)
+    return per_model
+
+
 # -- tables --------------------------------------------------------------------------------------
 
 
