@@ -60,8 +60,8 @@ class Growth:
         return any(self.added.values())
 
 
-def count_new_rows(feature_map: FeatureMap, chunks: Iterable[RawChunk]) -> FeatureMapBuilder:
-    """The statistics of the new rows, counted as a fit counts them."""
+def count_rows(feature_map: FeatureMap, chunks: Iterable[RawChunk]) -> FeatureMapBuilder:
+    """The statistics of new rows, counted as a fit counts them."""
     builder = FeatureMapBuilder(feature_map.schema)
     for chunk in chunks:
         builder.update(chunk)
@@ -94,14 +94,23 @@ def grow_codec(
 
 def grow_feature_map(
     feature_map: FeatureMap,
-    chunks: Iterable[RawChunk],
+    counted: FeatureMapBuilder,
     *,
     decay: float = DEFAULT_DECAY,
     cap: int = CARRIED_CAP,
 ) -> Growth:
-    """Count ``chunks`` (the new data) and grow every vocabulary field of ``feature_map``."""
-    builder = count_new_rows(feature_map, chunks)
-    schema = feature_map.schema
+    """Grow every vocabulary field of ``feature_map`` with the new rows ``counted`` (a builder
+    of the same schema that counted them, e.g. :func:`count_rows`). With no rows the map is
+    kept as it is (carried counts too)."""
+    builder, schema = counted, feature_map.schema
+    if builder.rows == 0:
+        return Growth(
+            FeatureMap.laid_out(
+                schema,
+                [replace(c) for c in feature_map.fields],
+                fitted_rows=feature_map.fitted_rows,
+            )
+        )
     codecs, added = [], {}
     for codec in feature_map.fields:
         grown, n = grow_codec(
