@@ -11,6 +11,7 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--batch-size": {"type": int, "help": "rows per training step"},
     "--workers": {"type": int, "help": "processes working together"},
     "--store": {"help": "a store written by `deepfm prepare`"},
-    "--split": {"help": "random:0.9, sequential:6/7 or none"},
+    "--split": {"help": "random:0.9, sequential:6/7, time:COLUMN or none"},
     "--runtime": {"choices": ("torch", "onnx"), "default": "torch", "help": "scoring runtime"},
     "--preset": {"help": "the paper's Table III settings: criteo-random, criteo-sequential"},
     "--overwrite": {"action": "store_true", "help": "replace an existing output"},
@@ -249,7 +250,8 @@ def add_fitting_options(group) -> None:
     add_flag(
         group,
         "--split",
-        help="random:0.9 (default), sequential:6/7, or none; train: ignored with --test",
+        help="random:0.9 (default), sequential:6/7, time:COLUMN (the rows of the last time are the "
+        "test rows, e.g. time:day), or none; train: ignored with --test",
     )
     group.add_argument(
         "--valid-fraction",
@@ -280,7 +282,7 @@ def model_config_from(args: argparse.Namespace):
     if preset.assumed:
         print(f"note: preset {preset.name}: {preset.description}", file=sys.stderr)
     return preset.model_config(
-        args.model,
+        args.model or "deepfm",
         embed_dim=args.embed_dim,
         hidden=args.hidden,
         activation=args.activation,
@@ -375,18 +377,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args, model_config, train_config, context) -> int:
+    from deepfm.data.growth import DEFAULT_DECAY, check_decay
     from deepfm.data.pipeline import load_dataset
     from deepfm.data.reader import BadRows
     from deepfm.data.splits import SplitSpec
-    from deepfm.serve.bundle import save_bundle
+    from deepfm.serve.bundle import lineage_of, save_bundle
     from deepfm.train.run import fit_and_evaluate
 
+    parent = _warm_start_parent(args, model_config) if args.warm_start else None
+    decay = check_decay(DEFAULT_DECAY if args.decay is None else args.decay)
+    if args.decay is not None and parent is None:
+        raise ConfigError("--decay sets how a warm start grows vocabularies: add --warm-start")
+    if parent is not None:
+        model_config = parent.config
     if args.store:
+        if parent is not None:
+            raise ConfigError(
+                "--warm-start grows the parent's feature map with raw rows: give --data, "
+                "not --store (a store's map is fixed when it is prepared)"
+            )
         dataset, format_name = _store_dataset(args)
     else:
         if not args.data:
             raise ConfigError("give the training data: --data PATH... or --store STORE")
-        data_format = data_format_from(args)
+        if parent is not None:
+            data_format = get_format_for_parent(args, parent)
+        else:
+            data_format = data_format_from(args)
         format_name = data_format.name
         if args.test and args.split not in (None, "none"):
             raise ConfigError("give either --test or --split, not both")
@@ -401,11 +418,31 @@ def _train(args, model_config, train_config, context) -> int:
             min_count=args.min_count,
             hash_buckets=args.hash_buckets,
             test_paths=args.test,
+            base=parent.feature_map if parent is not None else None,
+            decay=decay,
         )
-    trained = fit_and_evaluate(dataset, model_config, train_config)
+    trained = fit_and_evaluate(
+        dataset, model_config, train_config, parent=parent.parent if parent else None
+    )
     metrics = trained.metrics
     if not context.is_main:
         return 0  # rank 0 writes the bundle and the metrics
+    seen = {
+        "paths": [str(Path(p).resolve()) for p in (args.data or [args.store])],
+        "bytes": [_size(p) for p in (args.data or [args.store])],
+        "rows": dataset.rows(),
+        "format": format_name,
+        "split": args.split or ("none" if args.test else "random:0.9"),
+    }
+    if dataset.time_range is not None:
+        seen["time_range"] = list(dataset.time_range)
+    extra = {}
+    if parent is not None:
+        extra = {
+            "optimizer_state": trained.fit.setup.get("optimizer_state", "fresh"),
+            "added": dataset.growth.added if dataset.growth else {},
+            "decay": decay,
+        }
     out = save_bundle(
         args.out,
         trained.model,
@@ -414,12 +451,78 @@ def _train(args, model_config, train_config, context) -> int:
         data_format=format_name,
         metrics=metrics,
         train_config=train_config.to_dict(),
+        lineage=lineage_of(seen, parent.bundle if parent else None, **extra),
+        optimizer_state=None if args.no_optimizer_state else trained.fit.optimizer_state,
     )
-    summary = {k: metrics[k] for k in ("valid", "test", "rows") if k in metrics}
+    summary = {k: metrics[k] for k in ("valid", "test", "rows", "growth") if k in metrics}
     summary["train_samples_per_s"] = round(metrics["train_samples_per_s"])
     print_json(summary)
     print(f"bundle written to {out}", file=sys.stderr)
     return 0
+
+
+def _size(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+@dataclass
+class _WarmStart:
+    bundle: Any  # the loaded parent bundle (serve.bundle.Bundle)
+    parent: Any  # what the trainer continues (train.run.Parent)
+
+    @property
+    def config(self):
+        return self.parent.config
+
+    @property
+    def feature_map(self):
+        return self.parent.feature_map
+
+
+def _warm_start_parent(args: argparse.Namespace, model_config) -> _WarmStart:
+    """The bundle of ``--warm-start``: the model, its settings and feature map are the parent's
+    (model flags and --min-count/--hash-buckets/--schema would change them: refused)."""
+    from deepfm.serve.bundle import load_bundle, load_optimizer_state
+    from deepfm.train.run import Parent
+
+    given = [
+        flag
+        for flag, value in (
+            ("--model", args.model),
+            ("--preset", getattr(args, "preset", None)),
+            ("--embed-dim", args.embed_dim),
+            ("--hidden", args.hidden),
+            ("--activation", args.activation),
+            ("--dropout", args.dropout),
+            ("--l2", args.l2),
+            ("--crosses", args.crosses),
+            ("--cross-buckets", args.cross_buckets),
+            ("--min-count", args.min_count),
+            ("--hash-buckets", args.hash_buckets),
+            ("--schema", args.schema),
+            ("--resume", args.resume),
+        )
+        if value is not None
+    ]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} cannot be combined with --warm-start: the model, its settings "
+            "and its fields are the parent bundle's"
+        )
+    bundle = load_bundle(args.warm_start)
+    state = load_optimizer_state(bundle)
+    return _WarmStart(bundle, Parent(bundle.model, bundle.config, bundle.feature_map, state))
+
+
+def get_format_for_parent(args: argparse.Namespace, parent: _WarmStart):
+    """The parent's input format, reading its schema (``--format`` may name another reader of
+    the same fields)."""
+    from deepfm.data.formats import get_format
+
+    return get_format(args.format or parent.bundle.data_format, parent.feature_map.schema)
 
 
 def _store_dataset(args: argparse.Namespace):
@@ -540,7 +643,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(train)
     add_train_options(train)
     add_flag(train, "--out", required=True, help="bundle directory to write")
-    train.set_defaults(handler=cmd_train)
+    update = train.add_argument_group("daily updates (README: Updating a model daily)")
+    update.add_argument(
+        "--warm-start",
+        metavar="BUNDLE",
+        help="continue BUNDLE on the new --data: its vocabularies grow with the new values, old "
+        "ids keep their rows, the optimiser continues if BUNDLE saved its state",
+    )
+    update.add_argument(
+        "--decay",
+        type=float,
+        help="weight of the counts carried from earlier data when a vocabulary grows "
+        "(count = new count + decay x carried count; default 0.9: a window of ~10 updates)",
+    )
+    update.add_argument(
+        "--no-optimizer-state",
+        action="store_true",
+        help="leave the optimiser's state out of the bundle (smaller; a warm start from it "
+        "starts a fresh optimiser)",
+    )
+    train.set_defaults(handler=cmd_train, model=None)  # None: deepfm, or the parent's
 
     for name, handler, text in (
         ("evaluate", cmd_evaluate, "AUC and Logloss of a bundle on labeled data"),

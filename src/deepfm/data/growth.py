@@ -14,9 +14,11 @@ beside the vocabulary)::
 
 A value joins the vocabulary when ``count_t(v) >= min_count``; the others are carried on, those
 whose count falls below 1 are forgotten, and at most ``cap`` of them (the most frequent) are
-kept. With the default ``decay = 0.5`` a value seen ``c`` times every day reaches ``2c``: seen at
-least half the min count a day, it qualifies within a few days; a value seen once is forgotten
-after a day without it.
+kept. The window is exponential, about ``1 / (1 - decay)`` updates long: with the default
+``decay = 0.9`` (about ten daily updates) a value seen ``c`` times every day reaches
+``c · (1 - 0.9^k) / 0.1`` after ``k`` days (``10c`` at most), so a value seen a tenth of the min
+count a day qualifies in time, as it would in a refit on the last ten days; a value seen once and
+never again is forgotten after one update (``0.9 < 1``). ``decay = 0`` counts the new data alone.
 
 Because fields are laid out one after the other in the global table, the global ids of the fields
 after a grown one shift (their local ids do not): the model's tables are remapped row by row
@@ -42,9 +44,17 @@ from deepfm.data.codecs import (
 )
 from deepfm.data.featuremap import FeatureMap, FeatureMapBuilder
 from deepfm.data.reader import RawChunk
+from deepfm.errors import ConfigError
 
-#: the weight of yesterday's carried count in today's (half-life: one update)
-DEFAULT_DECAY = 0.5
+#: the weight of yesterday's carried count in today's (a window of about ten updates)
+DEFAULT_DECAY = 0.9
+
+
+def check_decay(decay: float) -> float:
+    """``decay`` if it is in [0, 1], else a :class:`ConfigError`."""
+    if not 0.0 <= decay <= 1.0:
+        raise ConfigError(f"the decay of carried counts must be in [0, 1], got {decay}")
+    return decay
 
 
 @dataclass

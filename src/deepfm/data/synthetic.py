@@ -352,10 +352,28 @@ def write_csv(path: str | Path, rows: int, seed: int = 0, market_seed: int | Non
     return write_tables(path, market.generate(rows, seed))
 
 
+def market_days(
+    days: int,
+    rows_per_day: int,
+    *,
+    apps_per_day: int = 0,
+    users_per_day: int = 0,
+    seed: int = 0,
+    config: MarketConfig | None = None,
+) -> tuple[AppMarket, list[pa.Table]]:
+    """A market that grows over ``days`` (``apps_per_day`` new apps and ``users_per_day`` new
+    users arrive on each day after the first, :meth:`AppMarket.add_arrivals`) and
+    ``rows_per_day`` logged impressions of each day (:meth:`AppMarket.generate_day`)."""
+    market = AppMarket(seed, config).add_arrivals(days, apps_per_day, users_per_day, seed)
+    return market, [market.generate_day(day, rows_per_day, seed) for day in range(1, days + 1)]
+
+
 def write_tables(path: str | Path, tables) -> Path:
     """Write generated impression tables as CSV (the ``appmarket`` format: fields, label,
-    ``p_true`` and ``day`` when the tables have it), streaming."""
+    ``p_true`` and ``day`` when the tables have it), streaming to a temporary file renamed into
+    place when complete."""
     path = Path(path)
+    final, path = path, path.with_name(f".{path.name}.tmp")
     writer = None
     try:
         for table in tables:
@@ -373,4 +391,5 @@ def write_tables(path: str | Path, tables) -> Path:
     finally:
         if writer is not None:
             writer.close()
-    return path
+    path.replace(final)
+    return final

@@ -98,6 +98,62 @@ def cmd_abtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_daily(args: argparse.Namespace) -> int:
+    from deepfm.cli import data_format_from, model_config_from, train_config_from
+    from deepfm.data.growth import DEFAULT_DECAY, check_decay
+    from deepfm.data.reader import BadRows
+    from deepfm.data.splits import SplitSpec
+    from deepfm.experiments.daily import daily_table, run_daily, split_days, write_daily
+
+    split = SplitSpec.parse(args.split)
+    if split.kind != "time":
+        raise ConfigError(
+            f"deepfm daily orders days by a time column: --split time:COLUMN, not {split}"
+        )
+    data_format = data_format_from(args, default="appmarket")
+    data_format.keep_columns([split.column])
+    schema = data_format.schema.with_options(args.min_count, None)
+    days = split_days(list(data_format.read(args.data, BadRows(args.bad_rows))), split.column)
+    _log(f"{len(days)} days of {split.column}: " + ", ".join(d.time for d in days))
+    results = run_daily(
+        days,
+        schema,
+        model_config_from(args),
+        train_config_from(args),
+        daily_epochs=args.daily_epochs,
+        valid_fraction=args.valid_fraction,
+        decay=check_decay(DEFAULT_DECAY if args.decay is None else args.decay),
+        track=args.track,
+        log=_log,
+    )
+    paths = write_daily(results, args.out)
+    print("\n" + daily_table(results) + "\n")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_market_csv(args: argparse.Namespace) -> int:
+    from deepfm.data.synthetic import AppMarket, MarketConfig, market_days, write_tables
+
+    if args.days < 1 or args.rows_per_day < 1:
+        raise ConfigError("--days and --rows-per-day must be at least 1")
+    config = MarketConfig(n_apps=args.apps, n_users=args.users)
+    if args.days == 1 and not (args.new_apps or args.new_users):
+        tables = AppMarket(args.seed, config).generate(args.rows_per_day, args.seed)
+    else:
+        _, tables = market_days(
+            args.days,
+            args.rows_per_day,
+            apps_per_day=args.new_apps,
+            users_per_day=args.new_users,
+            seed=args.seed,
+            config=config,
+        )
+    path = write_tables(args.out, tables)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser, out: str) -> None:
     from deepfm.data.synthetic import PLANTED_CROSSES
 
@@ -160,3 +216,45 @@ def register_commands(subparsers) -> None:
         "--cold-start", action="store_true", help="retrain DeepFM-D from zero every day too"
     )
     abtest.set_defaults(handler=cmd_abtest)
+
+    from deepfm.cli import add_data_options, add_model_options, add_train_options
+
+    daily = subparsers.add_parser(
+        "daily",
+        help="daily updates evaluated in time order: warm-started, retrained and frozen "
+        "day-1 models, each tested on the next day",
+        description="For every day t of a time column: continue yesterday's model on day t "
+        "(vocabularies grow, old ids keep their rows), retrain from scratch on days <= t, and "
+        "keep the day-1 model; score all three on day t + 1 (AUC, Logloss, update time).",
+    )
+    add_data_options(daily, fitting=False)
+    daily.add_argument("--split", default="time:day", help="time:COLUMN (default time:day)")
+    daily.add_argument("--valid-fraction", type=float, default=0.1, help="of each update's rows")
+    daily.add_argument("--min-count", type=int, help="rare values → OOV (the format's default)")
+    daily.add_argument(
+        "--decay", type=float, help="weight of carried counts when vocabularies grow (0.9)"
+    )
+    daily.add_argument(
+        "--daily-epochs", type=int, help="most epochs of a warm update (default: --epochs)"
+    )
+    daily.add_argument(
+        "--track", help="a field whose new values are followed (e.g. app_id): own ids, rank"
+    )
+    daily.add_argument("--out", default="runs/daily", help="output directory")
+    add_model_options(daily)
+    add_train_options(daily)
+    daily.set_defaults(handler=cmd_daily)
+
+    market = subparsers.add_parser(
+        "market-csv",
+        help="write the simulated app market's impressions as CSV (format appmarket), by day",
+    )
+    market.add_argument("--out", required=True, help="CSV file to write")
+    market.add_argument("--days", type=int, default=1)
+    market.add_argument("--rows-per-day", type=int, default=100_000)
+    market.add_argument("--new-apps", type=int, default=0, help="apps arriving each later day")
+    market.add_argument("--new-users", type=int, default=0, help="users arriving each later day")
+    market.add_argument("--apps", type=int, default=400, help="apps on day 1")
+    market.add_argument("--users", type=int, default=20_000, help="users on day 1")
+    market.add_argument("--seed", type=int, default=0)
+    market.set_defaults(handler=cmd_market_csv)

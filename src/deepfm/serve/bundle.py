@@ -9,7 +9,13 @@
       vocab/              their binary vocabularies (sorted value keys and ids, memory-mapped)
       model.json          registry name, model config, input format, training config
       metrics.json        validation / test metrics of the training run
-      bundle.json         deepfm version, creation time, sha256 of every file above
+      optimizer.safetensors  the optimiser's state (optional: a warm start continues from it)
+      bundle.json         deepfm version, creation time, sha256 of every file above, lineage
+
+A bundle's own sha256 is that of its ``bundle.json`` (which holds the hash of every other file).
+Its *lineage* says where it comes from: the parent bundle a warm start continued (sha256, path)
+and the data this training saw, with the earlier generations' entries (``history``, oldest
+first), so the lineage of a served model can be read from the server's ``/model``.
 
 A bundle is written into a temporary sibling directory and renamed into place, so a reader
 never sees a half-written bundle; loading checks every hash before using a file.
@@ -43,6 +49,7 @@ WEIGHTS = "model.safetensors"
 FEATURE_MAP = "feature_map.json"
 MODEL = "model.json"
 METRICS = "metrics.json"
+OPTIMIZER = "optimizer.safetensors"
 MANIFEST = "bundle.json"
 HASHED = (WEIGHTS, FEATURE_MAP, MODEL, METRICS)  # and every vocabulary file
 
@@ -81,6 +88,32 @@ class Bundle:
     path: Path | None = None
     #: the TrainConfig settings it was trained with (as saved; empty for older bundles)
     train_config: dict[str, Any] = field(default_factory=dict)
+    #: sha256 of the bundle's manifest (bundle.json): the bundle's identity in a lineage
+    sha256: str = ""
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        return self.info.get("lineage") or {}
+
+
+def lineage_of(data: dict[str, Any], parent: Bundle | None = None, **extra: Any) -> dict[str, Any]:
+    """The lineage of a bundle trained on ``data`` (what it saw: paths, rows, time range),
+    continued from ``parent`` (None: trained from scratch)."""
+    if parent is None:
+        return {"parent": None, "data": data, "generation": 1, "history": [], **extra}
+    before = parent.lineage
+    earlier = [{k: v for k, v in before.items() if k != "history"}] if before else []
+    return {
+        "parent": {
+            "sha256": parent.sha256,
+            "path": str(parent.path) if parent.path else None,
+            "created": parent.info.get("created"),
+        },
+        "data": data,
+        "generation": int(before.get("generation", 1)) + 1,
+        "history": [*before.get("history", []), *earlier],
+        **extra,
+    }
 
 
 def save_bundle(
@@ -92,8 +125,12 @@ def save_bundle(
     data_format: str,
     metrics: dict[str, Any] | None = None,
     train_config: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a bundle atomically to ``directory`` (replacing an existing bundle there)."""
+    """Write a bundle atomically to ``directory`` (replacing an existing bundle there), with
+    its ``lineage`` (:func:`lineage_of`) and, if given, the optimiser's state (named tensors,
+    :meth:`~deepfm.train.trainer.Optimizers.named_state`) for the next warm start."""
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -106,12 +143,16 @@ def save_bundle(
             {"model": config.to_dict(), "format": data_format, "train": train_config or {}},
         )
         write_json(tmp / METRICS, metrics or {})
+        if optimizer_state:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}
+            save_file(tensors, str(tmp / OPTIMIZER))
         manifest = {
             "deepfm_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": config.name,
             "feature_map_sha256": feature_map.digest(),
             "files": {name: file_sha256(tmp / name) for name in bundle_files(tmp)},
+            "lineage": lineage or {},
         }
         write_json(tmp / MANIFEST, manifest)
         replace_dir(tmp, target)
@@ -200,7 +241,22 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
     except (DeepFMError, KeyError, RuntimeError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot load the model: {exc}") from None
     model.to(device).eval()
+    sha = file_sha256(directory / MANIFEST)
     return Bundle(
         model, config, feature_map, meta.get("format", ""), metrics, manifest, directory,
-        train_config=meta.get("train") or {},
+        train_config=meta.get("train") or {}, sha256=sha,
     )  # fmt: skip
+
+
+def load_optimizer_state(bundle: Bundle) -> dict[str, torch.Tensor] | None:
+    """The optimiser state saved in ``bundle`` (verified when the bundle was loaded), or None
+    when it holds none (written with ``--no-optimizer-state`` or before warm starts)."""
+    assert bundle.path is not None
+    if OPTIMIZER not in bundle.info.get("files", {}):
+        return None
+    try:
+        return load_file(str(bundle.path / OPTIMIZER))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise BundleError(
+            f"{bundle.path / OPTIMIZER}: cannot load the optimiser state: {exc}"
+        ) from None

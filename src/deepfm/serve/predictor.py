@@ -92,6 +92,8 @@ class Predictor:
             "format": self.bundle.data_format,
             "fields": [f.name for f in self.feature_map.fields],
             "metrics": metrics,
+            "sha256": self.bundle.sha256,
+            "lineage": self.bundle.lineage,
         }
 
     # -- encoding ------------------------------------------------------------------------------

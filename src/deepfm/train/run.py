@@ -1,4 +1,5 @@
-"""The one fit path: build the model, fit it, evaluate every split.
+"""The one fit path: build the model (or grow its parent's, a warm start), fit it, evaluate
+every split.
 
 ``deepfm train``, :class:`deepfm.CTRClassifier`, every study (``compare``, ``efficiency``,
 ``sweep``, ``tune``), ``workers``, ``simulate``, ``abtest`` and the demo train through
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepfm.data.featuremap import FeatureMap
 from deepfm.data.pipeline import Dataset
 from deepfm.models.registry import ModelConfig, ModelEntry, build_model, get_entry
 from deepfm.nn import InputLayout
+from deepfm.nn.growth import grow_state, grow_tensor, grown_rows
 from deepfm.train.distributed import Distributed
 from deepfm.train.trainer import FitResult, TrainConfig, Trainer
 
@@ -28,6 +31,43 @@ class TrainedModel:
     config: ModelConfig
     fit: FitResult
     metrics: dict[str, Any]
+
+
+@dataclass
+class Parent:
+    """The model a warm start continues: its weights, config and feature map, and the saved
+    optimiser state (:meth:`~deepfm.train.trainer.Optimizers.named_state`; None: start fresh)."""
+
+    model: nn.Module
+    config: ModelConfig
+    feature_map: FeatureMap
+    optimizer_state: dict[str, torch.Tensor] | None = None
+
+
+def grow_parent(
+    parent: Parent, feature_map: FeatureMap, seed: int
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """The parent's model on the grown ``feature_map`` and its optimiser state remapped.
+
+    The model is built as a fresh one would be (seeded by ``seed``), then every old row is
+    copied to its new place (:func:`~deepfm.nn.growth.grow_state`): new ids keep the fresh
+    initialisation, old ids score exactly as before. Optimiser state follows the same rows,
+    new rows starting from zero (Adam's moments, FTRL's ``z`` and ``n``)."""
+    old, new = InputLayout.of(parent.feature_map), InputLayout.of(feature_map)
+    model = new_model(new, parent.config, seed)
+    model.load_state_dict(grow_state(model, parent.model.state_dict(), old, new))
+    if not parent.optimizer_state:
+        return model, None
+    rows, params = grown_rows(model, old, new), dict(model.named_parameters())
+    state = {}
+    for key, before in parent.optimizer_state.items():
+        name = key.rsplit("/", 1)[0]
+        if name in rows and before.dim() > 0:
+            fresh = torch.zeros(params[name].shape, dtype=before.dtype)
+            state[key] = grow_tensor(before, rows[name], fresh)
+        else:
+            state[key] = before
+    return model, state
 
 
 def new_model(layout: InputLayout, config: ModelConfig, seed: int) -> nn.Module:
@@ -43,6 +83,7 @@ def fit_and_evaluate(
     train_config: TrainConfig,
     *,
     model: nn.Module | None = None,
+    parent: Parent | None = None,
     dist: Distributed | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -50,19 +91,38 @@ def fit_and_evaluate(
     """Train on ``dataset.train`` (early stopping on ``valid``), then evaluate ``valid`` and
     ``test`` with the weights of the best epoch.
 
-    ``model``: train this one further (a warm start) instead of a new model seeded by
-    ``train_config.seed``. ``on_epoch`` / ``on_step``: the trainer's callbacks.
+    ``model``: train this one further instead of a new model seeded by ``train_config.seed``.
+    ``parent``: a warm start (``dataset`` was built on the parent's map grown with the new
+    data, :func:`~deepfm.data.pipeline.build_dataset`'s ``base``): the parent's model and
+    optimiser state are grown (:func:`grow_parent`) and training continues from them; no
+    training rows leave the parent's scores unchanged. ``on_epoch`` / ``on_step``: the
+    trainer's callbacks.
     ``metrics`` holds the model name and seed, ``valid`` and ``test`` AUC/Logloss, the row
     counts, the best epoch, training time, ``train_samples_per_s`` (over the training steps
     only, evaluation excluded), the trainer's ``setup`` and the per-epoch ``history``.
     """
     entry = get_entry(model_config.name)
-    if model is None:
+    optimizer_state = None
+    if parent is not None:
+        model, optimizer_state = grow_parent(parent, dataset.feature_map, train_config.seed)
+    elif model is None:
         model = new_model(InputLayout.of(dataset.feature_map), model_config, train_config.seed)
     trainer = Trainer(train_config, dist)
-    fit = trainer.fit(
-        model, entry, dataset.train, dataset.valid, on_epoch=on_epoch, on_step=on_step
-    )
+    if len(dataset.train):
+        fit = trainer.fit(
+            model,
+            entry,
+            dataset.train,
+            dataset.valid,
+            optimizer_state=optimizer_state,
+            pretrain=parent is None,
+            on_epoch=on_epoch,
+            on_step=on_step,
+        )
+    else:  # a warm start on no new rows: the parent as it was
+        assert parent is not None, "build_dataset refuses no rows without a parent"
+        fit = FitResult(optimizer_state=optimizer_state or {})
+    model.eval()
     metrics: dict[str, Any] = {"model": model_config.name, "seed": train_config.seed}
     # with the training's thread count; under DDP each rank scores its shard of each split
     for split, data in (("valid", dataset.valid), ("test", dataset.test)):
@@ -79,4 +139,6 @@ def fit_and_evaluate(
         setup=fit.setup,
         history=fit.history,
     )
+    if dataset.growth is not None:
+        metrics["growth"] = {"added": dataset.growth.added, "rows": dataset.growth.rows}
     return TrainedModel(model, entry, model_config, fit, metrics)
