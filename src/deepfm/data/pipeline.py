@@ -120,7 +120,7 @@ def _split_codes(
         )
         order, time_range = np.arange(total), None
     bounds = np.cumsum([0, *(len(c) for c in chunks)])
-    per_chunk = np.split(codes, bounds[1:-1])
+    per_chunk = np.split(codes, bounds[1:-1]) if chunks else []
     return _Codes(codes, per_chunk, order, time_range)
 
 

@@ -135,7 +135,7 @@ def fit_and_evaluate(
         epochs_run=len(fit.history),
         train_seconds=fit.train_seconds,
         train_samples=fit.train_samples,
-        train_samples_per_s=fit.train_samples_per_s,
+        train_samples_per_s=fit.train_samples_per_s if fit.train_samples else 0.0,
         setup=fit.setup,
         history=fit.history,
     )
