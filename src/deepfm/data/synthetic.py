@@ -268,12 +268,24 @@ class AppMarket:
 
     # -- rows ----------------------------------------------------------------------------------
 
-    def impressions(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-        """Random impressions: users uniform, apps by exposure (popular apps shown more)."""
+    def impressions(
+        self, rng: np.random.Generator, n: int, day: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Random impressions: users uniform, apps by exposure (popular apps shown more); with
+        ``day``, of the users and apps that exist on that day only (any weekday)."""
         hour_profile = 1.0 + 0.6 * np.sin((np.arange(24) - 8) / 24 * 2 * np.pi)
+        if day is None:
+            user, app = (
+                rng.integers(0, self.n_users, n),
+                rng.choice(self.n_apps, n, p=self.exposure),
+            )
+        else:
+            users, apps = self.users_on(day), self.apps_on(day)
+            exposure = self.exposure[apps] / self.exposure[apps].sum()
+            user, app = users[rng.integers(0, len(users), n)], rng.choice(apps, n, p=exposure)
         return {
-            "user": rng.integers(0, self.n_users, n),
-            "app": rng.choice(self.n_apps, n, p=self.exposure),
+            "user": user,
+            "app": app,
             "hour": rng.choice(24, n, p=hour_profile / hour_profile.sum()),
             "weekday": rng.integers(0, 7, n),
         }
@@ -327,11 +339,12 @@ class AppMarket:
             columns["label"] = pa.array((rng.random(len(p)) < p).astype(np.float32))
         return pa.table(columns)
 
-    def generate(self, rows: int, seed: int = 0) -> Iterator[pa.Table]:
-        """``rows`` labeled impressions in chunks of at most CHUNK_ROWS rows."""
+    def generate(self, rows: int, seed: int = 0, day: int | None = None) -> Iterator[pa.Table]:
+        """``rows`` labeled impressions in chunks of at most CHUNK_ROWS rows (with ``day``: of
+        that day's users and apps, :meth:`impressions`)."""
         for index, start in enumerate(range(0, rows, CHUNK_ROWS)):
             rng = np.random.default_rng([seed, 0x515, index])
-            draw = self.impressions(rng, min(CHUNK_ROWS, rows - start))
+            draw = self.impressions(rng, min(CHUNK_ROWS, rows - start), day)
             yield self.table(draw["user"], draw["app"], draw["hour"], draw["weekday"], rng)
 
 

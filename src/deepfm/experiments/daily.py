@@ -95,6 +95,7 @@ class Updated:
     trained: TrainedModel
     feature_map: FeatureMap
     seconds: float
+    cpu_seconds: float
 
     def score(self, chunk: RawChunk) -> np.ndarray:
         return predict_proba(self.trained.model, self.feature_map.encode(chunk))
@@ -160,7 +161,7 @@ def run_daily(
     first_seen = _first_seen(days, track) if track else []
 
     def fit(chunks: list[RawChunk], parent: Parent | None, config: TrainConfig) -> Updated:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         dataset = build_dataset(
             chunks,
             schema,
@@ -171,7 +172,8 @@ def run_daily(
             decay=decay,
         )
         trained = fit_and_evaluate(dataset, model_config, config, parent=parent)
-        return Updated(trained, dataset.feature_map, time.perf_counter() - started)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        return Updated(trained, dataset.feature_map, seconds, cpu)
 
     records: list[dict[str, Any]] = []
     first = fit([days[0].chunk], None, train_config)
@@ -196,6 +198,7 @@ def run_daily(
             }
             if name != "frozen":
                 record[name]["update_seconds"] = model.seconds if t > 0 else 0.0
+                record[name]["update_cpu_seconds"] = model.cpu_seconds if t > 0 else 0.0
                 record[name]["epochs"] = model.trained.metrics["epochs_run"]
         if t > 0 and "growth" in warm.trained.metrics:
             record["warm"]["added"] = warm.trained.metrics["growth"]["added"]
@@ -240,9 +243,13 @@ def _means(records: list[dict[str, Any]]) -> dict[str, Any]:
             "logloss": float(np.nanmean([r[name]["logloss"] for r in records])),
         }
     for name in ("warm", "retrain"):
-        out[name]["update_seconds"] = float(sum(r[name]["update_seconds"] for r in records))
-    retrain = out["retrain"]["update_seconds"]
+        for key in ("update_seconds", "update_cpu_seconds"):
+            out[name][key] = float(sum(r[name][key] for r in records))
+    retrain, retrain_cpu = (out["retrain"][k] for k in ("update_seconds", "update_cpu_seconds"))
     out["time_ratio"] = out["warm"]["update_seconds"] / retrain if retrain else float("nan")
+    out["cpu_ratio"] = (
+        out["warm"]["update_cpu_seconds"] / retrain_cpu if retrain_cpu else float("nan")
+    )
     out["auc_gap"] = out["warm"]["auc"] - out["retrain"]["auc"]
     return out
 
@@ -282,7 +289,8 @@ def daily_table(results: dict[str, Any]) -> str:
     lines.append(
         f"Warm − retrain mean next-day AUC: {mean['auc_gap']:+.4f}; total update time warm / "
         f"retrain: {mean['time_ratio']:.2f} ({mean['warm']['update_seconds']:.1f} s / "
-        f"{mean['retrain']['update_seconds']:.1f} s); frozen day-1 model: "
+        f"{mean['retrain']['update_seconds']:.1f} s; CPU time {mean['cpu_ratio']:.2f}); "
+        "frozen day-1 model: "
         f"{mean['frozen']['auc'] - mean['retrain']['auc']:+.4f} AUC vs retrain."
     )
     return "\n".join(lines)

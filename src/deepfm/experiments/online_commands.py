@@ -84,8 +84,11 @@ def cmd_abtest(args: argparse.Namespace) -> int:
         initial_rows=args.initial_rows,
         list_size=args.list_size,
         visit_rate=args.visit_rate,
-        warm_start=not args.cold_start,
+        update=args.update,
         daily_epochs=args.daily_epochs,
+        new_apps=args.new_apps,
+        new_users=args.new_users,
+        shelf_rows=args.shelf_rows,
         seed=args.seed,
         crosses=args.crosses,
     )
@@ -198,7 +201,8 @@ def register_commands(subparsers) -> None:
         "daily (Fig. 15)",
         description="Three arms of users see the top-L lists of the engineered LR (with "
         "crosses, the paper's baseline), plain LR or DeepFM-D; downloads follow the true click "
-        "model; every model retrains every day on all logs so far.",
+        "model; every model is updated every day: warm-started on the day's logs (default) "
+        "or retrained on all logs so far; new apps and users arrive during the week.",
     )
     _common(abtest, "runs/abtest")
     abtest.add_argument("--days", type=int, default=7, help="days of the test")
@@ -213,7 +217,20 @@ def register_commands(subparsers) -> None:
         "--daily-epochs", type=int, default=3, help="epochs of a warm-started daily retraining"
     )
     abtest.add_argument(
-        "--cold-start", action="store_true", help="retrain DeepFM-D from zero every day too"
+        "--update",
+        choices=("warm", "retrain"),
+        default="warm",
+        help="daily warm starts on the day's logs (vocabularies grow; default) or every model "
+        "refitted from scratch on all logs",
+    )
+    abtest.add_argument("--new-apps", type=int, default=10, help="apps launched each later day")
+    abtest.add_argument("--new-users", type=int, default=30, help="users joining each later day")
+    abtest.add_argument(
+        "--shelf-rows",
+        type=int,
+        default=2000,
+        help="daily impressions of the store's own shelf (new apps shown more), logged beside "
+        "the arms' lists",
     )
     abtest.set_defaults(handler=cmd_abtest)
 
