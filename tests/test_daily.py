@@ -391,3 +391,21 @@ def _wait(condition, timeout: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_cli_market_csv_and_daily(tmp_path, capsys):
+    week = tmp_path / "week.csv"
+    assert main(["market-csv", "--out", str(week), "--days", "2", "--rows-per-day", "1500",
+                 "--apps", "60", "--users", "200", "--new-apps", "5"]) == 0  # fmt: skip
+    out = tmp_path / "daily"
+    assert main(["daily", "--data", str(week), "--format", "appmarket", "--track", "app_id",
+                 *TINY, "--daily-epochs", "1", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| train ≤ day | test day |" in printed and "Warm − retrain mean next-day AUC" in printed
+    assert {p.name for p in out.iterdir()} == {"daily.json", "daily.md", "daily.png"}
+    assert [d["test_day"] for d in json.loads((out / "daily.json").read_text())["days"]] == ["2"]
+    assert main(["daily", "--data", str(week), "--split", "random:0.9", "--out", str(out)]) == 2
+    assert "--split time:COLUMN" in capsys.readouterr().err
+    assert main(["train", "--data", str(week), "--format", "appmarket", "--decay", "0.5",
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "add --warm-start" in capsys.readouterr().err
