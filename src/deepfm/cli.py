@@ -401,7 +401,7 @@ def _train(args, model_config, train_config, context) -> int:
         if not args.data:
             raise ConfigError("give the training data: --data PATH... or --store STORE")
         if parent is not None:
-            data_format = get_format_for_parent(args, parent)
+            data_format = _format_of_parent(args, parent)
         else:
             data_format = data_format_from(args)
         format_name = data_format.name
@@ -517,7 +517,7 @@ def _warm_start_parent(args: argparse.Namespace, model_config) -> _WarmStart:
     return _WarmStart(bundle, Parent(bundle.model, bundle.config, bundle.feature_map, state))
 
 
-def get_format_for_parent(args: argparse.Namespace, parent: _WarmStart):
+def _format_of_parent(args: argparse.Namespace, parent: _WarmStart):
     """The parent's input format, reading its schema (``--format`` may name another reader of
     the same fields)."""
     from deepfm.data.formats import get_format
