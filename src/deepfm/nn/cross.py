@@ -133,7 +133,9 @@ class PairCrossLinear(Regularized):
         if buckets < 1:
             raise ConfigError(f"cross_buckets must be positive, got {buckets}")
         self.crosses, self.buckets, self.shared = list(crosses), buckets, shared
-        slots, offsets = layout.slots_of_fields(), layout.field_offsets
+        slots = layout.slots_of_fields()
+        # a layout without field sizes (ids only) cannot grow: hash its global ids (salt 0)
+        offsets = layout.field_offsets if layout.field_sizes else (0,) * len(slots)
         tables = cross_tables(layout, crosses, buckets, shared)
         # per crossed pair of slots: (left, right, exact, stride, shift, size, base, offset, salt)
         pairs = []
