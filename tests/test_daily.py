@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from deepfm.cli import main
+from deepfm.common import file_sha256
 from deepfm.data.codecs import FIRST_VALUE, OOV
 from deepfm.data.featuremap import FeatureMapBuilder
 from deepfm.data.formats import get_format
@@ -38,7 +39,6 @@ from deepfm.serve.bundle import (
     load_bundle,
     load_optimizer_state,
     save_bundle,
-    sha256_file,
 )
 from deepfm.serve.predictor import Predictor
 from deepfm.train.run import Parent, fit_and_evaluate, grow_parent
@@ -197,7 +197,7 @@ def test_warm_start_records_lineage_and_continues_the_optimiser(week, day1_bundl
                  "--out", str(day2)]) == 0  # fmt: skip
     parent, child = load_bundle(day1_bundle), load_bundle(day2)
     lineage = child.lineage
-    assert lineage["parent"]["sha256"] == sha256_file(day1_bundle / MANIFEST) == parent.sha256
+    assert lineage["parent"]["sha256"] == file_sha256(day1_bundle / MANIFEST) == parent.sha256
     assert lineage["generation"] == 2 and lineage["optimizer_state"] == "continued"
     assert lineage["data"]["paths"] == [str(Path(week["days"][1]).resolve())]
     assert sum(lineage["data"]["rows"][k] for k in ("train", "valid", "test")) == ROWS

@@ -64,6 +64,17 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--overwrite": {"action": "store_true", "help": "replace an existing output"},
     "--embed-dim": {"type": int, "help": "embedding size"},
     "--crosses": {"metavar": "AxB,...", "help": "field crosses of LR, e.g. 'C1×C2,I1×C3'"},
+    "--valid-fraction": {"type": float, "help": "share of the training rows kept for validation"},
+    "--min-count": {"type": int, "help": "rare values → OOV"},
+    "--decay": {
+        "type": float,
+        "help": "weight of the counts carried from earlier data when a vocabulary grows "
+        "(count = new count + decay x carried count; default 0.9: a window of ~10 updates)",
+    },
+    "--days": {"type": int, "help": "days to simulate"},
+    "--new-apps": {"type": int, "help": "apps launched each later day"},
+    "--new-users": {"type": int, "help": "users joining each later day"},
+    "--daily-epochs": {"type": int, "help": "most epochs of a warm-started daily update"},
 }
 
 
@@ -253,13 +264,13 @@ def add_fitting_options(group) -> None:
         help="random:0.9 (default), sequential:6/7, time:COLUMN (the rows of the last time are the "
         "test rows, e.g. time:day), or none; train: ignored with --test",
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--valid-fraction",
-        type=float,
         default=0.1,
         help="share of the training part kept for validation (sequential: its last rows)",
     )
-    group.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
+    add_flag(group, "--min-count", help="rare values → OOV (criteo default 10)")
     group.add_argument(
         "--hash-buckets",
         type=int,
@@ -650,12 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue BUNDLE on the new --data: its vocabularies grow with the new values, old "
         "ids keep their rows, the optimiser continues if BUNDLE saved its state",
     )
-    update.add_argument(
-        "--decay",
-        type=float,
-        help="weight of the counts carried from earlier data when a vocabulary grows "
-        "(count = new count + decay x carried count; default 0.9: a window of ~10 updates)",
-    )
+    add_flag(update, "--decay")
     update.add_argument(
         "--no-optimizer-state",
         action="store_true",

@@ -205,7 +205,7 @@ def register_commands(subparsers) -> None:
         "or retrained on all logs so far; new apps and users arrive during the week.",
     )
     _common(abtest, "runs/abtest")
-    abtest.add_argument("--days", type=int, default=7, help="days of the test")
+    add_flag(abtest, "--days", default=7, help="days of the test")
     abtest.add_argument(
         "--initial-rows", type=int, default=60_000, help="logged impressions before day 1"
     )
@@ -213,9 +213,7 @@ def register_commands(subparsers) -> None:
     abtest.add_argument(
         "--visit-rate", type=float, default=0.8, help="chance that a user visits on a day"
     )
-    abtest.add_argument(
-        "--daily-epochs", type=int, default=3, help="epochs of a warm-started daily retraining"
-    )
+    add_flag(abtest, "--daily-epochs", default=3)
     abtest.add_argument(
         "--update",
         choices=("warm", "retrain"),
@@ -223,8 +221,8 @@ def register_commands(subparsers) -> None:
         help="daily warm starts on the day's logs (vocabularies grow; default) or every model "
         "refitted from scratch on all logs",
     )
-    abtest.add_argument("--new-apps", type=int, default=10, help="apps launched each later day")
-    abtest.add_argument("--new-users", type=int, default=30, help="users joining each later day")
+    add_flag(abtest, "--new-apps", default=10)
+    add_flag(abtest, "--new-users", default=30)
     abtest.add_argument(
         "--shelf-rows",
         type=int,
@@ -245,19 +243,15 @@ def register_commands(subparsers) -> None:
         "keep the day-1 model; score all three on day t + 1 (AUC, Logloss, update time).",
     )
     add_data_options(daily, fitting=False)
-    daily.add_argument("--split", default="time:day", help="time:COLUMN (default time:day)")
-    daily.add_argument("--valid-fraction", type=float, default=0.1, help="of each update's rows")
-    daily.add_argument("--min-count", type=int, help="rare values → OOV (the format's default)")
-    daily.add_argument(
-        "--decay", type=float, help="weight of carried counts when vocabularies grow (0.9)"
-    )
-    daily.add_argument(
-        "--daily-epochs", type=int, help="most epochs of a warm update (default: --epochs)"
-    )
+    add_flag(daily, "--split", default="time:day", help="time:COLUMN (default time:day)")
+    add_flag(daily, "--valid-fraction", default=0.1, help="of each update's rows")
+    add_flag(daily, "--min-count", help="rare values → OOV (the format's default)")
+    add_flag(daily, "--decay")
+    add_flag(daily, "--daily-epochs", help="most epochs of a warm update (default: --epochs)")
     daily.add_argument(
         "--track", help="a field whose new values are followed (e.g. app_id): own ids, rank"
     )
-    daily.add_argument("--out", default="runs/daily", help="output directory")
+    add_flag(daily, "--out", default="runs/daily")
     add_model_options(daily)
     add_train_options(daily)
     daily.set_defaults(handler=cmd_daily)
@@ -266,12 +260,12 @@ def register_commands(subparsers) -> None:
         "market-csv",
         help="write the simulated app market's impressions as CSV (format appmarket), by day",
     )
-    market.add_argument("--out", required=True, help="CSV file to write")
-    market.add_argument("--days", type=int, default=1)
+    add_flag(market, "--out", required=True, help="CSV file to write")
+    add_flag(market, "--days", default=1)
     market.add_argument("--rows-per-day", type=int, default=100_000)
-    market.add_argument("--new-apps", type=int, default=0, help="apps arriving each later day")
-    market.add_argument("--new-users", type=int, default=0, help="users arriving each later day")
+    add_flag(market, "--new-apps", default=0)
+    add_flag(market, "--new-users", default=0)
     market.add_argument("--apps", type=int, default=400, help="apps on day 1")
     market.add_argument("--users", type=int, default=20_000, help="users on day 1")
-    market.add_argument("--seed", type=int, default=0)
+    add_flag(market, "--seed", default=0)
     market.set_defaults(handler=cmd_market_csv)
