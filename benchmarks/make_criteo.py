@@ -157,14 +157,18 @@ def write_criteo(
 ) -> int:
     """Write ``rows`` generated rows to ``path``; returns the number of bytes written."""
     generator = CriteoGenerator(seed, labeled=labeled, vocab_cap=vocab_cap, tail_share=tail_share)
+    sizes = [min(CHUNK_ROWS, rows - done) for done in range(0, rows, CHUNK_ROWS)]
+    return write_tsv(path, (generator.table(n) for n in sizes))
+
+
+def write_tsv(path: str | Path, tables) -> int:
+    """Write tables of rows in the Kaggle layout (tab-separated, no header, no quoting); returns
+    the number of bytes written."""
     options = pa_csv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
     path = Path(path)
     with pa.OSFile(str(path), "wb") as sink:
-        done = 0
-        while done < rows:
-            n = min(CHUNK_ROWS, rows - done)
-            pa_csv.write_csv(generator.table(n), sink, options)
-            done += n
+        for table in tables:
+            pa_csv.write_csv(table, sink, options)
     return path.stat().st_size
 
 

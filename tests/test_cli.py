@@ -1,4 +1,4 @@
-"""CLI round trip on the real Criteo sample: train → evaluate → predict."""
+"""CLI round trip on generated Criteo-format files: train → evaluate → predict."""
 
 import json
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import CRITEO_CSV_ROWS, CRITEO_ROWS, CRITEO_TEST_ROWS
 from deepfm.cli import main
 from deepfm.data.formats import get_format
 from deepfm.data.pipeline import encode_files
@@ -18,10 +19,8 @@ FAST = ["--epochs", "2", "--hidden", "32,32", "--quiet", "--batch-size", "512"]
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, request):
-    from conftest import shared_file
-
-    data = shared_file("criteo", "criteo_train_sample.txt")
+def bundle_dir(tmp_path_factory, generated_criteo):
+    data = generated_criteo.train
     out = tmp_path_factory.mktemp("cli") / "bundle"
     assert main(["train", "--data", str(data), "--model", "deepfm", "--out", str(out), *FAST]) == 0
     return out, data
@@ -32,7 +31,7 @@ def test_train_writes_bundle_and_metrics(bundle_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     for split in ("valid", "test"):
         assert set(metrics[split]) == {"auc", "logloss"}
-    assert metrics["rows"]["train"] + metrics["rows"]["valid"] + metrics["rows"]["test"] == 11212
+    assert sum(metrics["rows"][split] for split in ("train", "valid", "test")) == CRITEO_ROWS
     assert metrics["train_samples_per_s"] > 0 and metrics["train_seconds"] > 0
     for name in ("model.safetensors", "feature_map.json", "model.json", "bundle.json"):
         assert (out / name).exists()
@@ -50,7 +49,7 @@ def test_evaluate_json_matches_in_process(bundle_dir, capsys, criteo_csv):
     from deepfm.train.metrics import auc_logloss
 
     expected = auc_logloss(encoded.labels, p)
-    assert reported["rows"] == 11212 and reported["bad_rows"] == 0
+    assert reported["rows"] == CRITEO_ROWS and reported["bad_rows"] == 0
     assert reported["auc"] == pytest.approx(expected["auc"], abs=1e-12)
     # the same rows as headered CSV (criteo-csv) encode with the same feature map
     assert (
@@ -68,7 +67,7 @@ def test_evaluate_json_matches_in_process(bundle_dir, capsys, criteo_csv):
         )
         == 0
     )
-    assert json.loads(capsys.readouterr().out)["rows"] == 200
+    assert json.loads(capsys.readouterr().out)["rows"] == CRITEO_CSV_ROWS
 
 
 def test_predict_equals_in_process_predictions(bundle_dir, tmp_path, criteo_test_unlabeled):
@@ -89,7 +88,7 @@ def test_predict_equals_in_process_predictions(bundle_dir, tmp_path, criteo_test
         == 0
     )
     written = np.loadtxt(target)
-    assert written.shape == (9999,)
+    assert written.shape == (CRITEO_TEST_ROWS,)
     bundle = load_bundle(out)
     encoded = encode_files(
         bundle.feature_map, get_format("criteo"), [criteo_test_unlabeled], BadRows()

@@ -12,7 +12,7 @@ from scipy import stats
 from conftest import criteo_line
 from deepfm.cli import main
 from deepfm.errors import ConfigError
-from deepfm.experiments import compare
+from deepfm.experiments import compare, runs
 from deepfm.experiments.compare import (
     DEEP_COMPONENT,
     relative_improvement,
@@ -141,7 +141,7 @@ def test_an_interrupted_compare_reuses_its_finished_runs(store, tmp_path, monkey
     out = tmp_path / "out"
     argv = ["compare", "--store", str(store), "--models", "lr,deepfm", "--seeds", "2"]
     argv += [*TINY, "--out", str(out)]
-    real_fit, calls = compare.fit_run, []
+    real_fit, calls = runs.fit_run, []
 
     def interrupted(*args, **kwargs):
         if len(calls) == 3:  # the 4th run is interrupted (3 finished)
@@ -149,14 +149,14 @@ def test_an_interrupted_compare_reuses_its_finished_runs(store, tmp_path, monkey
         calls.append(args[1].name)
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(compare, "fit_run", interrupted)
+    monkeypatch.setattr(runs, "fit_run", interrupted)
     assert main(argv) == 130
     assert len(list((out / "runs").glob("*.json"))) == 3
     assert not (out / "compare.json").exists()
 
     calls.clear()
     monkeypatch.setattr(
-        compare, "fit_run", lambda *a, **k: calls.append(a[1].name) or real_fit(*a, **k)
+        runs, "fit_run", lambda *a, **k: calls.append(a[1].name) or real_fit(*a, **k)
     )
     assert main(argv) == 0
     assert calls == ["deepfm"]  # only the unfinished run trained

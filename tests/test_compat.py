@@ -61,10 +61,11 @@ def test_unknown_versions_fail_with_a_message_saying_to_start_again(tmp_path):
     # refuse the tampered file first (its hash), then, with the hash updated, the version
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(bundle)
-    from deepfm.serve.bundle import MANIFEST, sha256_file
+    from deepfm.common import file_sha256
+    from deepfm.serve.bundle import MANIFEST
 
     manifest = json.loads((bundle / MANIFEST).read_text())
-    manifest["files"]["feature_map.json"] = sha256_file(bundle / "feature_map.json")
+    manifest["files"]["feature_map.json"] = file_sha256(bundle / "feature_map.json")
     (bundle / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="train the model again"):
         load_bundle(bundle)

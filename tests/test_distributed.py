@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import REPO, shared_file
+from conftest import REPO
 from deepfm.data.formats import get_format
 from deepfm.data.pipeline import load_dataset
 from deepfm.data.splits import SplitSpec
@@ -80,8 +80,8 @@ GRADIENTS = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def criteo():
-    path = shared_file("criteo", "criteo_train_sample.txt")
+def criteo(generated_criteo):
+    path = generated_criteo.train
     return path, load_dataset(get_format("criteo"), [str(path)], split=SplitSpec.parse("none"))
 
 
@@ -135,8 +135,8 @@ def test_torchrun_two_processes_train_from_a_store_and_rank_0_writes(tmp_path, c
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count('"train_samples_per_s"') == 1  # only rank 0 reports
     metrics = json.loads((bundle / "metrics.json").read_text())
-    assert metrics["training"]["world"] == 2
-    assert metrics["training"]["lr"] == pytest.approx(3e-3 * math.sqrt(2))
+    assert metrics["setup"]["world"] == 2
+    assert metrics["setup"]["lr"] == pytest.approx(3e-3 * math.sqrt(2))
     manifest = json.loads((store / "manifest.json").read_text())
     # each rank trained on its half of the training split (rows // 2 per rank), 2 epochs
     per_rank = manifest["rows"]["train"] // 2

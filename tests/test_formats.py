@@ -41,6 +41,7 @@ def values(table: pa.Table, name: str) -> list:
 
 def test_every_format_is_registered():
     expected = {"criteo", "criteo-csv", "avazu", "frappe", "ipinyou", "movielens-100k", "csv"}
+    expected.add("appmarket")  # the simulated market's CSV logs (deepfm market-csv)
     assert set(format_names()) == expected | {"parquet"}
 
 

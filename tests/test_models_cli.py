@@ -1,4 +1,4 @@
-"""The zoo from the command line: every model trains on the real Criteo sample, presets, and
+"""The zoo from the command line: every model trains on generated Criteo rows, presets, and
 ``deepfm models``."""
 
 import json

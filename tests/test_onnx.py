@@ -1,4 +1,4 @@
-"""ONNX export: every registered model, trained briefly on the real Criteo sample, gives the same
+"""ONNX export: every registered model, trained briefly on generated Criteo rows, gives the same
 click probabilities under ONNX Runtime as under PyTorch (within 1e-5) on the sample's rows; the
 multi-valued pooling (``index_add``) exports too; ``deepfm export`` writes a checked file."""
 
@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from conftest import CRITEO_ROWS
 from deepfm.cli import main
 from deepfm.data.featuremap import FeatureMapBuilder
 from deepfm.data.formats import get_format, table_chunk
@@ -32,10 +33,8 @@ PARITY = 1e-5
 
 
 @pytest.fixture(scope="module")
-def criteo_path():
-    from conftest import shared_file
-
-    return shared_file("criteo", "criteo_train_sample.txt")
+def criteo_path(generated_criteo):
+    return generated_criteo.train
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +66,7 @@ def test_onnx_equals_pytorch_on_the_criteo_sample(name, criteo_path, criteo_enco
     assert scorer.inputs == ["ids"]  # Criteo: every value is 1, no values input
     torch_ctr = Predictor(bundle).predict_encoded(criteo_encoded)
     onnx_ctr = scorer(criteo_encoded.ids, None)
-    assert onnx_ctr.shape == (11212,) and onnx_ctr.dtype == np.float32
+    assert onnx_ctr.shape == (CRITEO_ROWS,) and onnx_ctr.dtype == np.float32
     np.testing.assert_allclose(onnx_ctr, torch_ctr, rtol=0, atol=PARITY)
     assert torch_ctr.std() > 1e-4  # trained weights: the rows do not all score the same
     # the batch axis is dynamic: one row, and an odd size, score as in the full batch

@@ -1,5 +1,5 @@
 """Predictor: records encode as the file reader encodes them, scores equal the trainer's, rank
-orders by CTR and CTR × bid, bad values are refused with their place, on the real Criteo rows."""
+orders by CTR and CTR × bid, bad values are refused with their place, on generated Criteo rows."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import CRITEO_ROWS
 from deepfm.data.formats import get_format
 from deepfm.data.pipeline import encode_files
 from deepfm.data.reader import BadRows
@@ -19,10 +20,8 @@ from serve_helpers import criteo_bundle, criteo_records, split_for_rank
 
 
 @pytest.fixture(scope="module")
-def criteo():
-    from conftest import shared_file
-
-    path = shared_file("criteo", "criteo_train_sample.txt")
+def criteo(generated_criteo):
+    path = generated_criteo.train
     bundle = criteo_bundle(str(path))
     return path, bundle, Predictor.load(bundle)
 
@@ -45,7 +44,7 @@ def test_predict_proba_equals_the_trainer_on_the_same_rows(criteo):
     reference = encode_files(predictor.feature_map, get_format("criteo"), [path], BadRows())
     expected = predict_proba(load_bundle(bundle).model, Batches(reference))
     got = predictor.predict_proba(criteo_records(path))
-    assert got.shape == (11212,) and got.dtype == np.float64
+    assert got.shape == (CRITEO_ROWS,) and got.dtype == np.float64
     # one forward pass over the same rows each; the two sigmoids differ only in float rounding
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
     assert got.std() > 1e-3  # a trained model, not a constant

@@ -148,9 +148,8 @@ def test_errors_name_the_record_and_field():
         ENCODER.encode([{}], {"cat": {"x": 1}})
 
 
+#: the real samples of the formats other than Criteo's (whose rows conftest generates)
 REAL_SAMPLES = {
-    "criteo": ("criteo", "criteo_train_sample.txt"),
-    "criteo-csv": ("criteo", "criteo_sample_deepctr.txt"),
     "avazu": ("avazu", "avazu_train_sample.csv"),
     "frappe": ("frappe", "frappe.validation.libfm"),
     "ipinyou": ("ipinyou", "train.fm.txt"),
@@ -158,16 +157,20 @@ REAL_SAMPLES = {
 }
 
 
-@pytest.mark.parametrize("fmt", sorted(REAL_SAMPLES))
-def test_records_encode_as_files_do_on_every_real_sample(fmt):
-    """Each real sample read from its file and encoded (the training path) equals its rows sent
-    as JSON-like records through the serving layer, id for id and value for value."""
+@pytest.mark.parametrize("fmt", ["criteo", "criteo-csv", *sorted(REAL_SAMPLES)])
+def test_records_encode_as_files_do_on_a_sample_of_every_format(fmt, generated_criteo):
+    """Each sample read from its file and encoded (the training path) equals its rows sent as
+    JSON-like records through the serving layer, id for id and value for value."""
     from conftest import shared_file
     from deepfm.data.formats import get_format
     from deepfm.data.reader import BadRows
 
     data_format = get_format(fmt)
-    chunks = list(data_format.read([str(shared_file(*REAL_SAMPLES[fmt]))], BadRows()))
+    if fmt.startswith("criteo"):
+        path = generated_criteo.train if fmt == "criteo" else generated_criteo.csv
+    else:
+        path = shared_file(*REAL_SAMPLES[fmt])
+    chunks = list(data_format.read([str(path)], BadRows()))
     builder = FeatureMapBuilder(data_format.schema)
     for chunk in chunks:
         builder.update(chunk)

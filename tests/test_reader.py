@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import criteo_line
+from conftest import criteo_line, shared_file
 from deepfm.data.formats import get_format
 from deepfm.data.reader import BadRows
 from deepfm.errors import DataError
@@ -132,12 +132,13 @@ def test_unlabeled_criteo_test_file_is_read_without_label(tmp_path):
     assert "label" not in chunks[0].table.column_names and len(chunks[0]) == 3
 
 
-def test_real_criteo_sample_reads_every_row(criteo_train, criteo_test_unlabeled, criteo_csv):
-    chunks, bad = read(criteo_train)
+def test_real_criteo_sample_reads_every_row(real_criteo_train):
+    chunks, bad = read(real_criteo_train)
     assert sum(len(c) for c in chunks) == 11212 and bad.total == 0
-    chunks, _ = read(criteo_test_unlabeled)
+    chunks, _ = read(shared_file("criteo", "criteo_test_unlabeled.txt"))
     assert sum(len(c) for c in chunks) == 9999
-    csv = list(get_format("criteo-csv").read([criteo_csv], BadRows()))
+    csv_path = shared_file("criteo", "criteo_sample_deepctr.txt")
+    csv = list(get_format("criteo-csv").read([csv_path], BadRows()))
     assert sum(len(c) for c in csv) == 200
     labels = csv[0].table.column("label").to_numpy()
     assert labels.sum() == 49

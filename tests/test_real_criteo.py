@@ -8,9 +8,9 @@ from deepfm.train.run import fit_and_evaluate
 from deepfm.train.trainer import TrainConfig
 
 
-def test_deepfm_reaches_auc_070_on_held_out_criteo_rows(criteo_train):
+def test_deepfm_reaches_auc_070_on_held_out_criteo_rows(real_criteo_train):
     dataset = load_dataset(
-        get_format("criteo"), [criteo_train], split=SplitSpec.parse("random:0.9"), seed=0
+        get_format("criteo"), [real_criteo_train], split=SplitSpec.parse("random:0.9"), seed=0
     )
     assert len(dataset.test) > 1000
     trained = fit_and_evaluate(

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO, shared_file
+from conftest import REPO
 from deepfm.cli import main
 from deepfm.data.formats import get_format
 from deepfm.data.pipeline import load_dataset
@@ -63,8 +63,8 @@ KILL = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def criteo():
-    path = shared_file("criteo", "criteo_train_sample.txt")
+def criteo(generated_criteo):
+    path = generated_criteo.train
     dataset = load_dataset(get_format("criteo"), [str(path)], split=SplitSpec.parse("random:0.9"))
     return path, dataset
 
@@ -137,8 +137,8 @@ def test_a_damaged_or_half_written_checkpoint_is_never_loaded(tmp_path, criteo, 
         ckpt.load_latest(directory)
 
 
-def test_cli_checkpoints_and_resume(tmp_path, capsys):
-    data = shared_file("criteo", "criteo_train_sample.txt")
+def test_cli_checkpoints_and_resume(tmp_path, capsys, criteo_train):
+    data = criteo_train
     args = ["train", "--data", str(data), "--epochs", "2", "--hidden", "16", "--quiet"]
     args += ["--batch-size", "512", "--threads", "2"]
     first, second = tmp_path / "a", tmp_path / "b"

@@ -584,10 +584,10 @@ def test_9_a_full_disk_or_a_kill_during_predict_leaves_the_old_file(data, tmp_pa
 def test_9_a_full_disk_during_prepare_leaves_no_store(data, tmp_path, monkeypatch):
     import deepfm.data.store as store_module
 
-    def full(path, data):
+    def full(path, data, **settings):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "write_json_atomic", full)
+    monkeypatch.setattr(store_module, "write_json", full)
     result = run_cli("prepare", "--input", data.train, "--out", tmp_path / "s", "--quiet")
     assert result.code == 1 and result.clean() and "No space left" in result.err
     assert list(tmp_path.iterdir()) == []  # neither the store nor its partial directory

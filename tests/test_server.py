@@ -43,10 +43,8 @@ FLOAT_GAP = 1e-6
 
 
 @pytest.fixture(scope="module")
-def criteo_path() -> Path:
-    from conftest import shared_file
-
-    return shared_file("criteo", "criteo_train_sample.txt")
+def criteo_path(generated_criteo) -> Path:
+    return generated_criteo.train
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, criteo_line, shared_file
+from conftest import CRITEO_ROWS, CRITEO_TEST_ROWS, REPO, criteo_line, shared_file
 from deepfm.cli import main
 from deepfm.data.formats import DataFormat, get_format, table_chunk
 from deepfm.data.pipeline import load_dataset
@@ -27,9 +27,8 @@ from deepfm.data.splits import SplitSpec
 from deepfm.data.store import SPLITS, Store, is_store
 from deepfm.errors import ConfigError, DataError
 
+#: a sample of each format: Criteo's generated (conftest), the others' real (../shared/data)
 REAL = {
-    "criteo": ("criteo", "criteo_train_sample.txt"),
-    "criteo-csv": ("criteo", "criteo_sample_deepctr.txt"),
     "avazu": ("avazu", "avazu_train_sample.csv"),
     "frappe": ("frappe", "frappe.validation.libfm"),
     "ipinyou": ("ipinyou", "train.fm.txt"),
@@ -63,10 +62,18 @@ def assert_same(store: Store, dataset) -> None:
             np.testing.assert_array_equal(a.values, b.values)
 
 
+def sample_of(fmt: str, generated) -> Path:
+    if fmt == "criteo":
+        return generated.train
+    return generated.csv if fmt == "criteo-csv" else shared_file(*REAL[fmt])
+
+
 @pytest.mark.parametrize("split", ["random:0.9", "sequential:6/7"])
-@pytest.mark.parametrize("fmt", sorted(REAL))
-def test_store_encodes_every_real_sample_exactly_as_the_in_memory_path(tmp_path, fmt, split):
-    path = shared_file(*REAL[fmt])
+@pytest.mark.parametrize("fmt", ["criteo", "criteo-csv", *sorted(REAL)])
+def test_store_encodes_every_format_exactly_as_the_in_memory_path(
+    tmp_path, fmt, split, generated_criteo
+):
+    path = sample_of(fmt, generated_criteo)
     result = prepared(tmp_path, fmt, [path], split)
     dataset = load_dataset(
         get_format(fmt), [str(path)], split=SplitSpec.parse(split), valid_fraction=0.1, seed=3
@@ -84,7 +91,7 @@ def test_manifest_records_sources_cardinalities_and_counts(tmp_path, criteo_trai
     assert on_disk == manifest
     (source,) = manifest["sources"]
     assert source["sha256"] == hashlib.sha256(criteo_train.read_bytes()).hexdigest()
-    assert source["rows"] == 11212 and source["bytes"] == criteo_train.stat().st_size
+    assert source["rows"] == CRITEO_ROWS and source["bytes"] == criteo_train.stat().st_size
     sizes = manifest["field_cardinalities"]
     assert list(sizes) == [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
     assert sum(sizes.values()) == manifest["num_features"]
@@ -243,7 +250,7 @@ def test_unlabeled_input_makes_an_unlabeled_store(tmp_path, criteo_test_unlabele
     result = prepared(tmp_path, "criteo", [criteo_test_unlabeled], "none")
     store = Store.open(result.path)
     assert not store.labeled and store.split("train").labels is None
-    assert result.manifest["rows"]["train"] + result.manifest["rows"]["valid"] == 9999
+    assert result.manifest["rows"]["train"] + result.manifest["rows"]["valid"] == CRITEO_TEST_ROWS
     assert not (result.path / "train" / "labels.f32").exists()
 
 
@@ -331,7 +338,7 @@ def test_cli_prepare_then_train_from_store_then_predict_unlabeled(
         == 0
     )
     p = np.loadtxt(out)
-    assert len(p) == 9999 and np.all((p > 0) & (p < 1))
+    assert len(p) == CRITEO_TEST_ROWS and np.all((p > 0) & (p < 1))
 
 
 def test_prepare_command_starts_without_torch(tmp_path, criteo_csv):
@@ -348,11 +355,8 @@ def test_prepare_command_starts_without_torch(tmp_path, criteo_csv):
 
 def _generated(path: Path, rows: int, seed: int = 0) -> Path:
     """Criteo-format rows from benchmarks/make_criteo.py, with the long tail."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from make_criteo import write_criteo
-    finally:
-        sys.path.pop(0)
+    from make_criteo import write_criteo  # conftest puts benchmarks/ on the path
+
     write_criteo(path, rows, seed=seed, vocab_cap=2000, tail_share=0.9)
     return path
 

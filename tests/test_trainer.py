@@ -25,10 +25,8 @@ from deepfm.train.trainer import (
 
 
 @pytest.fixture(scope="module")
-def criteo(request):
-    from conftest import shared_file
-
-    path = shared_file("criteo", "criteo_train_sample.txt")
+def criteo(generated_criteo):
+    path = generated_criteo.train
     return load_dataset(get_format("criteo"), [str(path)], split=SplitSpec.parse("random:0.9"))
 
 
@@ -111,8 +109,10 @@ def test_sparse_row_updates_train_as_well_as_dense_adam(criteo):
     assert dense.setup["embedding_updates"] == "dense"
     assert sparse.setup["embedding_updates"] == "sparse"
     # lazy Adam is another optimiser (moments of unused rows do not decay), so results differ,
-    # but on this sample both must learn: AUC well above chance and within 0.02 of each other
-    assert sparse.best_valid["auc"] > 0.68 and dense.best_valid["auc"] > 0.68
+    # but both must learn: AUC well above chance and within 0.02 of each other. On the
+    # generated rows (planted logistic effects) two epochs reach about 0.67; with ~1,000
+    # validation rows the AUC's standard error is ~0.02, so 0.62 fails only if learning broke
+    assert sparse.best_valid["auc"] > 0.62 and dense.best_valid["auc"] > 0.62
     assert abs(sparse.best_valid["auc"] - dense.best_valid["auc"]) < 0.02
     # the trained model is an ordinary module again (dense gradients, plain state dict)
     assert not any(getattr(m, "sparse", False) for m in sparse_model.modules())

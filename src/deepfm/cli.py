@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,49 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+#: flags that several commands take, each defined once: its type and its one meaning (a
+#: command gives its own default and says it in its help). Command-specific flags stay with
+#: their command; ``tests/test_flags.py`` checks that a name means one thing everywhere.
+FLAGS: dict[str, dict[str, Any]] = {
+    "--out": {"help": "output directory"},
+    "--seed": {"type": int, "help": "random seed"},
+    "--seeds": {"type": int, "help": "runs per setting, with seeds --seed, --seed + 1, ..."},
+    "--threads": {"type": int, "help": "torch CPU threads (fix for reproducible results)"},
+    "--quiet": {"action": "store_true", "help": "no progress output"},
+    "--json": {"action": "store_true", "help": "print JSON"},
+    "--hidden": {"type": parse_hidden, "help": "hidden layer sizes, e.g. 400,400,400"},
+    "--rows": {"type": int, "help": "rows (impressions) to generate"},
+    "--models": {"help": "comma list of registry names (see `deepfm models`)"},
+    "--epochs": {"type": int, "help": "most epochs (early stopping may end sooner)"},
+    "--batch-size": {"type": int, "help": "rows per training step"},
+    "--workers": {"type": int, "help": "processes working together"},
+    "--store": {"help": "a store written by `deepfm prepare`"},
+    "--split": {"help": "random:0.9, sequential:6/7, time:COLUMN or none"},
+    "--runtime": {"choices": ("torch", "onnx"), "default": "torch", "help": "scoring runtime"},
+    "--preset": {"help": "the paper's Table III settings: criteo-random, criteo-sequential"},
+    "--overwrite": {"action": "store_true", "help": "replace an existing output"},
+    "--embed-dim": {"type": int, "help": "embedding size"},
+    "--crosses": {"metavar": "AxB,...", "help": "field crosses of LR, e.g. 'C1×C2,I1×C3'"},
+    "--valid-fraction": {"type": float, "help": "share of the training rows kept for validation"},
+    "--min-count": {"type": int, "help": "rare values → OOV"},
+    "--decay": {
+        "type": float,
+        "help": "weight of the counts carried from earlier data when a vocabulary grows "
+        "(count = new count + decay x carried count; default 0.9: a window of ~10 updates)",
+    },
+    "--days": {"type": int, "help": "days to simulate"},
+    "--new-apps": {"type": int, "help": "apps launched each later day"},
+    "--new-users": {"type": int, "help": "users joining each later day"},
+    "--daily-epochs": {"type": int, "help": "most epochs of a warm-started daily update"},
+}
+
+
+def add_flag(parser, name: str, **settings: Any) -> None:
+    """Add the shared flag ``name`` (:data:`FLAGS`) with this command's ``settings`` (default,
+    help, required, metavar)."""
+    parser.add_argument(name, **{**FLAGS[name], **settings})
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = True) -> None:
     """Model flags. Their defaults are None so that ``model_config_from`` can tell a flag given
     on the command line (it wins) from a preset's value; read them through that function.
@@ -52,19 +96,20 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tru
     group = parser.add_argument_group("model")
     if model_flag:
         group.add_argument("--model", default="deepfm", help="registry name (see `deepfm models`)")
-    group.add_argument(
+    add_flag(
+        group,
         "--preset",
         help="model settings of the paper's Table III: criteo-random or criteo-sequential "
         "(or a YAML file); flags given explicitly override it",
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--embed-dim",
-        type=int,
         help="embedding size; default is the paper's: k=10 for FM/DeepFM, k+1 for DNN-family",
     )
-    group.add_argument(
+    add_flag(
+        group,
         "--hidden",
-        type=parse_hidden,
         help="hidden layer sizes of the deep part, e.g. 400,400,400 (default "
         f"{','.join(map(str, default.hidden))})",
     )
@@ -79,9 +124,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tru
         "--l2", type=float, help=f"L2 on the FM part (rows used per batch; default {default.l2})"
     )
     if model_flag:
-        group.add_argument(
+        add_flag(
+            group,
             "--crosses",
-            metavar="AxB,...",
             help="lr only: field crosses, each with its own weight table, e.g. "
             "'C1×C2,I1×C3' (× or * or x between two field names)",
         )
@@ -93,13 +138,41 @@ def add_model_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tru
     )
 
 
+class _BundleFlag(argparse.Action):
+    """``--bundle DIR``; ``--model DIR``, its former name, still works with a note."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string == "--model":
+            print(
+                "note: --model DIR is deprecated where it names a bundle: use --bundle DIR "
+                "(--model names a registry model in train and the studies)",
+                file=sys.stderr,
+            )
+        setattr(namespace, self.dest, values)
+
+
+def add_bundle_option(parser: argparse.ArgumentParser) -> None:
+    """The bundle a command reads (evaluate, predict, serve, rank, export). It was ``--model``,
+    which in ``train`` and the studies is a registry name: one flag, two meanings. ``--bundle``
+    is now the name; ``--model`` stays as a deprecated alias so that scripts keep working."""
+    parser.add_argument(
+        "--bundle",
+        "--model",
+        dest="bundle",
+        required=True,
+        metavar="DIR",
+        action=_BundleFlag,
+        help="bundle directory (written by train or CTRClassifier.save; --model DIR: deprecated)",
+    )
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     from deepfm.train.trainer import MONITORS, TrainConfig
 
     default = TrainConfig()
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=default.epochs)
-    group.add_argument("--batch-size", type=int, default=default.batch_size)
+    add_flag(group, "--epochs", default=default.epochs)
+    add_flag(group, "--batch-size", default=default.batch_size)
     group.add_argument(
         "--lr", type=float, help="learning rate (default: Adam 3e-3; FTRL alpha 0.05)"
     )
@@ -115,9 +188,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         default=default.monitor,
         help="validation score of early stopping and lr decay (default AUC - Logloss)",
     )
-    group.add_argument("--seed", type=int, default=default.seed)
-    group.add_argument("--threads", type=int, help="torch CPU threads (fix for reproducibility)")
-    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_flag(group, "--seed", default=default.seed)
+    add_flag(group, "--threads", help="torch CPU threads (fix for reproducibility)")
+    add_flag(group, "--quiet", help="no progress bars")
     speed = parser.add_argument_group("speed, scale and checkpoints")
     speed.add_argument("--device", default=default.device, help="auto, cpu, cuda or cuda:N")
     speed.add_argument(
@@ -150,39 +223,68 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, fitting: bool) -> None:
-    from deepfm.data.formats import format_names
-
+    """``--data`` files and how they are read (train, evaluate, predict); ``fitting`` adds
+    ``--store``, ``--test`` and the fitting options."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data", nargs="+", required=not fitting, metavar="PATH", help="input file(s)"
     )
-    group.add_argument("--format", default=None, choices=format_names(), help="input format")
-    group.add_argument("--schema", help="YAML schema (needed by --format csv)")
+    add_format_options(group)
+    if fitting:
+        add_flag(group, "--store", help="a store written by `deepfm prepare` (instead of --data)")
+        group.add_argument("--test", nargs="+", metavar="PATH", help="test file(s)")
+        add_fitting_options(group)
+
+
+def add_format_options(group) -> None:
+    """How raw files are read: one definition for train, evaluate, predict and prepare."""
+    from deepfm.data.formats import format_names
+
+    group.add_argument(
+        "--format",
+        choices=format_names(),
+        help="input format (default criteo; evaluate and predict: the bundle's)",
+    )
+    group.add_argument("--schema", help="YAML schema (needed by --format csv and parquet)")
     group.add_argument(
         "--bad-rows",
         choices=("error", "skip"),
         default="error",
         help="stop on the first malformed row (default) or skip and count malformed rows",
     )
-    if fitting:
-        group.add_argument(
-            "--store", help="a store written by `deepfm prepare` (instead of --data)"
-        )
-        group.add_argument("--test", nargs="+", metavar="PATH", help="test file(s)")
-        group.add_argument(
-            "--split",
-            default=None,
-            help="random:0.9 (default), sequential:6/7, or none; ignored with --test",
-        )
-        group.add_argument("--valid-fraction", type=float, default=0.1)
-        group.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
-        group.add_argument(
-            "--hash-buckets",
-            type=int,
-            metavar="N",
-            help="hash every categorical field with more than N distinct training values into "
-            "N buckets (no vocabulary)",
-        )
+    group.add_argument(
+        "--ratings", help="movielens-100k: the ratings file, e.g. ua.test (default u.data)"
+    )
+    group.add_argument("--featindex", help="ipinyou: feature dictionary (default: beside data)")
+
+
+def add_fitting_options(group) -> None:
+    """How rows are split and the feature map fitted: train and prepare."""
+    add_flag(
+        group,
+        "--split",
+        help="random:0.9 (default), sequential:6/7, time:COLUMN (the rows of the last time are the "
+        "test rows, e.g. time:day), or none; train: ignored with --test",
+    )
+    add_flag(
+        group,
+        "--valid-fraction",
+        default=0.1,
+        help="share of the training part kept for validation (sequential: its last rows)",
+    )
+    add_flag(group, "--min-count", help="rare values → OOV (criteo default 10)")
+    group.add_argument(
+        "--hash-buckets",
+        type=int,
+        metavar="N",
+        help="hash every categorical field with more than N distinct training values into N "
+        "buckets (no vocabulary; distinct values may share an id)",
+    )
+
+
+def format_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The format-specific options of :func:`add_format_options` (for ``get_format``)."""
+    return {"ratings": args.ratings, "featindex": args.featindex}
 
 
 def model_config_from(args: argparse.Namespace):
@@ -193,7 +295,7 @@ def model_config_from(args: argparse.Namespace):
     if preset.assumed:
         print(f"note: preset {preset.name}: {preset.description}", file=sys.stderr)
     return preset.model_config(
-        args.model,
+        args.model or "deepfm",
         embed_dim=args.embed_dim,
         hidden=args.hidden,
         activation=args.activation,
@@ -238,7 +340,7 @@ def data_format_from(args: argparse.Namespace, default: str = "criteo"):
     from deepfm.data.schema import load_schema
 
     schema = load_schema(args.schema) if args.schema else None
-    return get_format(args.format or default, schema)
+    return get_format(args.format or default, schema, **format_options(args))
 
 
 def print_json(data: Any, *, indent: int | None = 2) -> None:
@@ -296,8 +398,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def input_paths(args: argparse.Namespace) -> list[str]:
     """Every path a command reads (its outputs must be none of them)."""
     names = ["data", "test", "store", "schema", "resume", "input", "config", "space", "preset"]
-    if args.command in ("predict", "evaluate", "export", "serve", "rank"):
-        names.append("model")  # a bundle there; elsewhere a model's name
+    names += ["bundle", "warm_start"]  # a bundle read (``--model`` is a registry name)
     paths: list[str] = []
     for name in names:
         value = getattr(args, name, None)
@@ -323,18 +424,33 @@ def claim_train_outputs(args: argparse.Namespace, train_config) -> None:
 
 
 def _train(args, model_config, train_config, context) -> int:
+    from deepfm.data.growth import DEFAULT_DECAY, check_decay
     from deepfm.data.pipeline import load_dataset
     from deepfm.data.reader import BadRows
     from deepfm.data.splits import SplitSpec
-    from deepfm.serve.bundle import save_bundle
+    from deepfm.serve.bundle import lineage_of, save_bundle
     from deepfm.train.run import fit_and_evaluate
 
+    parent = _warm_start_parent(args, model_config) if args.warm_start else None
+    decay = check_decay(DEFAULT_DECAY if args.decay is None else args.decay)
+    if args.decay is not None and parent is None:
+        raise ConfigError("--decay sets how a warm start grows vocabularies: add --warm-start")
+    if parent is not None:
+        model_config = parent.config
     if args.store:
+        if parent is not None:
+            raise ConfigError(
+                "--warm-start grows the parent's feature map with raw rows: give --data, "
+                "not --store (a store's map is fixed when it is prepared)"
+            )
         dataset, format_name = _store_dataset(args)
     else:
         if not args.data:
             raise ConfigError("give the training data: --data PATH... or --store STORE")
-        data_format = data_format_from(args)
+        if parent is not None:
+            data_format = _format_of_parent(args, parent)
+        else:
+            data_format = data_format_from(args)
         format_name = data_format.name
         if args.test and args.split not in (None, "none"):
             raise ConfigError("give either --test or --split, not both")
@@ -349,11 +465,31 @@ def _train(args, model_config, train_config, context) -> int:
             min_count=args.min_count,
             hash_buckets=args.hash_buckets,
             test_paths=args.test,
+            base=parent.feature_map if parent is not None else None,
+            decay=decay,
         )
-    trained = fit_and_evaluate(dataset, model_config, train_config)
+    trained = fit_and_evaluate(
+        dataset, model_config, train_config, parent=parent.parent if parent else None
+    )
     metrics = trained.metrics
     if not context.is_main:
         return 0  # rank 0 writes the bundle and the metrics
+    seen = {
+        "paths": [str(Path(p).resolve()) for p in (args.data or [args.store])],
+        "bytes": [_size(p) for p in (args.data or [args.store])],
+        "rows": dataset.rows(),
+        "format": format_name,
+        "split": args.split or ("none" if args.test else "random:0.9"),
+    }
+    if dataset.time_range is not None:
+        seen["time_range"] = list(dataset.time_range)
+    extra = {}
+    if parent is not None:
+        extra = {
+            "optimizer_state": trained.fit.setup.get("optimizer_state", "fresh"),
+            "added": dataset.growth.added if dataset.growth else {},
+            "decay": decay,
+        }
     out = save_bundle(
         args.out,
         trained.model,
@@ -364,13 +500,79 @@ def _train(args, model_config, train_config, context) -> int:
         train_config=train_config.to_dict(),
         overwrite=args.overwrite,
         inputs=input_paths(args),
+        lineage=lineage_of(seen, parent.bundle if parent else None, **extra),
+        optimizer_state=None if args.no_optimizer_state else trained.fit.optimizer_state,
     )
-    summary = {k: metrics[k] for k in ("valid", "test", "rows") if k in metrics}
+    summary = {k: metrics[k] for k in ("valid", "test", "rows", "growth") if k in metrics}
     speed = metrics["train_samples_per_s"]
     summary["train_samples_per_s"] = round(speed) if math.isfinite(speed) else None
     print_json(summary)
     print(f"bundle written to {out}", file=sys.stderr)
     return 0
+
+
+def _size(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+@dataclass
+class _WarmStart:
+    bundle: Any  # the loaded parent bundle (serve.bundle.Bundle)
+    parent: Any  # what the trainer continues (train.run.Parent)
+
+    @property
+    def config(self):
+        return self.parent.config
+
+    @property
+    def feature_map(self):
+        return self.parent.feature_map
+
+
+def _warm_start_parent(args: argparse.Namespace, model_config) -> _WarmStart:
+    """The bundle of ``--warm-start``: the model, its settings and feature map are the parent's
+    (model flags and --min-count/--hash-buckets/--schema would change them: refused)."""
+    from deepfm.serve.bundle import load_bundle, load_optimizer_state
+    from deepfm.train.run import Parent
+
+    given = [
+        flag
+        for flag, value in (
+            ("--model", args.model),
+            ("--preset", getattr(args, "preset", None)),
+            ("--embed-dim", args.embed_dim),
+            ("--hidden", args.hidden),
+            ("--activation", args.activation),
+            ("--dropout", args.dropout),
+            ("--l2", args.l2),
+            ("--crosses", args.crosses),
+            ("--cross-buckets", args.cross_buckets),
+            ("--min-count", args.min_count),
+            ("--hash-buckets", args.hash_buckets),
+            ("--schema", args.schema),
+            ("--resume", args.resume),
+        )
+        if value is not None
+    ]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} cannot be combined with --warm-start: the model, its settings "
+            "and its fields are the parent bundle's"
+        )
+    bundle = load_bundle(args.warm_start)
+    state = load_optimizer_state(bundle)
+    return _WarmStart(bundle, Parent(bundle.model, bundle.config, bundle.feature_map, state))
+
+
+def _format_of_parent(args: argparse.Namespace, parent: _WarmStart):
+    """The parent's input format, reading its schema (``--format`` may name another reader of
+    the same fields)."""
+    from deepfm.data.formats import get_format
+
+    return get_format(args.format or parent.bundle.data_format, parent.feature_map.schema)
 
 
 def _store_dataset(args: argparse.Namespace):
@@ -387,6 +589,8 @@ def _store_dataset(args: argparse.Namespace):
             ("--hash-buckets", args.hash_buckets),
             ("--schema", args.schema),
             ("--format", args.format),
+            ("--ratings", args.ratings),
+            ("--featindex", args.featindex),
         )
         if value
     ]
@@ -407,13 +611,15 @@ def _bundle_and_rows(args: argparse.Namespace):
     from deepfm.data.reader import BadRows
     from deepfm.serve.bundle import load_bundle
 
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.bundle)
     if args.format and args.format != bundle.data_format:
         print(
             f"note: reading {args.format} data with a model trained on {bundle.data_format}",
             file=sys.stderr,
         )
-    data_format = get_format(args.format or bundle.data_format, bundle.feature_map.schema)
+    data_format = get_format(
+        args.format or bundle.data_format, bundle.feature_map.schema, **format_options(args)
+    )
     bad_rows = BadRows(args.bad_rows)
     encoded = encode_files(bundle.feature_map, data_format, args.data, bad_rows)
     return bundle, encoded, bad_rows
@@ -472,44 +678,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     demo = sub.add_parser("demo", help="LR, FM and DeepFM-D on the simulated app market")
-    demo.add_argument("--rows", type=int, default=200_000, help="generated impressions")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--threads", type=int)
-    demo.add_argument("--epochs", type=int, default=30, help="at most (early stopping)")
-    demo.add_argument("--batch-size", type=int, default=1024)
-    demo.add_argument(
-        "--hidden", type=parse_hidden, default=(400, 400, 400), help="DeepFM-D's deep part"
-    )
-    demo.add_argument("--quiet", action="store_true")
+    add_flag(demo, "--rows", default=200_000, help="generated impressions")
+    add_flag(demo, "--seed", default=0)
+    add_flag(demo, "--out", default="runs/demo", help="output directory")
+    add_flag(demo, "--threads")
+    add_flag(demo, "--epochs", default=30, help="at most (early stopping)")
+    add_flag(demo, "--batch-size", default=1024)
+    add_flag(demo, "--hidden", default=(400, 400, 400), help="DeepFM-D's deep part")
+    add_flag(demo, "--quiet")
     demo.set_defaults(handler=cmd_demo)
 
     train = sub.add_parser("train", help="train a model and write a bundle")
     add_data_options(train, fitting=True)
     add_model_options(train)
     add_train_options(train)
-    train.add_argument("--out", required=True, help="bundle directory to write")
-    train.add_argument(
+    add_flag(train, "--out", required=True, help="bundle directory to write")
+    add_flag(
+        train,
         "--overwrite",
-        action="store_true",
         help="replace the bundle in --out (never anything else) and start its checkpoints anew",
     )
-    train.set_defaults(handler=cmd_train)
+    update = train.add_argument_group("daily updates (README: Updating a model daily)")
+    update.add_argument(
+        "--warm-start",
+        metavar="BUNDLE",
+        help="continue BUNDLE on the new --data: its vocabularies grow with the new values, old "
+        "ids keep their rows, the optimiser continues if BUNDLE saved its state",
+    )
+    add_flag(update, "--decay")
+    update.add_argument(
+        "--no-optimizer-state",
+        action="store_true",
+        help="leave the optimiser's state out of the bundle (smaller; a warm start from it "
+        "starts a fresh optimiser)",
+    )
+    train.set_defaults(handler=cmd_train, model=None)  # None: deepfm, or the parent's
 
     for name, handler, text in (
         ("evaluate", cmd_evaluate, "AUC and Logloss of a bundle on labeled data"),
         ("predict", cmd_predict, "one click probability per input row"),
     ):
         command = sub.add_parser(name, help=text)
-        command.add_argument("--model", required=True, help="bundle directory")
+        add_bundle_option(command)
         add_data_options(command, fitting=False)
         if name == "evaluate":
-            command.add_argument("--json", action="store_true", help="print one JSON object")
+            add_flag(command, "--json", help="print one JSON object")
         else:
-            command.add_argument("--out", required=True, help="output file")
-            command.add_argument(
-                "--overwrite", action="store_true", help="replace an existing --out file"
-            )
+            add_flag(command, "--out", required=True, help="output file")
+            add_flag(command, "--overwrite", help="replace an existing --out file")
         command.set_defaults(handler=handler)
 
     for module in COMMAND_MODULES:

@@ -60,6 +60,9 @@ TOP_VALUES = 20
 COLLIDED = np.uint32(0xFFFFFFFF)
 #: rows read from each run per merge round, at least (the budget sets it above this)
 MERGE_MIN_ROWS = 4096
+#: counts of values below the min count kept per field for warm starts (the most frequent):
+#: 16 bytes each, 4 MB a field at most
+CARRIED_CAP = 1 << 18
 _SIGN = np.uint64(1 << 63)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SECOND = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -288,7 +291,9 @@ def string_tokens(column: pa.Array | pa.ChunkedArray, keep_values: bool = False)
             dictionary.type
         ):
             dictionary = dictionary.cast(pa.string())
-        entry = pc.fill_null(part.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        # int64 first: indices may be unsigned (polars' categoricals), where -1 does not fit
+        indices_64 = part.indices.cast(pa.int64())
+        entry = pc.fill_null(indices_64, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         indices.append(np.where(entry >= 0, entry + base, -1))
         dictionaries.append(dictionary)
         base += len(dictionary)
@@ -343,14 +348,24 @@ def bucket_tokens(column: pa.Array | pa.ChunkedArray | np.ndarray) -> Tokens:
 
 
 def bag_lists(column: pa.Array | pa.ChunkedArray, separator: str) -> pa.ListArray:
-    """A string column of bags ``"a|b|c"`` as a list array; empty or null cells become ``[]``,
-    empty items (``"a||b"``, a trailing separator) are dropped."""
+    """A column of bags as a list array of strings: a string column ``"a|b|c"`` is split on
+    ``separator``, a list column (an in-memory table's) taken as it is, its items as text.
+    Empty or null cells become ``[]``; empty or null items (``"a||b"``, a trailing separator)
+    are dropped."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
-    strings = pc.fill_null(column.cast(pa.string()), "")
-    lists = pc.split_pattern(strings, pattern=separator)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+        items = pc.list_flatten(column)  # the items of the non-null lists, in order
+        if pa.types.is_dictionary(items.type):
+            items = items.dictionary_decode()
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        lists = pa.ListArray.from_arrays(offsets, pc.fill_null(items.cast(pa.string()), ""))
+    else:
+        strings = pc.fill_null(column.cast(pa.string()), "")
+        lists = pc.split_pattern(strings, pattern=separator)
     flat = pc.list_flatten(lists)
     keep = pc.not_equal(flat, "")
     if pc.all(keep).as_py() is not False:
@@ -660,6 +675,7 @@ class FittedVocabulary:
     distinct: int  # distinct keys counted (before min count)
     collisions: int  # keys shared by distinct values, left out
     top: list[tuple[int, int, int]]  # (key, count, check) of the most frequent values
+    carried: CarriedCounts | None = None  # counts of the values below the min count
 
 
 class NpyWriter:
@@ -689,9 +705,14 @@ def fit_vocabulary(
     work_dir: Path | None = None,
     out_stem: Path | None = None,
     top: int = TOP_VALUES,
+    carried_cap: int = 0,
 ) -> FittedVocabulary:
     """Vocabulary of the merged counts: keys counted at least ``min_count`` times (and not
     collided), local ids by decreasing count, ties by key.
+
+    ``carried_cap``: the counts of at most that many keys below the min count (the most
+    frequent) are kept as :class:`CarriedCounts` (warm starts count them again, see there);
+    with ``out_stem`` they are written beside the vocabulary.
 
     Pass 1 keeps the qualifying rows (in files under ``work_dir`` if given, else in memory) and
     counts how many keys have each count; pass 2 gives each key ``FIRST_VALUE`` + (keys with a
@@ -701,11 +722,18 @@ def fit_vocabulary(
     kept: list[Run] = []
     distinct = collisions = 0
     classes: dict[int, int] = {}
+    below = CarriedCounts.empty()
     for keys, counts, checks in merged:
         distinct += len(keys)
         collided = checks == COLLIDED
         collisions += int(np.count_nonzero(collided))
         keep = (counts >= min_count) & ~collided
+        if carried_cap:
+            rest = ~keep & ~collided
+            below = below.union(
+                CarriedCounts(keys[rest], counts[rest].astype(np.float32), checks[rest]),
+                cap=carried_cap,
+            )
         piece = (keys[keep], counts[keep], checks[keep])
         if not len(piece[0]):
             continue
@@ -768,9 +796,72 @@ def fit_vocabulary(
     else:
         vocabulary = Vocabulary.empty()
     best.sort()
+    carried = below if carried_cap else None
+    if carried is not None and out_stem is not None:
+        carried.save(out_stem)
     return FittedVocabulary(
-        vocabulary, distinct, collisions, [(key, count, check) for _, key, count, check in best]
+        vocabulary,
+        distinct,
+        collisions,
+        [(key, count, check) for _, key, count, check in best],
+        carried,
     )
+
+
+class CarriedCounts:
+    """Counts of values *not* in a vocabulary, carried from one fit or update to the next, so
+    that a value seen a few times every day eventually passes the min count (warm starts,
+    :mod:`deepfm.data.growth`). Sorted ``keys`` uint64, ``counts`` float32 (decayed counts are
+    fractional), ``checks`` uint32; saved beside the vocabulary as ``<stem>.carried.*.npy``."""
+
+    PARTS: ClassVar[tuple[str, ...]] = ("keys", "counts", "checks")
+
+    def __init__(self, keys: np.ndarray, counts: np.ndarray, checks: np.ndarray) -> None:
+        self.keys = np.asarray(keys, np.uint64)
+        self.counts = np.asarray(counts, np.float32)
+        self.checks = np.asarray(checks, np.uint32)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def empty(cls) -> CarriedCounts:
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.float32), np.zeros(0, np.uint32))
+
+    def union(self, other: CarriedCounts, cap: int | None = None) -> CarriedCounts:
+        """Counts of both summed by key (a key whose checks differ is ``COLLIDED``); with
+        ``cap``, only the ``cap`` largest counts are kept (ties: the smaller key)."""
+        keys, counts, checks = _sorted_union(
+            [(self.keys, self.counts, self.checks), (other.keys, other.counts, other.checks)]
+        )
+        if cap is not None and len(keys) > cap:
+            order = np.lexsort((keys, -counts))[:cap]
+            order.sort()  # keys stay sorted
+            keys, counts, checks = keys[order], counts[order], checks[order]
+        return CarriedCounts(keys, counts, checks)
+
+    def take(self, mask: np.ndarray) -> CarriedCounts:
+        return CarriedCounts(self.keys[mask], self.counts[mask], self.checks[mask])
+
+    def save(self, stem: Path) -> None:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for part in self.PARTS:
+            _save_npy(stem.with_name(f"{stem.name}.carried.{part}.npy"), getattr(self, part))
+
+    @classmethod
+    def load(cls, stem: Path) -> CarriedCounts | None:
+        """The counts saved beside the vocabulary ``stem``, or None when there are none (a
+        bundle or store written before warm starts)."""
+        paths = [stem.with_name(f"{stem.name}.carried.{part}.npy") for part in cls.PARTS]
+        if not paths[0].exists():
+            return None
+        try:
+            arrays = [np.load(path) for path in paths]
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"carried counts beside {stem} are damaged: {exc}") from None
+        if len({len(a) for a in arrays}) != 1:
+            raise ConfigError(f"carried counts beside {stem} are damaged: lengths differ")
+        return cls(*arrays)
 
 
 # -- statistics of the training rows -----------------------------------------------------------
@@ -959,6 +1050,8 @@ class VocabularyCodec(Codec):
 
     vocabulary: Vocabulary = field(default_factory=lambda: Vocabulary.empty())
     summary: dict[str, Any] = field(default_factory=dict)
+    #: counts of values below the min count, for warm starts (not part of the encoding)
+    carried: CarriedCounts | None = field(default=None, kw_only=True, repr=False)
 
     kind: ClassVar[str] = "vocabulary"
 
@@ -1126,9 +1219,10 @@ def codec_from_dict(data: dict[str, Any], vocabulary_stem: Path | None) -> Codec
             f"the feature map says {expected}"
         )
     cls = CODECS[kind]
+    carried = CarriedCounts.load(vocabulary_stem)
     if cls is BagCodec:
-        return BagCodec(spec, offset, vocabulary, summary, int(data["slots"]))
-    return cls(spec, offset, vocabulary, summary)
+        return BagCodec(spec, offset, vocabulary, summary, int(data["slots"]), carried=carried)
+    return cls(spec, offset, vocabulary, summary, carried=carried)
 
 
 def field_tokens(spec: FieldSpec, column, keep_values: bool = False) -> Tokens:
@@ -1154,11 +1248,13 @@ def fit_codec(
     work_dir: Path | None = None,
     out_stem: Path | None = None,
     budget_bytes: int = 256 << 20,
+    carried_cap: int = CARRIED_CAP,
 ) -> Codec:
     """The codec of one field from its training statistics (offset 0; the feature map places it).
 
     ``hash_buckets``: a categorical field with more distinct training values than this is
-    hashed into that many buckets instead of getting a vocabulary."""
+    hashed into that many buckets instead of getting a vocabulary. ``carried_cap``: how many
+    counts of values below the min count are kept for warm starts (:class:`CarriedCounts`)."""
     spec = stats.spec
     if spec.kind == "hashed":
         return HashedCodec(spec, buckets=spec.buckets)
@@ -1172,7 +1268,9 @@ def fit_codec(
     assert stats.counts is not None
     runs = stats.counts.finish()
     merged = merge_runs(runs, budget_bytes)
-    fitted = fit_vocabulary(merged, min_count, work_dir=work_dir, out_stem=out_stem)
+    fitted = fit_vocabulary(
+        merged, min_count, work_dir=work_dir, out_stem=out_stem, carried_cap=carried_cap
+    )
     for run in runs:
         if run.path is not None:
             run.path.unlink(missing_ok=True)
@@ -1195,6 +1293,6 @@ def fit_codec(
         longest = int(np.flatnonzero(histogram)[-1]) if histogram.any() else 0
         slots = spec.max_len or min(max(longest, 1), MAX_BAG_LENGTH)
         summary["truncated_bags"] = int(histogram[slots + 1 :].sum())
-        return BagCodec(spec, 0, fitted.vocabulary, summary, slots)
+        return BagCodec(spec, 0, fitted.vocabulary, summary, slots, carried=fitted.carried)
     cls = BucketCodec if spec.kind == "numeric" else VocabularyCodec
-    return cls(spec, 0, fitted.vocabulary, summary)
+    return cls(spec, 0, fitted.vocabulary, summary, carried=fitted.carried)

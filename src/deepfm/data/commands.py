@@ -6,8 +6,11 @@ import argparse
 import json
 import sys
 
+from deepfm.cli import add_flag
+
 
 def register_commands(subparsers) -> None:
+    from deepfm.cli import add_fitting_options, add_format_options
     from deepfm.data.formats import format_descriptions
 
     formats = format_descriptions()
@@ -18,7 +21,6 @@ def register_commands(subparsers) -> None:
         "the encoded splits as memory-mapped arrays plus a JSON manifest. Formats: "
         + "; ".join(f"{k}: {v}" for k, v in formats.items()),
     )
-    parser.add_argument("--format", default="criteo", choices=sorted(formats))
     parser.add_argument(
         "--input",
         nargs="+",
@@ -26,39 +28,15 @@ def register_commands(subparsers) -> None:
         metavar="PATH",
         help="input files or glob patterns ('logs/day_*.gz'); .gz and .zst are read as streams",
     )
-    parser.add_argument("--out", required=True, metavar="STORE", help="store directory to write")
-    parser.add_argument(
-        "--split", default="random:0.9", help="random:0.9 (default), sequential:6/7, or none"
-    )
-    parser.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=0.1,
-        help="share of the training part kept for validation (sequential: its last rows)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
-    parser.add_argument("--min-count", type=int, help="rare values → OOV (criteo default 10)")
-    parser.add_argument(
-        "--hash-buckets",
-        type=int,
-        metavar="N",
-        help="hash every categorical field with more than N distinct training values into N "
-        "buckets (no vocabulary; distinct values may share an id)",
-    )
-    parser.add_argument("--schema", help="YAML schema (needed by --format csv and parquet)")
-    parser.add_argument(
-        "--bad-rows",
-        choices=("error", "skip"),
-        default="error",
-        help="stop on the first malformed row (default) or skip and count malformed rows",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    parser.add_argument("--ratings", help="movielens-100k: ratings file name (default u.data)")
-    parser.add_argument("--featindex", help="ipinyou: feature dictionary (default: beside data)")
+    add_flag(parser, "--out", required=True, metavar="STORE", help="store directory to write")
+    add_format_options(parser)
+    add_fitting_options(parser)
+    add_flag(parser, "--seed", default=0, help="seed of the random split")
+    add_flag(parser, "--overwrite", help="replace an existing store")
     parser.add_argument("--block-mb", type=int, default=16, help="bytes parsed per block (MiB)")
-    parser.add_argument(
+    add_flag(
+        parser,
         "--workers",
-        type=int,
         help="worker processes parsing and encoding (default: the cores; 1: this process)",
     )
     parser.add_argument(
@@ -73,12 +51,13 @@ def register_commands(subparsers) -> None:
         default=1,
         help="files per split array; a DDP rank of a world dividing it reads whole shards",
     )
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_flag(parser, "--json", help="print the summary as JSON")
+    add_flag(parser, "--quiet", help="no progress messages")
     parser.set_defaults(handler=cmd_prepare)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from deepfm.cli import format_options
     from deepfm.data.formats import get_format
     from deepfm.data.prepare import prepare_store, print_summary
     from deepfm.data.reader import BadRows
@@ -89,8 +68,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not 1 <= args.block_mb <= 4096:
         raise ConfigError("--block-mb must be in 1..4096 (MiB read and parsed at once)")
     schema = load_schema(args.schema) if args.schema else None
-    data_format = get_format(args.format, schema, ratings=args.ratings, featindex=args.featindex)
-    split = SplitSpec.parse(args.split)
+    data_format = get_format(args.format or "criteo", schema, **format_options(args))
+    split = SplitSpec.parse(args.split or "random:0.9")
     say = None if args.quiet else (lambda text: print(text, file=sys.stderr))
     result = prepare_store(
         data_format,

@@ -275,8 +275,12 @@ class FeatureMap:
     def save_vocabularies(self, directory: str | Path) -> None:
         """Write the binary vocabularies under ``directory/vocab/``."""
         for i, codec in enumerate(self.fields):
+            stem = Path(directory) / VOCABULARY_DIR / f"{i:03d}"
             for vocabulary in codec.vocabularies().values():
-                vocabulary.save(Path(directory) / VOCABULARY_DIR / f"{i:03d}")
+                vocabulary.save(stem)
+            carried = getattr(codec, "carried", None)
+            if carried is not None:
+                carried.save(stem)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``feature_map.json`` and the vocabularies into ``directory``."""

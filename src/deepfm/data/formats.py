@@ -12,6 +12,7 @@ of float32 0/1. A format is looked up by name with :func:`get_format`; new forma
 ``frappe``         libFM one-hot ``label idx:1 ...`` (label −1/1), 10 fields by position
 ``ipinyou``        one-hot ``click idx:1 ...`` (16 fields), decoded with ``featindex.fm.txt``
 ``movielens-100k`` folder with ``u.data``, ``u.user``, ``u.item``: label rating ≥ 4, genres a bag
+``appmarket``      the simulated app market's CSV logs (its fields, label, ``day``)
 ``csv``            any CSV with a header, described by a YAML schema
 ``parquet``        any Parquet file, described by a YAML schema
 =================  ===============================================================================
@@ -29,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from deepfm.common import file_sha256
 from deepfm.data.reader import (
     DEFAULT_BLOCK_BYTES,
     BadRows,
@@ -48,6 +50,7 @@ from deepfm.data.reader import (
     reject_rows,
 )
 from deepfm.data.schema import FieldSpec, Schema
+from deepfm.data.synthetic import APP_MARKET_SCHEMA
 from deepfm.errors import ConfigError, DataError
 
 LABEL = "label"
@@ -62,22 +65,22 @@ CRITEO_SCHEMA = Schema(
 )
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class DataFormat:
     """Base of the named formats. ``schema`` is fixed by the format or given by the user."""
 
     name: str = ""
     description: str = ""
+    #: raw columns read beside the schema's fields, as text (a time column for a time split)
+    extra_columns: tuple[str, ...] = ()
 
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
+
+    def keep_columns(self, names: Sequence[str]) -> DataFormat:
+        """Read the raw columns ``names`` too (kept as text beside the fields); returns self."""
+        self.extra_columns = tuple(dict.fromkeys((*self.extra_columns, *names)))
+        self.__dict__.pop("_layouts", None)
+        return self
 
     def read(
         self,
@@ -212,7 +215,7 @@ class DelimitedFormat(DataFormat):
     def columns_of(self, path: str | Path) -> tuple[tuple[str, ...], bool]:
         """All column names of ``path`` in file order, and whether it carries the label."""
         names = read_header(path, self.delimiter)
-        missing = [n for n in self.schema.names if n not in names]
+        missing = [n for n in (*self.schema.names, *self.extra_columns) if n not in names]
         if missing:
             raise DataError(
                 f"the header lacks the schema's columns {missing}",
@@ -224,6 +227,7 @@ class DelimitedFormat(DataFormat):
 
     def column_types(self, labeled: bool) -> dict[str, ColumnType]:
         types = field_column_types(self.schema)
+        types.update({name: "string" for name in self.extra_columns if name not in types})
         if labeled:
             types[self.schema.label] = "label"
         return types
@@ -342,6 +346,17 @@ class CsvFormat(DelimitedFormat):
     quoting = True
 
 
+class AppMarketFormat(CsvFormat):
+    """The simulated app market's logs as CSV (``deepfm market-csv``): its fields, the label,
+    and the ``day`` of each impression (``--split time:day``)."""
+
+    name = "appmarket"
+    description = "the simulated app market's CSV logs (deepfm market-csv), with their day"
+
+    def __init__(self, schema: Schema = APP_MARKET_SCHEMA) -> None:
+        super().__init__(schema)
+
+
 # -- Avazu ---------------------------------------------------------------------------------------
 
 AVAZU_RAW = (
@@ -395,6 +410,7 @@ class AvazuFormat(DelimitedFormat):
         names = read_header(path, self.delimiter)
         raw = [n for n in self.schema.names if n not in ("hour_of_day", "weekday")]
         missing = [n for n in ("hour", *raw) if n not in names]
+        missing += [n for n in self.extra_columns if n not in names and n not in missing]
         if missing:
             raise DataError(f"the header lacks the Avazu columns {missing}", path=str(path), line=1)
         return tuple(names), self.schema.label in names
@@ -416,7 +432,9 @@ class AvazuFormat(DelimitedFormat):
         reason = "hour must be a date and hour YYMMDDHH"
         chunk = reject_rows(chunk, bad, [(bad, "hour", reason, "bad_hour")], bad_rows)
         hour = chunk.table.column("hour").combine_chunks()
-        table = chunk.table.drop_columns(["hour"])
+        table = chunk.table
+        if "hour" not in self.extra_columns:  # kept for a time split (time:hour)
+            table = table.drop_columns(["hour"])
         for name, values in (("hour_of_day", hours), ("weekday", weekdays)):
             column = pa.DictionaryArray.from_arrays(hour.indices, values)
             table = table.append_column(name, map_dictionary(column, lambda d: d))
@@ -782,7 +800,7 @@ class ParquetFormat(DataFormat):
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"not a readable Parquet file: {exc}", path=str(path)) from None
         names = parquet.schema_arrow.names
-        missing = [n for n in self.schema.names if n not in names]
+        missing = [n for n in (*self.schema.names, *self.extra_columns) if n not in names]
         if missing:
             raise DataError(
                 f"the file lacks the schema's columns {missing}",
@@ -791,6 +809,7 @@ class ParquetFormat(DataFormat):
             )
         labeled = labeled_columns(self.schema, names, str(path), line=None)
         columns = self.schema.names + ([self.schema.label] if labeled else [])
+        columns += [n for n in self.extra_columns if n not in columns]
         first = 1
         for batch in parquet.iter_batches(batch_size=self.batch_rows, columns=columns):
             lines = np.arange(first, first + batch.num_rows, dtype=np.int64)
@@ -831,6 +850,9 @@ class ParquetFormat(DataFormat):
                     path=path,
                     field=spec.name,
                 ) from None
+        for name in self.extra_columns:
+            if name not in out:
+                out[name] = table.column(name).cast(pa.string())
         if labeled:
             label = table.column(self.schema.label)
             try:
@@ -914,6 +936,7 @@ register_format("ipinyou", _fixed(IpinyouFormat), IpinyouFormat.description, opt
 register_format(
     "movielens-100k", _fixed(MovielensFormat), MovielensFormat.description, options=("ratings",)
 )
+register_format("appmarket", _fixed(AppMarketFormat), AppMarketFormat.description)
 register_format("csv", CsvFormat, CsvFormat.description, needs_schema=True)
 register_format("parquet", ParquetFormat, ParquetFormat.description, needs_schema=True)
 

@@ -30,7 +30,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from deepfm.data.featuremap import FeatureMap
 from deepfm.data.pipeline import Dataset
 from deepfm.data.reader import BadRows
 from deepfm.errors import ConfigError, DataError, OutputError
-from deepfm.outputs import STORE, claim_directory, make_dirs, reason
+from deepfm.outputs import STORE, claim_directory, make_dirs, reason, write_json
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "deepfm-store"
@@ -142,16 +142,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, separators=(",", ":"))
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
 def is_store(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -205,7 +195,7 @@ class StoreWriter:
                 with open(Path(root) / name, "rb") as handle:
                     os.fsync(handle.fileno())
             _fsync_dir(Path(root))
-        write_json_atomic(self.tmp / MANIFEST, manifest)
+        write_json(self.tmp / MANIFEST, manifest, indent=None)
         _fsync_dir(self.tmp)
         if self.out.exists():
             # swap: move the old store aside (still complete), move the new one in, drop the old
@@ -408,15 +398,6 @@ class Store:
                             ),
                         )
                 first_row += len(piece)
-
-    def iter_splits(self) -> Iterator[tuple[str, EncodedArrays]]:
-        for split in SPLITS:
-            if self.rows(split):
-                yield split, self.split(split)
-
-
-def open_store(path: str | Path) -> Store:
-    return Store.open(path)
 
 
 def _parts(meta: dict) -> list[tuple[str, int]]:

@@ -4,28 +4,38 @@ The paper compares DeepFM-D with *"a well-engineered LR model"*: LR with expert-
 (Sec. II-B). The control arm here is that LR, with the crosses of the market's planted order-2
 effects (``lr_crosses``, :data:`~deepfm.experiments.simulate.ENGINEERED_CROSSES`); plain LR
 (``lr``, no crosses) is a second reference arm. The users of the simulated market are split into
-the three arms (a third of every user type in each). Before day 1 every model learns from logs of
-the market's existing exposure policy (apps shown at random, popular ones more often). Then,
-every day:
+the three arms (a third of every user type in each). The market grows during the week:
+``new_apps`` apps and ``new_users`` users arrive on every day after the first
+(:meth:`~deepfm.data.synthetic.AppMarket.add_arrivals`; new users are dealt into the arms like
+the first ones). Before day 1 every model learns from logs of the market's existing exposure
+policy on day 1's users and apps (apps shown at random, popular ones more often). Then, every
+day:
 
 1. each user visits with probability ``visit_rate`` at an hour drawn from the market's daily
    profile (the weekday is the day's); a visitor is shown the top-L list of the arm's model for
-   that context (L impressions), and downloads each app with its *true* click probability;
+   that context among the apps launched so far (L impressions), and downloads each app with its
+   *true* click probability;
 2. per arm: CTR = downloads / impressions, CVR = downloads / users of the arm, the expected CTR
    (mean true click probability of the shown apps: the CTR without the noise of the download
-   draws), and the relative lift of DeepFM-D over each LR baseline (``treatment / control - 1``);
-3. the day's impressions join the logs, and every model retrains on all logs so far.
+   draws), the relative lift of DeepFM-D over each LR baseline (``treatment / control - 1``),
+   the wall time of the arm's update, and how yesterday's launches fare (impressions, apps
+   shown, downloads);
+3. the day's impressions join the logs, with ``shelf_rows`` impressions of the store's own
+   "new apps" shelf (the day's launches shown more, :meth:`AppMarket.generate_day`; in no arm),
+   and the models are updated for the next day.
 
-Retraining: the feature map is fitted once, on the logs before day 1 (the market is closed: every
-user and app is already in them, and a value never seen would map to OOV). DeepFM-D continues from
-yesterday's weights (``warm_start``, a few epochs over all logs); the LRs are refitted from zero
-every day, because FTRL's per-coordinate state is part of the model and the trainer starts a fresh
-optimiser. With ``warm_start=False`` every model is refitted from zero (slower). Deterministic by
-seed at a fixed thread count.
+Updates (``update``): **warm** (the default, as in the paper's deployment): the feature map grows
+with the day's logs (new apps and users get their own ids, old ids keep their rows) and every
+model continues from yesterday's weights and optimiser state (FTRL's ``z``, ``n`` included) for
+at most ``daily_epochs`` epochs over the day's logs only (:func:`~deepfm.train.run.
+fit_and_evaluate` with a parent, as ``deepfm train --warm-start``). **retrain**: the feature map
+and every model are fitted from scratch on all logs so far, every day. Deterministic by seed at a
+fixed thread count (times aside).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,10 +49,9 @@ import numpy as np
 import pyarrow as pa
 from torch import nn
 
-from deepfm.data.encoded import EncodedArrays
+from deepfm.data.codecs import FIRST_VALUE
 from deepfm.data.featuremap import FeatureMap
-from deepfm.data.formats import table_chunk
-from deepfm.data.splits import TRAIN, VALID, SplitSpec, assign
+from deepfm.data.pipeline import Dataset
 from deepfm.data.synthetic import AppMarket
 from deepfm.errors import ConfigError
 from deepfm.experiments.recsys_metrics import top_l
@@ -62,15 +71,17 @@ from deepfm.experiments.simulate import (
     score_matrix,
     simulation_market,
 )
-from deepfm.models.registry import ModelConfig, build_model, get_entry, parse_crosses
-from deepfm.nn import InputLayout
+from deepfm.models.registry import ModelConfig, parse_crosses
 from deepfm.outputs import save_figure, write_json, write_text
-from deepfm.train.trainer import TrainConfig, Trainer
+from deepfm.train.run import Parent, TrainedModel, fit_and_evaluate
+from deepfm.train.trainer import TrainConfig
 
 #: the paper's control (the well-engineered LR), plain LR as a second reference, the treatment
 CONTROL, REFERENCE, TREATMENT = ENGINEERED_LR, "lr", "deepfm"
 BASELINES = (CONTROL, REFERENCE)
 ARMS = (*BASELINES, TREATMENT)
+#: how the models are updated every day: warm starts on the day's logs, or refits on all logs
+UPDATES = ("warm", "retrain")
 #: the per-arm rates whose lift is reported
 RATES = ("ctr", "cvr", "expected_ctr")
 Log = Callable[[str], None]
@@ -90,8 +101,11 @@ class ABTestConfig:
     initial_rows: int = 60_000
     list_size: int = 10
     visit_rate: float = 0.8
-    warm_start: bool = True
+    update: str = "warm"
     daily_epochs: int = 3
+    new_apps: int = 10
+    new_users: int = 30
+    shelf_rows: int = 2000
     seed: int = 0
     crosses: tuple[str, ...] = ENGINEERED_CROSSES
 
@@ -113,6 +127,10 @@ class ABTestConfig:
             raise ConfigError(f"visit_rate must be in (0, 1], got {self.visit_rate}")
         if self.daily_epochs < 1:
             raise ConfigError(f"daily_epochs must be at least 1, got {self.daily_epochs}")
+        if self.update not in UPDATES:
+            raise ConfigError(f"update must be one of {', '.join(UPDATES)}, got {self.update!r}")
+        if min(self.new_apps, self.new_users, self.shelf_rows) < 0:
+            raise ConfigError("new_apps, new_users and shelf_rows cannot be negative")
 
 
 def assign_arms(user_type: np.ndarray, seed: int, arms: int = len(ARMS)) -> np.ndarray:
@@ -158,43 +176,68 @@ def serve_lists(
     )
 
 
-def split_logs(logs: EncodedArrays, seed: int) -> tuple[EncodedArrays, EncodedArrays]:
-    """A seeded 10% of the logged rows for early stopping, the rest for training."""
-    codes = assign(SplitSpec.parse("none"), np.arange(len(logs)), valid_fraction=0.1, seed=seed)
-    return logs.take(codes == TRAIN), logs.take(codes == VALID)
-
-
 class Arm:
-    """One model of the test: its weights persist across days when warm-started."""
+    """One model of the test and how it is updated each day."""
 
     def __init__(
         self,
         name: str,
-        layout: InputLayout,
         model_config: ModelConfig,
         train_config: TrainConfig,
         daily_epochs: int,
     ) -> None:
         self.name = name
-        self.entry = get_entry(model_config.name)
-        self.layout = layout
         self.config = model_config
         self.full = train_config
         # a warm-started day: a few epochs, stop at the first epoch without a better AUC
         self.daily = replace(train_config, epochs=daily_epochs, patience=1)
-        self.model: nn.Module | None = None
+        self.trained: TrainedModel | None = None
+        self.feature_map: FeatureMap | None = None
 
-    def retrain(
-        self, train: EncodedArrays, valid: EncodedArrays, warm_start: bool
-    ) -> dict[str, float]:
-        """Fit on all logs so far; returns the best validation AUC/Logloss."""
-        # FTRL keeps its model in its optimiser state, which a fresh trainer does not carry over
-        warm = warm_start and self.model is not None and self.entry.optimizer != "ftrl"
-        if not warm:
-            self.model = build_model(self.layout, self.config, seed=self.full.seed)
-        assert self.model is not None
-        fit = Trainer(self.daily if warm else self.full).fit(self.model, self.entry, train, valid)
-        return fit.best_valid
+    @property
+    def model(self) -> nn.Module:
+        assert self.trained is not None
+        return self.trained.model
+
+    def update(self, dataset: Dataset, warm: bool) -> tuple[dict[str, float], float]:
+        """Fit on ``dataset``: continued from yesterday's model when ``warm`` (the dataset is
+        the day's new logs on the grown map), else from scratch (all logs so far). Returns the
+        validation AUC/Logloss and the wall seconds of the fit."""
+        parent = None
+        if warm and self.trained is not None:
+            assert self.feature_map is not None
+            state = self.trained.fit.optimizer_state or None
+            parent = Parent(self.trained.model, self.config, self.feature_map, state)
+        config = self.daily if parent is not None else self.full
+        started = time.perf_counter()
+        self.trained = fit_and_evaluate(dataset, self.config, config, parent=parent)
+        self.feature_map = dataset.feature_map
+        return self.trained.metrics.get("valid", {}), time.perf_counter() - started
+
+
+def serve_day(
+    arm: Arm,
+    market: AppMarket,
+    day: int,
+    users: np.ndarray,
+    hours: np.ndarray,
+    weekdays: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+) -> pa.Table:
+    """Show each user the top-``size`` list of the apps that exist on ``day``; the impressions
+    with drawn downloads (``label``)."""
+    assert arm.feature_map is not None
+    scores = score_matrix(arm.model, arm.feature_map, market, users, hours, weekdays)
+    scores[:, market.app_day > day] = -np.inf  # apps not launched yet
+    lists = top_l(scores, size)
+    return market.table(
+        np.repeat(users, size),
+        lists.ravel(),
+        np.repeat(hours, size),
+        np.repeat(weekdays, size),
+        rng,
+    )
 
 
 def run_abtest(
@@ -209,65 +252,87 @@ def run_abtest(
     train_config = train_config or default_train_configs(config.seed)
     model_config = model_config or ONLINE_MODEL
     market = simulation_market(config.n_types, config.users_per_type, config.seed)
-    if config.list_size > market.n_apps:
-        raise ConfigError(f"lists longer than the {market.n_apps} apps of the market")
-    arm_of = assign_arms(market.user_type, config.seed)
-    initial = log_dataset(
-        list(market.generate(config.initial_rows, config.seed)), split="none", seed=config.seed
+    market.add_arrivals(config.days, config.new_apps, config.new_users, config.seed)
+    if config.list_size > len(market.apps_on(1)):
+        raise ConfigError(f"lists longer than the {len(market.apps_on(1))} apps of the market")
+    # the first users and the newcomers are each dealt into the arms by type, in thirds
+    first = int(np.sum(market.user_day == 1))
+    arm_of = np.concatenate(
+        [
+            assign_arms(market.user_type[:first], config.seed),
+            assign_arms(market.user_type[first:], config.seed + 1),
+        ]
     )
-    feature_map = initial.feature_map
-    logs = EncodedArrays.concat(
-        [initial.train, initial.valid], feature_map.num_slots, feature_map.needs_values
-    )
-    layout = InputLayout.of(feature_map)
+    warm = config.update == "warm"
     arms = {
         name: Arm(
             name,
-            layout,
             online_model_config(name, model_config, config.crosses),
             config_for(train_config, name),
             config.daily_epochs,
         )
         for name in ARMS
     }
+    logs = list(market.generate(config.initial_rows, config.seed, day=1))  # before day 1
+    new_logs = logs
+    feature_map: FeatureMap | None = None
     days: list[dict[str, Any]] = []
     seen_by = ", ".join(f"{np.sum(arm_of == i)} see {MODEL_LABELS[n]}" for i, n in enumerate(ARMS))
-    log(f"A/B test: {market.n_users} users ({seen_by}), {config.days} days")
+    log(f"A/B test: {market.n_users} users by day {config.days} ({seen_by}), {config.days} days")
     for day in range(1, config.days + 1):
-        train, valid = split_logs(logs, config.seed + day)
-        valid_metrics = {}
-        for name, arm in arms.items():
-            valid_metrics[name] = arm.retrain(train, valid, config.warm_start)
+        # the update: yesterday's logs grow the map and continue each model (warm), or every
+        # model and the map are fitted again on all logs (retrain; and before day 1)
+        started = time.perf_counter()
+        dataset = log_dataset(
+            new_logs if warm else logs, split="none", seed=config.seed + day, base=feature_map
+        )
+        data_seconds = time.perf_counter() - started
+        updates = {name: arm.update(dataset, warm) for name, arm in arms.items()}
+        if warm:
+            feature_map = dataset.feature_map
+        # the apps launched yesterday (day 1's apps are the market's first ones, not launches)
+        launched = np.flatnonzero(market.app_day == day - 1) if day > 2 else np.zeros(0, int)
         rng = np.random.default_rng([config.seed, 0xDA7, day])
         users, hours, weekdays = daily_visits(market, day, config.visit_rate, rng)
-        record: dict[str, Any] = {"day": day, "log_rows": len(logs)}
+        present = market.user_day[users] <= day
+        users, hours, weekdays = users[present], hours[present], weekdays[present]
+        record: dict[str, Any] = {
+            "day": day,
+            "log_rows": sum(t.num_rows for t in logs),
+            "data_seconds": data_seconds,
+            "new_apps": int(np.sum(market.app_day == day)) if day > 1 else 0,
+            "new_users": int(np.sum(market.user_day == day)) if day > 1 else 0,
+            "features": dataset.feature_map.num_features,
+            "launched_yesterday_with_ids": _with_ids(dataset.feature_map, launched),
+        }
         shown = []
         for index, (name, arm) in enumerate(arms.items()):
             mine = arm_of[users] == index
-            assert arm.model is not None
-            table = serve_lists(
-                arm.model,
-                feature_map,
-                market,
-                users[mine],
-                hours[mine],
-                weekdays[mine],
-                config.list_size,
-                rng,
+            table = serve_day(
+                arm, market, day, users[mine], hours[mine], weekdays[mine], config.list_size, rng
             )
             downloads = float(np.sum(table.column("label").to_numpy()))
             expected = float(np.sum(table.column("p_true").to_numpy()))
             impressions = table.num_rows
+            apps = np.asarray([int(a[1:]) for a in table.column("app_id").to_pylist()])
+            labels = table.column("label").to_numpy()
+            fresh = np.isin(apps, launched)
+            arm_users = int(np.sum((arm_of == index) & (market.user_day <= day)))
+            valid, seconds = updates[name]
             record[name] = {
                 "ctr": downloads / impressions if impressions else float("nan"),
-                "cvr": downloads / int(np.sum(arm_of == index)),
-                "users": int(np.sum(arm_of == index)),
+                "cvr": downloads / arm_users,
+                "users": arm_users,
                 "impressions": impressions,
                 "downloads": int(downloads),
                 "visitors": int(mine.sum()),
                 "expected_ctr": expected / impressions if impressions else float("nan"),
                 "expected_downloads": expected,
-                "valid_auc": valid_metrics[name].get("auc", float("nan")),
+                "valid_auc": valid.get("auc", float("nan")),
+                "update_seconds": seconds,
+                "launched_yesterday_shown": int(fresh.sum()),
+                "launched_yesterday_apps_shown": len(np.unique(apps[fresh])),
+                "launched_yesterday_downloads": int(labels[fresh].sum()),
             }
             shown.append(table)
         record["lift"] = {base: lifts(record[base], record[TREATMENT]) for base in BASELINES}
@@ -276,9 +341,15 @@ def run_abtest(
         gains = ", ".join(
             f"{100 * record['lift'][b]['ctr']:+.1f}% over {MODEL_LABELS[b]}" for b in BASELINES
         )
-        log(f"day {day}/{config.days}: CTR {ctrs} (DeepFM-D {gains})")
-        new = [feature_map.encode(table_chunk(t, f"<day {day}>")) for t in shown]
-        logs = EncodedArrays.concat([logs, *new], feature_map.num_slots, feature_map.needs_values)
+        spent = sum(record[n]["update_seconds"] for n in ARMS) + data_seconds
+        log(f"day {day}/{config.days}: CTR {ctrs} (DeepFM-D {gains}); update {spent:.1f}s")
+        # the store's "new apps" shelf: the day's launches shown beside the arms' lists, so
+        # they are in the logs (and get ids) from tomorrow's update on; not counted in any arm
+        shelf = (
+            market.generate_day(day, config.shelf_rows, config.seed) if config.shelf_rows else None
+        )
+        new_logs = [*shown, *([shelf.drop_columns(["day"])] if shelf is not None else [])]
+        logs = [*logs, *new_logs]
     return {
         "days": days,
         "total": _total(days),
@@ -292,6 +363,15 @@ def run_abtest(
     }
 
 
+def _with_ids(feature_map: FeatureMap, apps: np.ndarray) -> int:
+    """How many of ``apps`` have their own id (not OOV) in ``feature_map``."""
+    if not len(apps):
+        return 0
+    codec = feature_map.field("app_id")
+    ids, _ = codec.encode(pa.array([f"a{a}" for a in apps]))
+    return int(np.count_nonzero(ids[:, 0] - codec.offset >= FIRST_VALUE))
+
+
 def lifts(control: dict[str, float], treatment: dict[str, float]) -> dict[str, float]:
     """Relative improvement of the treatment over a control: ``t / c - 1`` for each rate of
     :data:`RATES` the two records hold (CTR, CVR, expected CTR)."""
@@ -303,6 +383,7 @@ def _total(days: list[dict[str, Any]]) -> dict[str, Any]:
     expected downloads / impressions."""
     out: dict[str, Any] = {}
     for name in ARMS:
+        update = sum(d[name]["update_seconds"] for d in days[1:])  # day 1: the first training
         downloads = sum(d[name]["downloads"] for d in days)
         expected = sum(d[name]["expected_downloads"] for d in days)
         impressions = sum(d[name]["impressions"] for d in days)
@@ -313,6 +394,7 @@ def _total(days: list[dict[str, Any]]) -> dict[str, Any]:
             "expected_ctr": expected / impressions,
             "downloads": downloads,
             "impressions": impressions,
+            "update_seconds": update,
         }
     out["lift"] = {base: lifts(out[base], out[TREATMENT]) for base in BASELINES}
     return out
@@ -343,11 +425,36 @@ RATE_TITLES = {
 }
 
 
+def updates_table(results: dict[str, Any]) -> str:
+    """A Markdown table of the daily updates: the market's arrivals, each arm's update time
+    (the day's update: before day 1, the first training) and how many impressions of the apps
+    launched the day before each arm showed (their downloads in brackets)."""
+    header = ["day", "new apps", "new users", "features", "yesterday's launches with ids"]
+    header += [f"{MODEL_LABELS[n]} update s" for n in ARMS]
+    header += [f"{MODEL_LABELS[n]} shows of yesterday's launches" for n in ARMS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for d in results["days"]:
+        cells = [str(d["day"]), str(d["new_apps"]), str(d["new_users"]), f"{d['features']:,}"]
+        cells.append(str(d["launched_yesterday_with_ids"]))
+        cells += [f"{d[n]['update_seconds']:.1f}" for n in ARMS]
+        cells += [
+            f"{d[n]['launched_yesterday_shown']} ({d[n]['launched_yesterday_downloads']})"
+            for n in ARMS
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    total = results["total"]
+    cells = ["days 2+", "", "", "", ""] + [f"{total[n]['update_seconds']:.1f}" for n in ARMS]
+    lines.append("| " + " | ".join(cells + [""] * len(ARMS)) + " |")
+    return "\n".join(lines)
+
+
 def abtest_markdown(results: dict[str, Any]) -> str:
-    """abtest.md: which LR is the baseline, then one table per rate."""
+    """abtest.md: which LR is the baseline, one table per rate, then the daily updates."""
     parts = [baseline_note(results["setup"]["baseline"]["crosses"])]
     for rate, title in RATE_TITLES.items():
         parts += [f"## {title}", abtest_table(results, rate)]
+    update = results["setup"]["config"]["update"]
+    parts += [f"## Daily updates ({update})", updates_table(results)]
     return "\n\n".join(parts) + "\n"
 
 

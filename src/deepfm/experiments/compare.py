@@ -26,16 +26,14 @@ from scipy import stats
 
 from deepfm.errors import ConfigError
 from deepfm.experiments.runs import (
-    RunCache,
     RunSpec,
     StudyConfig,
     StudyData,
-    fit_run,
     fmt,
     markdown_table,
     mean_std,
     open_study_store,
-    run_all,
+    run_specs,
     write_csv,
     write_json,
 )
@@ -302,18 +300,8 @@ def run_compare(
         model_overrides=model_overrides,
         train_overrides=train_overrides,
     )
-    cache = RunCache(Path(out) / "runs")
-    results = run_all(
-        specs,
-        lambda spec: fit_run(data.dataset, spec.model, spec.train),
-        cache,
-        desc=COMMAND,
-        progress=progress,
-    )
-    per_model: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
-    for spec, result in zip(specs, results, strict=True):
-        per_model[spec.model.name].append(result)
-    summary = summarize(per_model)
+    per_model = run_specs(data, specs, out, desc=COMMAND, progress=progress)
+    summary = summarize({name: per_model.get(name, []) for name in models})
     summary["about"] = (
         f"Store `{data.path}` ({data.dataset.rows()['train']:,} train / "
         f"{data.dataset.rows()['valid']:,} valid / {data.dataset.rows()['test']:,} test rows); "
@@ -347,7 +335,8 @@ def protocol_store(
 ) -> Path:
     """A store of ``file`` with ``split`` at ``out``: reused when it holds the same file (same
     sha256) with the same split, prepared (again) otherwise."""
-    from deepfm.data.formats import file_sha256, get_format
+    from deepfm.common import file_sha256
+    from deepfm.data.formats import get_format
     from deepfm.data.prepare import prepare_store
     from deepfm.data.splits import SplitSpec
     from deepfm.data.store import Store, is_store

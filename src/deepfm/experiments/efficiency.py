@@ -20,14 +20,12 @@ import torch
 from deepfm.errors import ConfigError
 from deepfm.experiments.compare import display
 from deepfm.experiments.runs import (
-    RunCache,
     RunSpec,
     StudyConfig,
-    fit_run,
     fmt,
     markdown_table,
     open_study_store,
-    run_all,
+    run_specs,
     write_csv,
     write_json,
 )
@@ -133,17 +131,8 @@ def run_efficiency(
         for repeat in range(repeats):
             extra = {"repeat": repeat}
             specs.append(RunSpec(COMMAND, data.fingerprint, model_config, train_config, extra))
-    results = run_all(
-        specs,
-        lambda spec: fit_run(data.dataset, spec.model, spec.train),
-        RunCache(Path(out) / "runs"),
-        desc=COMMAND,
-        progress=progress,
-    )
-    per_model: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
-    for spec, result in zip(specs, results, strict=True):
-        per_model[spec.model.name].append(result)
-    summary = summarize_efficiency(per_model)
+    per_model = run_specs(data, specs, out, desc=COMMAND, progress=progress)
+    summary = summarize_efficiency({name: per_model.get(name, []) for name in models})
     device = summary["models"][REFERENCE]["device"]
     threads = specs[0].train.threads
     summary.update(

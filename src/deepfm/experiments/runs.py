@@ -29,12 +29,11 @@ from deepfm.data.pipeline import Dataset
 from deepfm.data.store import Store
 from deepfm.errors import ConfigError
 from deepfm.models.presets import Preset, load_preset, parse_preset
-from deepfm.models.registry import ModelConfig, build_model, get_entry, model_names
-from deepfm.nn import InputLayout
+from deepfm.models.registry import ModelConfig, get_entry, model_names
 from deepfm.outputs import to_json, write_text
-from deepfm.train.trainer import Batches, TrainConfig, Trainer, evaluate
+from deepfm.train.run import fit_and_evaluate
+from deepfm.train.trainer import TrainConfig
 
-RUNS_DIR = "runs"
 #: torch CPU threads of a study's runs unless configured: results depend on the thread count
 STUDY_THREADS = 1
 #: TrainConfig fields a study config may set (seeds, checkpoints and progress belong to the study)
@@ -294,26 +293,9 @@ def fit_run(
     *,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one model (early stopping on ``valid``) and return its numbers: ``valid`` and
-    ``test`` AUC/Logloss (weights of the best epoch), epochs, training time, history."""
-    entry = get_entry(model_config.name)
-    model = build_model(InputLayout.of(dataset.feature_map), model_config, seed=train_config.seed)
-    fit = Trainer(train_config).fit(model, entry, dataset.train, dataset.valid, on_epoch=on_epoch)
-    result: dict[str, Any] = {"model": model_config.name, "seed": train_config.seed}
-    batch = train_config.eval_batch_size
-    if len(dataset.valid):
-        result["valid"] = evaluate(model, Batches(dataset.valid), batch)
-    if dataset.test is not None and len(dataset.test):
-        result["test"] = evaluate(model, Batches(dataset.test), batch)
-    result.update(
-        best_epoch=fit.best_epoch,
-        epochs_run=len(fit.history),
-        train_seconds=fit.train_seconds,
-        train_samples=fit.train_samples,
-        setup=fit.setup,
-        history=fit.history,
-    )
-    return result
+    """A study's run: the metrics of :func:`~deepfm.train.run.fit_and_evaluate` (``valid``
+    and ``test`` AUC/Logloss with the weights of the best epoch, epochs, time, history)."""
+    return fit_and_evaluate(dataset, model_config, train_config, on_epoch=on_epoch).metrics
 
 
 Runner = Callable[[RunSpec], dict[str, Any]]
@@ -349,6 +331,24 @@ def run_all(
                 on_result(spec, result)
             bar.update()
     return results
+
+
+def run_specs(
+    data: StudyData, specs: Sequence[RunSpec], out: str | Path, *, desc: str, progress: bool
+) -> dict[str, list[dict[str, Any]]]:
+    """Train every spec on the study's store through the one fit path (:func:`fit_run`;
+    finished runs cached in ``out/runs``); the results grouped by model, in spec order."""
+    results = run_all(
+        specs,
+        lambda spec: fit_run(data.dataset, spec.model, spec.train),
+        RunCache(Path(out) / "runs"),
+        desc=desc,
+        progress=progress,
+    )
+    per_model: dict[str, list[dict[str, Any]]] = {}
+    for spec, result in zip(specs, results, strict=True):
+        per_model.setdefault(spec.model.name, []).append(result)
+    return per_model
 
 
 # -- tables --------------------------------------------------------------------------------------

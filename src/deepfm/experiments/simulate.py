@@ -162,14 +162,22 @@ def app_popularity(market: AppMarket) -> np.ndarray:
     return np.searchsorted(np.sort(downloads), downloads, side="right") / len(downloads)
 
 
-def log_dataset(tables: Sequence[pa.Table], *, split: str, seed: int) -> Dataset:
-    """Encode impression logs (raw tables, in order); the feature map is fitted on train rows."""
+def log_dataset(
+    tables: Sequence[pa.Table], *, split: str, seed: int, base: FeatureMap | None = None
+) -> Dataset:
+    """Encode impression logs (raw tables, in order); the feature map is fitted on train rows
+    (with ``base``: ``base`` grown with them, a warm start)."""
     chunks, start = [], 0
     for table in tables:
         chunks.append(table_chunk(table, "<app-market logs>", first_line=start + 1))
         start += table.num_rows
     return build_dataset(
-        chunks, APP_MARKET_SCHEMA, split=SplitSpec.parse(split), valid_fraction=0.1, seed=seed
+        chunks,
+        APP_MARKET_SCHEMA,
+        split=SplitSpec.parse(split),
+        valid_fraction=0.1,
+        seed=seed,
+        base=base,
     )
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deepfm.cli import add_flag
 from deepfm.errors import ConfigError
 
 #: flags of ``add_train_options`` read as trainer overrides when given (their defaults are
@@ -45,13 +46,16 @@ def _study_parser(subparsers, name: str, text: str, *, model_flag: bool) -> argp
         help="study config YAML: preset keys (defaults, models; keep_prob) and a 'train' "
         "section of trainer settings, e.g. the best.yaml of `deepfm tune`",
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    add_flag(parser, "--out", required=True, metavar="DIR", help="output directory")
     return parser
 
 
 def _store_option(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    parser.add_argument(
-        "--store", required=required, help="a store written by `deepfm prepare` (with test split)"
+    add_flag(
+        parser,
+        "--store",
+        required=required,
+        help="a store written by `deepfm prepare` (with test split)",
     )
 
 
@@ -325,10 +329,12 @@ def register_commands(subparsers) -> None:
     compare.add_argument(
         "--criteo-format", default="criteo", choices=("criteo", "criteo-csv"), help="of --criteo"
     )
-    compare.add_argument(
-        "--models", help="comma list of registry names (default: Table IV's 13; poly2 too if named)"
+    add_flag(
+        compare,
+        "--models",
+        help="comma list of registry names (default: Table IV's 13; poly2 too if named)",
     )
-    compare.add_argument("--seeds", type=int, default=5, help="runs per model: seeds from --seed")
+    add_flag(compare, "--seeds", default=5, help="runs per model: seeds from --seed")
     compare.set_defaults(handler=cmd_compare)
 
     efficiency = _study_parser(
@@ -338,8 +344,10 @@ def register_commands(subparsers) -> None:
         model_flag=False,
     )
     _store_option(efficiency)
-    efficiency.add_argument(
-        "--models", help="comma list of registry names (default: Table IV's 13; poly2 too if named)"
+    add_flag(
+        efficiency,
+        "--models",
+        help="comma list of registry names (default: Table IV's 13; poly2 too if named)",
     )
     efficiency.add_argument(
         "--repeats", type=int, default=1, help="timed runs per model (median; default 1)"
@@ -361,10 +369,10 @@ def register_commands(subparsers) -> None:
         help="comma list instead of the paper's values (dropout: keep probabilities; shape: "
         "constant,increasing,decreasing,diamond)",
     )
-    sweep.add_argument(
-        "--models", help="comma list (default: fnn,ipnn,opnn,pnn_star,lr_dnn,fm_dnn,deepfm)"
+    add_flag(
+        sweep, "--models", help="comma list (default: fnn,ipnn,opnn,pnn_star,lr_dnn,fm_dnn,deepfm)"
     )
-    sweep.add_argument("--seeds", type=int, default=1, help="runs per point (default 1)")
+    add_flag(sweep, "--seeds", default=1, help="runs per point (default 1)")
     sweep.add_argument("--width", type=int, help="layers: neurons per layer (default: --hidden's)")
     sweep.add_argument(
         "--depth", type=int, default=DEFAULT_DEPTH, help="neurons and shape: hidden layers"
@@ -394,7 +402,7 @@ def register_commands(subparsers) -> None:
         model_flag=True,
     )
     _store_option(workers)
-    workers.add_argument("--workers", type=int, default=2, help="processes N (default 2)")
+    add_flag(workers, "--workers", default=2, help="processes N (default 2)")
     workers.add_argument("--eval-every", type=int, help="steps between test evaluations")
     workers.add_argument(
         "--eval-rows", type=int, help="score only the first rows of the test split"
@@ -411,9 +419,9 @@ def register_commands(subparsers) -> None:
     market = subparsers.add_parser(
         "market-store", help="a store of the simulated app market (the demo data) for studies"
     )
-    market.add_argument("--rows", type=int, default=200_000, help="impressions (default 200k)")
-    market.add_argument("--seed", type=int, default=0, help="market, impressions and split")
-    market.add_argument("--split", default="random:0.9", help="random:0.9 or sequential:6/7")
-    market.add_argument("--out", required=True, metavar="STORE", help="store directory")
-    market.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    add_flag(market, "--rows", default=200_000, help="impressions (default 200k)")
+    add_flag(market, "--seed", default=0, help="market, impressions and split")
+    add_flag(market, "--split", default="random:0.9", help="random:0.9 or sequential:6/7")
+    add_flag(market, "--out", required=True, metavar="STORE", help="store directory")
+    add_flag(market, "--overwrite", help="replace an existing store")
     market.set_defaults(handler=cmd_market_store)

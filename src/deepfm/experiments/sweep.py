@@ -25,20 +25,19 @@ from typing import Any
 from deepfm.errors import ConfigError
 from deepfm.experiments.compare import display
 from deepfm.experiments.runs import (
-    RunCache,
     RunSpec,
     StudyConfig,
-    fit_run,
     fmt,
     markdown_table,
     mean_std,
     open_study_store,
-    run_all,
+    run_specs,
     to_json,
     write_csv,
     write_json,
 )
 from deepfm.experiments.study_plots import sweep_lines
+from deepfm.models.presets import dropout_of
 from deepfm.outputs import make_dirs, write_text
 
 COMMAND = "sweep"
@@ -137,7 +136,7 @@ def point_overrides(
     if param == "activation":
         return {"activation": value}
     if param == "dropout":
-        return {"dropout": round(1.0 - float(value), 12)}  # keep 0.9 → drop 0.1 exactly
+        return {"dropout": dropout_of(value)}  # the sweep's values are keep probabilities
     if param == "neurons":
         return {"hidden": (int(value),) * depth}
     if param == "layers":
@@ -236,13 +235,8 @@ def run_sweep(
                 train_config = config.train_config(seed, **(train_overrides or {}))
                 specs.append(RunSpec("fit", data.fingerprint, model_config, train_config))
                 points.append((name, point_label(param, value, changes), model_config))
-    results = run_all(
-        specs,
-        lambda spec: fit_run(data.dataset, spec.model, spec.train),
-        RunCache(out / "runs"),
-        desc=f"{COMMAND} {param}",
-        progress=progress,
-    )
+    per_model = run_specs(data, specs, out, desc=f"{COMMAND} {param}", progress=progress)
+    results = [result for name in models for result in per_model.get(name, [])]  # spec order
     labels = list(dict.fromkeys(label for _, label, _ in points))
     grouped: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in models}
     for (name, label, model_config), result in zip(points, results, strict=True):

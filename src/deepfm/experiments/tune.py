@@ -40,12 +40,12 @@ from deepfm.experiments.runs import (
     write_json,
 )
 from deepfm.experiments.study_plots import trial_history
+from deepfm.models.presets import dropout_of
 from deepfm.models.registry import ModelConfig
 from deepfm.outputs import make_dirs, write_text
 
 COMMAND = "tune"
 INT_PARAMS = ("embed_dim", "layers", "neurons", "batch_size")
-FLOAT_PARAMS = ("lr", "keep_prob", "l2", "lr_decay")
 CHOICE_PARAMS = ("hidden", "activation")
 MODEL_PARAMS = ("embed_dim", "hidden", "layers", "neurons", "activation", "keep_prob", "l2")
 TRAIN_PARAMS = ("lr", "batch_size", "lr_decay")
@@ -189,7 +189,7 @@ def apply_params(base: ModelConfig, params: dict[str, Any]) -> tuple[ModelConfig
         if name in params:
             model[name] = params[name]
     if "keep_prob" in params:
-        model["dropout"] = round(1.0 - float(params["keep_prob"]), 12)
+        model["dropout"] = dropout_of(params["keep_prob"])
     if "hidden" in params:
         model["hidden"] = tuple(params["hidden"])
     elif "layers" in params or "neurons" in params:

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,11 @@ from deepfm.experiments.runs import (
     write_json,
 )
 from deepfm.experiments.study_plots import step_curves
-from deepfm.models.registry import ModelConfig, build_model, get_entry
+from deepfm.models.registry import ModelConfig
 from deepfm.nn import InputLayout
 from deepfm.outputs import write_text
-from deepfm.train.trainer import Batches, TrainConfig, Trainer, evaluate
+from deepfm.train.run import fit_and_evaluate, new_model
+from deepfm.train.trainer import Batches, TrainConfig, evaluate
 
 COMMAND = "workers"
 DEFAULT_WORKERS = 2
@@ -75,8 +77,7 @@ def train_with_curve(
     dataset = Store.open(store).dataset()
     assert dataset.test is not None
     test_rows = dataset.test if not eval_rows else dataset.test.take(slice(0, eval_rows))
-    # the same initial weights on every rank
-    model = build_model(InputLayout.of(dataset.feature_map), model_config, seed=train_config.seed)
+    model = new_model(InputLayout.of(dataset.feature_map), model_config, train_config.seed)
     curve: dict[str, list[float]] = {"step": [], "samples": [], "auc": [], "logloss": []}
     test: list[Batches] = []
     steps = [0]
@@ -93,9 +94,11 @@ def train_with_curve(
         curve["auc"].append(metrics["auc"])
         curve["logloss"].append(metrics["logloss"])
 
-    fit = Trainer(train_config, dist).fit(
-        model, get_entry(model_config.name), dataset.train, dataset.valid, on_step=on_step
-    )
+    # the curve is the test split's: the final metrics need only the validation split
+    fit = fit_and_evaluate(
+        replace(dataset, test=None), model_config, train_config, model=model, dist=dist,
+        on_step=on_step,
+    ).fit  # fmt: skip
     if not dist.is_main:
         return {}
     return {

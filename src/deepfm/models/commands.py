@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deepfm.cli import add_flag
 from deepfm.errors import ConfigError
 from deepfm.models.presets import Preset, load_preset
 from deepfm.models.registry import get_entry, model_names, parameter_count
@@ -77,7 +78,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def register_commands(subparsers) -> None:
-    from deepfm.cli import parse_hidden
 
     parser = subparsers.add_parser(
         "models", help="list the models; with --feature-map, their parameter counts"
@@ -87,8 +87,8 @@ def register_commands(subparsers) -> None:
         metavar="PATH",
         help="a feature_map.json or a bundle directory: count each model's parameters for it",
     )
-    parser.add_argument("--preset", help="count with a preset's settings (criteo-random, ...)")
-    parser.add_argument("--hidden", type=parse_hidden, help="hidden sizes, e.g. 400,400,400")
-    parser.add_argument("--embed-dim", type=int, help="override every model's embedding size")
-    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    add_flag(parser, "--preset", help="count with a preset's settings (criteo-random, ...)")
+    add_flag(parser, "--hidden", help="hidden sizes, e.g. 400,400,400")
+    add_flag(parser, "--embed-dim", help="override every model's embedding size")
+    add_flag(parser, "--json", help="print a JSON list")
     parser.set_defaults(handler=cmd_models)

@@ -25,6 +25,13 @@ SETTINGS = ("hidden", "activation", "keep_prob", "embed_dim", "l2", "crosses", "
 TOP_LEVEL = ("name", "status", "description", "defaults", "models")
 
 
+def dropout_of(keep_prob: float) -> float:
+    """The drop rate of the paper's keep probability: the one place it is converted (presets,
+    study configs, the dropout sweep and the tuner's search space all quote keep_prob).
+    Rounded so that keep 0.9 gives drop 0.1, not 0.09999999999999998."""
+    return round(1.0 - float(keep_prob), 12)
+
+
 def _config_dir():
     return resources.files("deepfm") / "configs"
 
@@ -53,8 +60,7 @@ class Preset:
         merged = {**self.defaults, **self.models.get(model, {})}
         out = {k: v for k, v in merged.items() if k != "keep_prob"}
         if "keep_prob" in merged:
-            # rounded so that keep 0.9 gives drop 0.1, not 0.09999999999999998
-            out["dropout"] = round(1.0 - float(merged["keep_prob"]), 12)
+            out["dropout"] = dropout_of(merged["keep_prob"])
         if "hidden" in out:
             out["hidden"] = tuple(out["hidden"])
         return out

@@ -207,13 +207,11 @@ def get_entry(name: str) -> ModelEntry:
         raise ConfigError(f"unknown model {name!r}; known models: {known}") from None
 
 
-def build_model(
-    layout: InputLayout, config: ModelConfig, *, seed: int | None = None, fresh: bool = True
-) -> nn.Module:
+def build_model(layout: InputLayout, config: ModelConfig, *, fresh: bool = True) -> nn.Module:
     """The model ``config.name`` with the embedding size the paper prescribes unless overridden.
 
-    ``seed``: initialise the weights from this seed (the caller's random state is left as it
-    was), so that a run's initial weights depend on its seed only. A fresh model whose weights
+    Its initial weights come from torch's random state: a new model for training is built by
+    :func:`deepfm.train.run.new_model`, which seeds first. A fresh model whose weights
     alone would not fit in the available memory is refused with a :class:`ConfigError` before
     any allocation; ``fresh=False`` (a bundle's model, whose weights are memory-mapped from its
     file) skips that check."""
@@ -222,11 +220,7 @@ def build_model(
     config = config.replace(embed_dim=entry.embed_dim(config))
     if fresh and torch.get_default_device().type != "meta":
         _check_memory(entry, layout, config)
-    if seed is None:
-        return entry.builder(layout, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return entry.builder(layout, config)
+    return entry.builder(layout, config)
 
 
 def count_parameters(model: nn.Module) -> int:

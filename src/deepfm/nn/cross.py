@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ HASH_B = 0x27D4EB2F
 #: what may join the two field names of a cross: ``category×hour``, ``category*hour``,
 #: ``category x hour``
 SEPARATORS = ("×", "*", "x")
-_COLUMNS = ("left", "right", "exact", "stride", "shift", "size", "base")
+_COLUMNS = ("left", "right", "exact", "stride", "shift", "size", "base", "origin", "salt")
 
 
 def pair_hash(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -75,16 +76,48 @@ def _positions(text: str, sep: str) -> list[int]:
     return [i for i in range(len(text)) if text.startswith(sep, i)]
 
 
+class CrossTable(NamedTuple):
+    """Where one cross ``f × g`` keeps its weights: rows ``[base, base + size)``, exact (one row
+    per pair of values, ``stride`` = ``|g|``) or hashed."""
+
+    left: int
+    right: int
+    exact: bool
+    stride: int
+    size: int
+    base: int
+
+
+def cross_tables(
+    layout: InputLayout, crosses: Sequence[tuple[int, int]], buckets: int, shared: bool
+) -> list[CrossTable]:
+    """The table of every cross (see :class:`PairCrossLinear`)."""
+    tables, rows = [], 0
+    for f, g in crosses:
+        exact = not shared and layout.field_sizes[f] * layout.field_sizes[g] <= buckets
+        stride = layout.field_sizes[g] if exact else 0
+        size = layout.field_sizes[f] * stride if exact else buckets
+        tables.append(CrossTable(f, g, exact, stride, size, 0 if shared else rows))
+        rows += 0 if shared else size
+    return tables
+
+
 class PairCrossLinear(Regularized):
     """``Σ_{(f, g) ∈ crosses} Σ_{s ∈ f, t ∈ g} w[c(id_s, id_t)] x_s x_t``:
     ``forward(ids [B, S] int, values [B, S] float or None) -> [B]``.
 
-    ``shared=True`` (Poly-2, Eq. 3): every cross is hashed into one table of ``buckets`` weights,
-    ``c = h(i, j) mod buckets``. ``shared=False`` (chosen crosses, Eq. 2): each cross has its
-    own table; exact, ``c = (i - offset_f) · |g| + (j - offset_g)``, when its ``|f| · |g|``
-    pairs of values fit in ``buckets`` rows, hashed into ``buckets`` rows otherwise. A
-    multi-valued field crosses each of its slots (values ``x_s``: 1/length for a mean bag, 0 for
-    padding). Weights start at zero, as LR's order-1 weights do.
+    ``shared=True`` (Poly-2, Eq. 3): every cross is hashed into one table of ``buckets`` weights.
+    ``shared=False`` (chosen crosses, Eq. 2): each cross has its own table; exact,
+    ``c = (i - offset_f) · |g| + (j - offset_g)``, when its ``|f| · |g|`` pairs of values fit
+    in ``buckets`` rows, hashed into ``buckets`` rows otherwise. A multi-valued field crosses
+    each of its slots (values ``x_s``: 1/length for a mean bag, 0 for padding). Weights start at
+    zero, as LR's order-1 weights do.
+
+    The hash reads the pair's *local* ids (ids within their fields), salted per cross:
+    ``c = (A·l_i + B·l_j + salt) mod P mod buckets``, with ``salt = A·offset_f + B·offset_g``
+    of the layout the model was first built on (a persistent buffer), so that it equals Eq. 3's
+    ``h(i, j)`` of the global ids there and stays put when vocabularies grow and offsets move
+    (warm starts, :mod:`deepfm.nn.growth`).
     """
 
     def __init__(
@@ -99,43 +132,73 @@ class PairCrossLinear(Regularized):
         super().__init__(l2)
         if buckets < 1:
             raise ConfigError(f"cross_buckets must be positive, got {buckets}")
+        self.crosses, self.buckets, self.shared = list(crosses), buckets, shared
         slots = layout.slots_of_fields()
-        # per crossed pair of slots: (left slot, right slot, exact, stride, shift, size, base)
-        pairs: list[tuple[int, int, bool, int, int, int, int]] = []
-        rows = buckets if shared else 0
-        for f, g in crosses:
-            exact = not shared and layout.field_sizes[f] * layout.field_sizes[g] <= buckets
-            if exact:
-                stride, size = layout.field_sizes[g], layout.field_sizes[f] * layout.field_sizes[g]
-                shift = -(layout.field_offsets[f] * stride + layout.field_offsets[g])
-            else:
-                stride, size, shift = 0, buckets, 0
-            base = 0 if shared else rows
-            rows += 0 if shared else size
+        # a layout without field sizes (ids only) cannot grow: hash its global ids (salt 0)
+        offsets = layout.field_offsets if layout.field_sizes else (0,) * len(slots)
+        tables = cross_tables(layout, crosses, buckets, shared)
+        # per crossed pair of slots: (left, right, exact, stride, shift, size, base, offset, salt)
+        pairs = []
+        for t in tables:
+            origin = (offsets[t.left] * HASH_A + offsets[t.right] * HASH_B) % HASH_PRIME
+            shift = -(offsets[t.left] * t.stride + offsets[t.right])
             pairs += [
-                (s, t, exact, stride, shift, size, base)
-                for s, t in itertools.product(slots[f], slots[g])
+                (s, u, t.exact, t.stride, shift, t.size, t.base, origin, origin)
+                for s, u in itertools.product(slots[t.left], slots[t.right])
             ]
+        rows = buckets if shared else sum(t.size for t in tables)
         self.weight = nn.Embedding(max(rows, 1), 1)
         nn.init.zeros_(self.weight.weight)
-        columns = zip(*pairs, strict=True) if pairs else [()] * 7
+        columns = list(zip(*pairs, strict=True)) if pairs else [()] * len(_COLUMNS)
         for name, column in zip(_COLUMNS, columns, strict=True):
             dtype = torch.bool if name == "exact" else torch.int64
-            self.register_buffer(name, torch.tensor(column, dtype=dtype), persistent=False)
-        kinds = {exact for _, _, exact, *_ in pairs}
+            # the salt is the model's own (saved); the rest follows the layout
+            self.register_buffer(name, torch.tensor(column, dtype=dtype), persistent=name == "salt")
+        kinds = {t.exact for t in tables}
         # one kind of table only (Poly-2: all hashed): skip computing the other index
         self.kind = "mixed" if len(kinds) > 1 else "exact" if kinds == {True} else "hashed"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a model saved before salts were saved hashed the global ids of its own layout: the
+        # salt this module computed from that layout
+        state_dict.setdefault(prefix + "salt", self.salt)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def index(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight row of every crossed pair of slots: ``[B, S] -> [B, pairs]`` int64."""
         ids = ids.long()
         i, j = ids[:, self.left], ids[:, self.right]
-        if self.kind == "hashed":
-            return self.base + pair_hash(i, j) % self.size
+        if self.kind != "exact":
+            # (A·l_i + B·l_j + salt) mod P = (h(i, j) - origin + salt) mod P, with
+            # origin = (A·o_f + B·o_g) mod P of this layout: every term in [0, P)
+            salted = (pair_hash(i, j) + self.salt + (HASH_PRIME - self.origin)) % HASH_PRIME
+            hashed = self.base + salted % self.size
+            if self.kind == "hashed":
+                return hashed
         exact = self.base + i * self.stride + j + self.shift
         if self.kind == "exact":
             return exact
-        return torch.where(self.exact, exact, self.base + pair_hash(i, j) % self.size)
+        return torch.where(self.exact, exact, hashed)
+
+    def grown_rows(self, old: InputLayout, new: InputLayout) -> dict[str, torch.Tensor]:
+        """For :func:`deepfm.nn.growth.grow_state`: the row of each weight of this module built
+        on ``old`` in this module (built on ``new``); -1 where a cross changed from exact to
+        hashed (those weights start again from zero)."""
+        before = cross_tables(old, self.crosses, self.buckets, self.shared)
+        after = cross_tables(new, self.crosses, self.buckets, self.shared)
+        rows = max(1, self.buckets if self.shared else sum(t.size for t in before))
+        out = torch.full((rows,), -1, dtype=torch.int64)
+        if self.shared:
+            return {"weight.weight": torch.arange(rows)}
+        for b, a in zip(before, after, strict=True):
+            if b.exact and a.exact:
+                left = torch.arange(old.field_sizes[b.left])[:, None]
+                right = torch.arange(old.field_sizes[b.right])[None, :]
+                where = (b.base + left * b.stride + right).reshape(-1)
+                out[where] = (a.base + left * a.stride + right).reshape(-1)
+            elif not b.exact and not a.exact:
+                out[b.base : b.base + b.size] = a.base + torch.arange(b.size)
+        return {"weight.weight": out}
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         w = lookup(self.weight, self.index(ids)).squeeze(-1)  # [B, pairs]

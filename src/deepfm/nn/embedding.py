@@ -53,6 +53,16 @@ class InputLayout:
         """The first global id of each field (needs ``field_sizes``)."""
         return tuple(int(o) for o in np.cumsum((0, *self.field_sizes[:-1])))
 
+    def feature_rows(self, grown: InputLayout) -> torch.Tensor:
+        """The global id in ``grown`` (the same fields, each at least as large) of each global
+        id of this layout: local ids are kept, offsets move (int64 ``[num_features]``)."""
+        assert self.field_names == grown.field_names, "a grown layout has the same fields"
+        parts = [
+            after + torch.arange(size)
+            for size, after in zip(self.field_sizes, grown.field_offsets, strict=True)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
     def slots_of_fields(self) -> list[range]:
         """The slot columns of each field in ``ids [B, S]``."""
         starts = np.cumsum((0, *self.field_slots))
@@ -136,6 +146,10 @@ class FieldEmbedding(Regularized):
     def weight(self) -> torch.Tensor:
         return self.table.weight
 
+    def grown_rows(self, old: InputLayout, new: InputLayout) -> dict[str, torch.Tensor]:
+        """Where each row of the table goes when the layout grows (:mod:`deepfm.nn.growth`)."""
+        return {"table.weight": old.feature_rows(new)}
+
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         rows = lookup(self.table, ids)  # [B, S, dim]
         self._record(rows)
@@ -155,6 +169,10 @@ class FeatureLinear(Regularized):
         self.weight = nn.Embedding(layout.num_features, 1)
         nn.init.zeros_(self.weight.weight)
         self.bias = nn.Parameter(torch.zeros(1))
+
+    def grown_rows(self, old: InputLayout, new: InputLayout) -> dict[str, torch.Tensor]:
+        """Where each order-1 weight goes when the layout grows (:mod:`deepfm.nn.growth`)."""
+        return {"weight.weight": old.feature_rows(new)}
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         w = lookup(self.weight, ids).squeeze(-1)  # [B, S]

@@ -9,7 +9,13 @@
       vocab/              their binary vocabularies (sorted value keys and ids, memory-mapped)
       model.json          registry name, model config, input format, training config
       metrics.json        validation / test metrics of the training run
-      bundle.json         deepfm version, creation time, sha256 of every file above
+      optimizer.safetensors  the optimiser's state (optional: a warm start continues from it)
+      bundle.json         deepfm version, creation time, sha256 of every file above, lineage
+
+A bundle's own sha256 is that of its ``bundle.json`` (which holds the hash of every other file).
+Its *lineage* says where it comes from: the parent bundle a warm start continued (sha256, path)
+and the data this training saw, with the earlier generations' entries (``history``, oldest
+first), so the lineage of a served model can be read from the server's ``/model``.
 
 A bundle is written into a temporary sibling directory and renamed into place, so a reader
 never sees a half-written bundle; loading checks every hash before using a file. A bundle is only
@@ -19,7 +25,6 @@ else (:mod:`deepfm.outputs`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from deepfm import __version__
+from deepfm.common import file_sha256
 from deepfm.data.featuremap import FeatureMap
 from deepfm.errors import BundleError, DeepFMError, OutputError
 from deepfm.models.registry import ModelConfig, build_model
@@ -46,16 +52,17 @@ from deepfm.outputs import (
     BUNDLE,
     claim_directory,
     fsync_file,
-    json_text,
     make_dirs,
     reason,
     remove_stale,
+    write_json,
 )
 
 WEIGHTS = "model.safetensors"
 FEATURE_MAP = "feature_map.json"
 MODEL = "model.json"
 METRICS = "metrics.json"
+OPTIMIZER = "optimizer.safetensors"
 MANIFEST = "bundle.json"
 HASHED = (WEIGHTS, FEATURE_MAP, MODEL, METRICS)  # and every vocabulary file
 
@@ -64,19 +71,6 @@ def bundle_files(directory: Path) -> list[str]:
     """Every file of a bundle but its manifest, as paths relative to ``directory``."""
     found = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
     return sorted(name for name in found if name != MANIFEST)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Strict JSON (NaN/inf → null, with a warning) into the bundle's temporary directory."""
-    path.write_text(json_text(data, sort_keys=True, name=path.name), encoding="utf-8")
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
@@ -106,6 +100,34 @@ class Bundle:
     metrics: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: the TrainConfig settings it was trained with (as saved; empty for older bundles)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    #: sha256 of the bundle's manifest (bundle.json): the bundle's identity in a lineage
+    sha256: str = ""
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        return self.info.get("lineage") or {}
+
+
+def lineage_of(data: dict[str, Any], parent: Bundle | None = None, **extra: Any) -> dict[str, Any]:
+    """The lineage of a bundle trained on ``data`` (what it saw: paths, rows, time range),
+    continued from ``parent`` (None: trained from scratch)."""
+    if parent is None:
+        return {"parent": None, "data": data, "generation": 1, "history": [], **extra}
+    before = parent.lineage
+    earlier = [{k: v for k, v in before.items() if k != "history"}] if before else []
+    return {
+        "parent": {
+            "sha256": parent.sha256,
+            "path": str(parent.path) if parent.path else None,
+            "created": parent.info.get("created"),
+        },
+        "data": data,
+        "generation": int(before.get("generation", 1)) + 1,
+        "history": [*before.get("history", []), *earlier],
+        **extra,
+    }
 
 
 def save_bundle(
@@ -119,10 +141,14 @@ def save_bundle(
     train_config: dict[str, Any] | None = None,
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
+    lineage: dict[str, Any] | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a bundle atomically to ``directory``: a new or empty directory, or an existing
     bundle with ``overwrite`` (see :func:`deepfm.outputs.claim_directory`; ``inputs`` are never
-    overwritten). A failure leaves the previous bundle, or nothing, in place."""
+    overwritten). A failure leaves the previous bundle, or nothing, in place. The bundle holds
+    its ``lineage`` (:func:`lineage_of`) and, if given, the optimiser's state (named tensors,
+    :meth:`~deepfm.train.trainer.Optimizers.named_state`) for the next warm start."""
     target = claim_directory(directory, BUNDLE, overwrite=overwrite, inputs=inputs)
     make_dirs(target.parent)
     remove_stale(target)  # what a killed writer left
@@ -135,20 +161,22 @@ def save_bundle(
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         feature_map.save(tmp)
-        write_json(
-            tmp / MODEL,
-            {"model": config.to_dict(), "format": data_format, "train": train_config or {}},
-        )
-        write_json(tmp / METRICS, metrics or {})
+        meta = {"model": config.to_dict(), "format": data_format, "train": train_config or {}}
+        write_json(tmp / MODEL, meta, sort_keys=True)
+        write_json(tmp / METRICS, metrics or {}, sort_keys=True)
+        if optimizer_state:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}
+            save_file(tensors, str(tmp / OPTIMIZER))
         manifest = {
             "deepfm_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": config.name,
             "feature_map_sha256": feature_map.digest(),
-            "files": {name: sha256_file(tmp / name) for name in bundle_files(tmp)},
+            "files": {name: file_sha256(tmp / name) for name in bundle_files(tmp)},
+            "lineage": lineage or {},
         }
-        write_json(tmp / MANIFEST, manifest)
-        for name in (*manifest["files"], MANIFEST):
+        write_json(tmp / MANIFEST, manifest, sort_keys=True)  # fsynced by write_json
+        for name in manifest["files"]:
             fsync_file(tmp / name)
         replace_dir(tmp, target)
     except BaseException as exc:
@@ -209,7 +237,7 @@ def _verify(directory: Path, files: dict[str, str]) -> None:
     try:
         with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
             digests = dict(
-                zip(names, pool.map(lambda n: sha256_file(directory / n), names), strict=True)
+                zip(names, pool.map(lambda n: file_sha256(directory / n), names), strict=True)
             )
     except OSError as exc:
         raise BundleError(f"cannot read a file of {directory}: {reason(exc)}") from None
@@ -274,4 +302,22 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
         # a bundle whose hashes were recomputed after damage fails here, never later
         raise BundleError(f"{directory}: cannot load the model: {exc}") from None
     model.to(device).eval()
-    return Bundle(model, config, feature_map, meta.get("format", ""), metrics, manifest, directory)
+    sha = file_sha256(directory / MANIFEST)
+    return Bundle(
+        model, config, feature_map, meta.get("format", ""), metrics, manifest, directory,
+        train_config=meta.get("train") or {}, sha256=sha,
+    )  # fmt: skip
+
+
+def load_optimizer_state(bundle: Bundle) -> dict[str, torch.Tensor] | None:
+    """The optimiser state saved in ``bundle`` (verified when the bundle was loaded), or None
+    when it holds none (written with ``--no-optimizer-state`` or before warm starts)."""
+    assert bundle.path is not None
+    if OPTIMIZER not in bundle.info.get("files", {}):
+        return None
+    try:
+        return load_file(str(bundle.path / OPTIMIZER))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise BundleError(
+            f"{bundle.path / OPTIMIZER}: cannot load the optimiser state: {exc}"
+        ) from None

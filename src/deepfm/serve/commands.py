@@ -11,22 +11,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deepfm.cli import add_flag
 from deepfm.errors import ConfigError, DataError
 
 TOKEN_ENV = "DEEPFM_TOKEN"
 
 
 def register_commands(sub: argparse._SubParsersAction) -> None:
+    from deepfm.cli import add_bundle_option
+
     serve = sub.add_parser(
         "serve",
         help="HTTP service: /predict, /rank, /model, /metrics, /reload (FastAPI + uvicorn)",
         description="Score and rank with a bundle over HTTP. SIGHUP or POST /reload loads the "
         "bundle directory again and swaps it in without failing a request.",
     )
-    serve.add_argument("--model", required=True, help="bundle directory")
+    add_bundle_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=port_number, default=8000, help="port (0: any free port)")
-    serve.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    add_flag(serve, "--runtime", default="torch")
     serve.add_argument(
         "--token",
         help=f"require 'Authorization: Bearer TOKEN' on every route but /health (or set "
@@ -41,9 +44,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-body-bytes", type=int, default=8 << 20, help="largest request body (more: 413)"
     )
-    serve.add_argument(
-        "--threads", type=int, default=1, help="intra-op threads of one forward pass (default 1)"
-    )
+    add_flag(serve, "--threads", default=1, help="intra-op threads of one forward pass (default 1)")
     serve.add_argument(
         "--concurrency",
         type=int,
@@ -69,10 +70,10 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export", help="write a bundle's model as ONNX (ids/values in, CTR out)"
     )
-    export.add_argument("--model", required=True, help="bundle directory")
+    add_bundle_option(export)
     export.add_argument("--format", choices=("onnx",), default="onnx")
-    export.add_argument("--out", required=True, help="output file, e.g. model.onnx")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_flag(export, "--out", required=True, help="output file, e.g. model.onnx")
+    add_flag(export, "--overwrite", help="replace an existing --out")
     export.add_argument(
         "--check-rows",
         type=int,
@@ -84,7 +85,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     rank = sub.add_parser(
         "rank", help="rank candidates for one user and context by CTR or CTR x bid"
     )
-    rank.add_argument("--model", required=True, help="bundle directory")
+    add_bundle_option(rank)
     rank.add_argument("--user", default="{}", help="user fields: a JSON object or @file.json")
     rank.add_argument("--context", default="{}", help="context fields: a JSON object or @file.json")
     rank.add_argument(
@@ -95,8 +96,8 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     )
     rank.add_argument("--top", type=int, default=10, help="how many to print (default 10)")
     rank.add_argument("--by", choices=("ctr", "ctr_bid"), default="ctr")
-    rank.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
-    rank.add_argument("--json", action="store_true", help="print {'items': [...]} as JSON")
+    add_flag(rank, "--runtime", default="torch")
+    add_flag(rank, "--json", help="print {'items': [...]} as JSON")
     rank.set_defaults(handler=cmd_rank)
 
 
@@ -112,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     token = serve_token(args.token)
     settings = ServeSettings(
-        model_dir=Path(args.model),
+        model_dir=Path(args.bundle),
         runtime=args.runtime,
         host=args.host,
         port=args.port,
@@ -166,8 +167,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.check_rows < 0:
         raise ConfigError(f"--check-rows must be >= 0, got {args.check_rows}")
-    target = claim_file(args.out, overwrite=args.overwrite, inputs=[args.model])
-    bundle = load_bundle(args.model)
+    target = claim_file(args.out, overwrite=args.overwrite, inputs=[args.bundle])
+    bundle = load_bundle(args.bundle)
     out = export_onnx(bundle, target)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 2**20:.1f} MiB, model {bundle.config.name})", file=sys.stderr)
@@ -281,7 +282,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     user = json_argument(args.user, "user")
     context = json_argument(args.context, "context")
     candidates = read_candidates(args.candidates)
-    predictor = Predictor.load(args.model, runtime=args.runtime)
+    predictor = Predictor.load(args.bundle, runtime=args.runtime)
     fields = predictor.encoder.names
     unused = sorted({k for c in candidates for k in c} - fields - {"bid"})
     if unused:

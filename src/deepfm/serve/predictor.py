@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from deepfm.common import sigmoid
 from deepfm.data.encoded import EncodedArrays
 from deepfm.data.reader import RawChunk
 from deepfm.errors import ConfigError, DataError
@@ -91,6 +92,8 @@ class Predictor:
             "format": self.bundle.data_format,
             "fields": [f.name for f in self.feature_map.fields],
             "metrics": metrics,
+            "sha256": self.bundle.sha256,
+            "lineage": self.bundle.lineage,
         }
 
     # -- encoding ------------------------------------------------------------------------------
@@ -136,9 +139,7 @@ class Predictor:
     def _torch_proba(self, ids: np.ndarray, values: np.ndarray | None) -> np.ndarray:
         ids_t = torch.from_numpy(ids).to(self.device)
         values_t = None if values is None else torch.from_numpy(values).to(self.device)
-        logits = self.model(ids_t, values_t).double().cpu().numpy()
-        with np.errstate(over="ignore"):  # exp(-logit) → inf for a very negative logit: ctr 0
-            return 1.0 / (1.0 + np.exp(-logits))
+        return sigmoid(self.model(ids_t, values_t).cpu().numpy())
 
     def predict_proba(
         self, records: Sequence[Record] | pa.Table, *, strict: bool = False

@@ -21,7 +21,6 @@ resuming refuses a checkpoint whose settings differ from the run's, naming each 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,34 +32,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deepfm.common import file_sha256
 from deepfm.errors import ConfigError, OutputError
-from deepfm.outputs import reason
+from deepfm.outputs import reason, write_json
 
 LATEST = "latest.json"
 KEEP = 2
 _PREFIX = "ckpt-"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, allow_nan=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 # -- flattening state dicts into tensors + JSON ---------------------------------------------------
@@ -169,15 +152,16 @@ def commit(
         "step": step,
         "state": flatten(state, "state", {}),  # NaN/inf as {"__float__": ...}: strict JSON
         "optimizer": optimizer_tree,
-        "sha256": {name: _sha256(folder / name) for name in files},
+        "sha256": {name: file_sha256(folder / name) for name in files},
     }
-    _write_json(folder / "state.json", record)
+    write_json(folder / "state.json", record, indent=None)
     final = directory / f"{_PREFIX}{step:09d}"
     if final.exists():
         shutil.rmtree(final)
     folder.rename(final)
     run_id = state.get("run", {}).get("id")
-    _write_json(directory / LATEST, {"checkpoint": final.name, "step": step, "run_id": run_id})
+    latest = {"checkpoint": final.name, "step": step, "run_id": run_id}
+    write_json(directory / LATEST, latest, indent=None)
     prune(directory, final)
     return final
 
@@ -206,8 +190,10 @@ def commit_or_fail(directory: str | Path, step: int, **parts: Any) -> Path:
     the staging folder removed."""
     try:
         return commit(directory, step, **parts)
-    except OSError as exc:
+    except (OSError, OutputError) as exc:
         shutil.rmtree(Path(directory) / f".{_PREFIX}{step:09d}.partial", ignore_errors=True)
+        if isinstance(exc, OutputError):  # the atomic JSON write names its file already
+            raise
         raise OutputError(f"cannot write a checkpoint to {directory}: {reason(exc)}") from None
 
 
@@ -237,7 +223,7 @@ def _verified(folder: Path) -> Checkpoint | None:
     try:
         record = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         for name, digest in record["sha256"].items():
-            if _sha256(folder / name) != digest:
+            if file_sha256(folder / name) != digest:
                 return None
         model = load_file(str(folder / "model.safetensors"))
         best_path = folder / "best.safetensors"

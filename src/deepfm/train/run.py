@@ -1,15 +1,26 @@
-"""One training run on a prepared dataset: build the model, fit, evaluate every split."""
+"""The one fit path: build the model (or grow its parent's, a warm start), fit it, evaluate
+every split.
+
+``deepfm train``, :class:`deepfm.CTRClassifier`, every study (``compare``, ``efficiency``,
+``sweep``, ``tune``), ``workers``, ``simulate``, ``abtest`` and the demo train through
+:func:`fit_and_evaluate`, so they seed, fit and evaluate alike.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
+from deepfm.data.featuremap import FeatureMap
 from deepfm.data.pipeline import Dataset
 from deepfm.models.registry import ModelConfig, ModelEntry, build_model, get_entry
 from deepfm.nn import InputLayout
+from deepfm.nn.growth import grow_state, grow_tensor, grown_rows
+from deepfm.train.distributed import Distributed
 from deepfm.train.trainer import FitResult, TrainConfig, Trainer
 
 
@@ -27,36 +38,112 @@ def run_identity(dataset: Dataset, model_config: ModelConfig) -> dict[str, Any]:
     return {"model_config": model_config.to_dict(), "feature_map": dataset.feature_map.digest()}
 
 
-def fit_and_evaluate(
-    dataset: Dataset, model_config: ModelConfig, train_config: TrainConfig
-) -> TrainedModel:
-    """Train ``model_config`` on ``dataset.train`` (early stopping on ``valid``), evaluate all.
-    The initial weights come from ``train_config.seed``: the same seed (and thread count) gives
-    the same metrics.
+@dataclass
+class Parent:
+    """The model a warm start continues: its weights, config and feature map, and the saved
+    optimiser state (:meth:`~deepfm.train.trainer.Optimizers.named_state`; None: start fresh)."""
 
-    ``metrics`` holds ``valid`` and ``test`` AUC/Logloss, the row counts, training time and
-    ``train_samples_per_s`` (over the training steps only, evaluation excluded).
+    model: nn.Module
+    config: ModelConfig
+    feature_map: FeatureMap
+    optimizer_state: dict[str, torch.Tensor] | None = None
+
+
+def grow_parent(
+    parent: Parent, feature_map: FeatureMap, seed: int
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """The parent's model on the grown ``feature_map`` and its optimiser state remapped.
+
+    The model is built as a fresh one would be (seeded by ``seed``), then every old row is
+    copied to its new place (:func:`~deepfm.nn.growth.grow_state`): new ids keep the fresh
+    initialisation, old ids score exactly as before. Optimiser state follows the same rows,
+    new rows starting from zero (Adam's moments, FTRL's ``z`` and ``n``)."""
+    old, new = InputLayout.of(parent.feature_map), InputLayout.of(feature_map)
+    model = new_model(new, parent.config, seed)
+    model.load_state_dict(grow_state(model, parent.model.state_dict(), old, new))
+    if not parent.optimizer_state:
+        return model, None
+    rows, params = grown_rows(model, old, new), dict(model.named_parameters())
+    state = {}
+    for key, before in parent.optimizer_state.items():
+        name = key.rsplit("/", 1)[0]
+        if name in rows and before.dim() > 0:
+            fresh = torch.zeros(params[name].shape, dtype=before.dtype)
+            state[key] = grow_tensor(before, rows[name], fresh)
+        else:
+            state[key] = before
+    return model, state
+
+
+def new_model(layout: InputLayout, config: ModelConfig, seed: int) -> nn.Module:
+    """The model ``config`` names, its initial weights drawn from ``seed`` (the same on every
+    rank: DDP starts from rank 0's)."""
+    torch.manual_seed(seed)
+    return build_model(layout, config)
+
+
+def fit_and_evaluate(
+    dataset: Dataset,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    model: nn.Module | None = None,
+    parent: Parent | None = None,
+    dist: Distributed | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainedModel:
+    """Train on ``dataset.train`` (early stopping on ``valid``), then evaluate ``valid`` and
+    ``test`` with the weights of the best epoch.
+
+    ``model``: train this one further instead of a new model seeded by ``train_config.seed``.
+    ``parent``: a warm start (``dataset`` was built on the parent's map grown with the new
+    data, :func:`~deepfm.data.pipeline.build_dataset`'s ``base``): the parent's model and
+    optimiser state are grown (:func:`grow_parent`) and training continues from them; no
+    training rows leave the parent's scores unchanged. ``on_epoch`` / ``on_step``: the
+    trainer's callbacks.
+    ``metrics`` holds the model name and seed, ``valid`` and ``test`` AUC/Logloss, the row
+    counts, the best epoch, training time, ``train_samples_per_s`` (over the training steps
+    only, evaluation excluded), the trainer's ``setup`` and the per-epoch ``history``.
     """
     entry = get_entry(model_config.name)
-    # the initial weights follow the seed (the same on every rank: DDP starts from rank 0's)
-    model = build_model(InputLayout.of(dataset.feature_map), model_config, seed=train_config.seed)
-    metrics: dict[str, Any] = {"model": model_config.name}
-    trainer = Trainer(train_config)
-    identity = run_identity(dataset, model_config)
-    fit = trainer.fit(model, entry, dataset.train, dataset.valid, identity=identity)
+    optimizer_state = None
+    if parent is not None:
+        model, optimizer_state = grow_parent(parent, dataset.feature_map, train_config.seed)
+    elif model is None:
+        model = new_model(InputLayout.of(dataset.feature_map), model_config, train_config.seed)
+    trainer = Trainer(train_config, dist)
+    if len(dataset.train):
+        fit = trainer.fit(
+            model,
+            entry,
+            dataset.train,
+            dataset.valid,
+            optimizer_state=optimizer_state,
+            pretrain=parent is None,
+            on_epoch=on_epoch,
+            on_step=on_step,
+        )
+    else:  # a warm start on no new rows: the parent as it was
+        assert parent is not None, "build_dataset refuses no rows without a parent"
+        fit = FitResult(optimizer_state=optimizer_state or {})
+    model.eval()
+    metrics: dict[str, Any] = {"model": model_config.name, "seed": train_config.seed}
     # with the training's thread count; under DDP each rank scores its shard of each split
-    if len(dataset.valid):
-        metrics["valid"] = trainer.evaluate(model, dataset.valid)
-    if dataset.test is not None and len(dataset.test):
-        metrics["test"] = trainer.evaluate(model, dataset.test)
+    for split, data in (("valid", dataset.valid), ("test", dataset.test)):
+        if data is not None and len(data):
+            metrics[split] = trainer.evaluate(model, data)
     metrics.update(
         rows=dataset.rows(),
         bad_rows=dataset.bad_rows.to_dict(),
         best_epoch=fit.best_epoch,
         epochs_run=len(fit.history),
         train_seconds=fit.train_seconds,
-        train_samples_per_s=fit.train_samples_per_s,
-        training=fit.setup,
+        train_samples=fit.train_samples,
+        train_samples_per_s=fit.train_samples_per_s if fit.train_samples else 0.0,
+        setup=fit.setup,
         history=fit.history,
     )
+    if dataset.growth is not None:
+        metrics["growth"] = {"added": dataset.growth.added, "rows": dataset.growth.rows}
     return TrainedModel(model, entry, model_config, fit, metrics)

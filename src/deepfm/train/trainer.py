@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from deepfm.common import sigmoid
 from deepfm.data.encoded import EncodedArrays
 from deepfm.data.loader import Batch, BatchLoader
 from deepfm.errors import ConfigError, is_finite_number, is_integer
@@ -169,6 +170,8 @@ class FitResult:
     train_seconds: float = 0.0
     train_samples: int = 0
     setup: dict[str, Any] = field(default_factory=dict)
+    #: the optimiser's state after the last epoch (:meth:`Optimizers.named_state`)
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def train_samples_per_s(self) -> float:
@@ -375,10 +378,6 @@ def predict_logits(
     return logits if as_tensor else logits.cpu().numpy()
 
 
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-
-
 def predict_proba(
     model: nn.Module, data: Batches | EncodedArrays, batch_size: int = 65536
 ) -> np.ndarray:
@@ -433,6 +432,44 @@ class Optimizers:
 
     def state_dict(self) -> list[dict]:
         return [o.state_dict() for o in self.optimizers]
+
+    def named_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The per-parameter state as ``{"<parameter>/<state>": tensor}`` on the CPU (Adam's
+        ``step``, ``exp_avg``, ``exp_avg_sq``; FTRL's ``z``, ``n``): names, not positions, so
+        that it outlives the split into dense and sparse optimisers and a grown model."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        out = {}
+        for optimizer in self.optimizers:
+            for param, state in optimizer.state.items():
+                for key, value in state.items():
+                    out[f"{names[id(param)]}/{key}"] = torch.as_tensor(value).detach().cpu()
+        return out
+
+    def load_named_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
+        """Continue from :meth:`named_state`; a parameter whose saved state does not fit it
+        (another shape) starts fresh. Returns the number of parameters continued."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        continued = 0
+        for optimizer in self.optimizers:
+            saved = optimizer.state_dict()
+            for group in saved["param_groups"]:
+                for index in group["params"]:
+                    saved["state"].pop(index, None)
+            for group, params in zip(
+                saved["param_groups"], (g["params"] for g in optimizer.param_groups), strict=True
+            ):
+                for index, param in zip(group["params"], params, strict=True):
+                    prefix = f"{names[id(param)]}/"
+                    state = {
+                        k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
+                    }
+                    if state and all(
+                        v.dim() == 0 or v.shape == param.shape for v in state.values()
+                    ):
+                        saved["state"][index] = {k: v.clone() for k, v in state.items()}
+                        continued += 1
+            optimizer.load_state_dict(saved)
+        return continued
 
     def load_state_dict(self, states: list[dict]) -> None:
         """Restore saved states, keeping this run's implementation flags (``fused``,
@@ -671,14 +708,27 @@ class Trainer:
         *,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         on_step: Callable[[int], None] | None = None,
+        optimizer_state: dict[str, torch.Tensor] | None = None,
+        pretrain: bool = True,
         identity: dict[str, Any] | None = None,
     ) -> FitResult:
-        """``identity``: what the caller knows of the run beyond the model and the arrays (its
+        """Train ``model`` in place. A warm start passes the weights in ``model``, the saved
+        ``optimizer_state`` (:meth:`Optimizers.named_state`; None: a fresh optimiser) and
+        ``pretrain=False`` (FNN's FM pre-training initialises a new model only).
+        ``identity``: what the caller knows of the run beyond the model and the arrays (its
         model config, the feature map's digest), recorded in checkpoints and compared on
         resume together with the training settings and a fingerprint of the data."""
         with torch_threads(self.config.threads):
             return self._fit(
-                model, entry, train, valid, on_epoch=on_epoch, on_step=on_step, identity=identity
+                model,
+                entry,
+                train,
+                valid,
+                on_epoch=on_epoch,
+                on_step=on_step,
+                optimizer_state=optimizer_state,
+                pretrain=pretrain,
+                identity=identity,
             )
 
     def _fit(
@@ -690,6 +740,8 @@ class Trainer:
         *,
         on_epoch: Callable[[dict[str, float]], None] | None,
         on_step: Callable[[int], None] | None,
+        optimizer_state: dict[str, torch.Tensor] | None,
+        pretrain: bool,
         identity: dict[str, Any] | None = None,
     ) -> FitResult:
         config, dist = self.config, self.dist
@@ -708,7 +760,7 @@ class Trainer:
             ckpt.start_directory(config.checkpoint_dir)
         model.to(device)
         result = FitResult()
-        if entry.pretrain is not None and resumed is None:
+        if entry.pretrain is not None and resumed is None and pretrain:
             # FNN: fit the model the entry names (an FM) first and initialise from it; the
             # pre-training counts in this model's training time and samples
             teacher, teacher_entry = build_pretrain_model(model, entry)
@@ -726,6 +778,9 @@ class Trainer:
         optimizer = make_optimizer(
             model, entry, config, sparse=sparse, scale=lr_scale(config.lr_scaling, dist.world)
         )
+        continued = 0
+        if optimizer_state and resumed is None:
+            continued = optimizer.load_named_state(model, optimizer_state)
         scheduler = None
         if entry.optimizer == "adam" and config.lr_decay < 1 and valid is not None and len(valid):
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -759,6 +814,7 @@ class Trainer:
             "precision": matmul_precision(device, config.precision),
             "world": dist.world,
             "lr": optimizer.lr,
+            "optimizer_state": "continued" if continued else "fresh",
         }
         row_tables = [t.weight for t in embedding_tables(model)] if sparse else []
         net = data_parallel(model, dist, device, row_tables)
@@ -868,6 +924,7 @@ class Trainer:
             progress.epoch_generator = None
             if stop:
                 break
+        result.optimizer_state = optimizer.named_state(model)
         for table in embedding_tables(model):
             table.sparse = False  # a trained model is an ordinary module again
         if best_state is not None:
