@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepfm.serve.bundle import sha256_file
+from deepfm.common import file_sha256
 from safety_helpers import (
     CSV_SCHEMA,
     FAST,
@@ -37,7 +37,7 @@ REFUSED, SYSTEM, OK = 2, 1, 0
 
 def _rehash(bundle: Path, name: str) -> None:
     manifest = json.loads((bundle / "bundle.json").read_text())
-    manifest["files"][name] = sha256_file(bundle / name)
+    manifest["files"][name] = file_sha256(bundle / name)
     (bundle / "bundle.json").write_text(json.dumps(manifest))
 
 
