@@ -45,6 +45,8 @@ from deepfm.train.run import Parent, fit_and_evaluate, grow_parent
 from deepfm.train.trainer import TrainConfig, predict_proba
 from serve_helpers import ServerProcess
 
+JSON = {"Content-Type": "application/json"}
+
 #: a market small enough to train in seconds: 150 apps and 600 users on day 1, 12 new apps and
 #: 40 new users on each later day, 4000 impressions a day
 DAYS, ROWS, NEW_APPS, NEW_USERS = 3, 4000, 12, 40
@@ -342,7 +344,7 @@ def test_next_days_bundle_is_hot_reloaded_under_load(week, day1_bundle, tmp_path
         with httpx.Client(base_url=process.url, timeout=30) as own:
             while not stop.is_set():
                 try:
-                    response = own.post("/predict", content=body)
+                    response = own.post("/predict", content=body, headers=JSON)
                 except httpx.HTTPError as exc:
                     results.append((-1, repr(exc)))
                     continue
@@ -350,7 +352,7 @@ def test_next_days_bundle_is_hot_reloaded_under_load(week, day1_bundle, tmp_path
                 results.append((response.status_code, response.json()["ctr"] if ok else ""))
 
     def served_now() -> np.ndarray:
-        return np.asarray(process.client.post("/predict", content=body).json()["ctr"])
+        return np.asarray(process.client.post("/predict", content=body, headers=JSON).json()["ctr"])
 
     threads = [threading.Thread(target=hammer) for _ in range(3)]
     try:
@@ -402,7 +404,9 @@ def test_cli_market_csv_and_daily(tmp_path, capsys):
                  *TINY, "--daily-epochs", "1", "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "| train ≤ day | test day |" in printed and "Warm − retrain mean next-day AUC" in printed
-    assert {p.name for p in out.iterdir()} == {"daily.json", "daily.md", "daily.png"}
+    # a results directory, marked as such (README, "Safety")
+    expected = {"daily.json", "daily.md", "daily.png", ".deepfm-results"}
+    assert {p.name for p in out.iterdir()} == expected
     assert [d["test_day"] for d in json.loads((out / "daily.json").read_text())["days"]] == ["2"]
     assert main(["daily", "--data", str(week), "--split", "random:0.9", "--out", str(out)]) == 2
     assert "--split time:COLUMN" in capsys.readouterr().err
