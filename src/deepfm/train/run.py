@@ -123,6 +123,7 @@ def fit_and_evaluate(
             pretrain=parent is None,
             on_epoch=on_epoch,
             on_step=on_step,
+            identity=run_identity(dataset, model_config),
         )
     else:  # a warm start on no new rows: the parent as it was
         assert parent is not None, "build_dataset refuses no rows without a parent"
