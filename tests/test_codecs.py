@@ -210,3 +210,77 @@ def test_feature_map_json_stays_small_whatever_the_vocabulary(tmp_path):
     with pytest.raises(Exception, match="missing"):
         (tmp_path / "vocab" / "000.ids.npy").unlink()
         FeatureMap.load(tmp_path)
+
+
+def test_a_vocabulary_set_looks_up_as_each_of_its_vocabularies():
+    """Fields sharing keys with different ids (the tag must separate them), keys absent from
+    one field but present in another (must be OOV there), empty vocabularies."""
+    rng = np.random.default_rng(5)
+    common = rng.integers(0, 2**63, 300).astype(np.uint64)
+    vocabularies = []
+    for size in (0, 40, 2000, 5):
+        keys = np.unique(np.concatenate([common[: size // 2], rng.integers(0, 2**63, size)]))
+        keys = keys.astype(np.uint64)[:size]
+        vocabularies.append(Vocabulary(keys, rng.permutation(len(keys)).astype(np.int32) + 2))
+    joint = codecs.VocabularySet(vocabularies)
+    edges = np.array([0, 2**64 - 1], np.uint64)
+    queries = np.concatenate([common, *(v.keys for v in vocabularies), edges])
+    for f, vocabulary in enumerate(vocabularies):
+        got = joint.lookup(queries, np.full(len(queries), f))
+        np.testing.assert_array_equal(got, vocabulary.lookup(queries))
+    mixed = rng.integers(0, len(vocabularies), len(queries))  # one call, fields interleaved
+    expected = [vocabularies[f].lookup(queries[i : i + 1])[0] for i, f in enumerate(mixed)]
+    np.testing.assert_array_equal(joint.lookup(queries, mixed), expected)
+    assert (codecs.VocabularySet([]).lookup(queries[:3], np.zeros(3, int)) == OOV).all()
+
+
+@pytest.mark.parametrize("joint_values", [1 << 22, 30])
+def test_a_request_encodes_as_field_by_field_encoding(monkeypatch, joint_values):
+    """The few-rows path (keys of all fields at once, one joint lookup, broadcast columns)
+    gives the ids of each codec encoding its own column; with a small joint budget the larger
+    vocabularies keep their own lookup; hashed fields always do."""
+    from deepfm.data import featuremap
+
+    schema = Schema(
+        (
+            FieldSpec("user", kind="hashed", buckets=50),
+            FieldSpec("item"),
+            FieldSpec("shop"),
+            FieldSpec("age", kind="numeric"),
+            FieldSpec("price", kind="numeric"),
+            FieldSpec("tags", kind="multi", separator="|", max_len=2),
+        ),
+    )
+    rng = np.random.default_rng(4)
+    n = 600
+
+    def table_of(rows: int) -> pa.Table:
+        item = [f"item{v}" if v % 7 else None for v in rng.integers(0, 90, rows)]
+        age = np.where(rng.random(rows) < 0.1, np.nan, rng.integers(0, 90, rows))
+        return pa.table(
+            {
+                "user": [f"u{v}" for v in rng.integers(0, 1000, rows)],
+                "item": pa.array(item, pa.string()),
+                "shop": [f"s{v}" if v else "" for v in rng.integers(0, 12, rows)],
+                "age": pa.array(age),
+                "price": rng.exponential(50, rows),
+                "tags": ["|".join(f"t{t}" for t in rng.integers(0, 9, 2)) for _ in range(rows)],
+            }
+        )
+
+    fm = _fit(schema, table_of(n))
+    monkeypatch.setattr(featuremap, "JOINT_LOOKUP_VALUES", joint_values)
+    fm.prepare_row_keys()
+    plan = fm._row_plan
+    assert plan.own_columns[0] == 0  # hashed: no vocabulary
+    assert (len(plan.own_columns) > 1) == (joint_values < 100)  # "item" (~90 values) at least
+    fresh = table_of(40)  # unseen values among them
+    for rows in (1, 7, 40):
+        columns = {name: fresh.column(name).slice(0, rows) for name in fresh.column_names}
+        columns["shop"] = columns["shop"].slice(0, 1)  # broadcast to every row
+        columns["age"] = columns["age"].slice(0, 1)
+        got, _ = fm.encode_columns(columns, rows)
+        monkeypatch.setattr(featuremap, "ROW_KEYS_UP_TO", 0)  # each codec, its column
+        expected, _ = fm.encode_columns(columns, rows)
+        monkeypatch.setattr(featuremap, "ROW_KEYS_UP_TO", 4096)
+        np.testing.assert_array_equal(got, expected)

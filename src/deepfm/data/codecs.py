@@ -517,6 +517,49 @@ class Vocabulary:
         return vocabulary, int(np.count_nonzero(repeated))
 
 
+class VocabularySet:
+    """Several fields' vocabularies looked up in one pass (a request's few rows of many fields,
+    where one ``Vocabulary.lookup`` per field costs more in calls than in work).
+
+    Every key is tagged with its field (``key ^ salt[field]``) and the tagged keys of all the
+    vocabularies are sorted into one array, beside each entry's field and local id. A query
+    matches an entry when both its tagged key and its field are equal, which means its key is
+    equal: the ids are exactly each vocabulary's own :meth:`Vocabulary.lookup`. Salts are drawn
+    (seeded) until no two entries share a tagged key. Costs 14 bytes per value, in memory.
+    """
+
+    def __init__(self, vocabularies: Sequence[Vocabulary]) -> None:
+        sizes = np.array([len(v) for v in vocabularies], dtype=np.int64)
+        keys = np.concatenate([np.zeros(0, np.uint64), *(np.asarray(v.keys) for v in vocabularies)])
+        ids = np.concatenate([np.zeros(0, np.int32), *(np.asarray(v.ids) for v in vocabularies)])
+        field_of = np.repeat(np.arange(len(vocabularies), dtype=np.uint16), sizes)
+        rng = np.random.default_rng(0)
+        while True:  # a repeated tagged key has probability ~n²/2⁶⁵ per draw
+            salts = rng.integers(0, 2**63, len(vocabularies), dtype=np.int64).astype(np.uint64)
+            tagged = keys ^ salts[field_of]
+            order = np.argsort(tagged)
+            tagged = tagged[order]
+            if not (tagged[1:] == tagged[:-1]).any():
+                break
+        self.salts = salts
+        self.tagged = tagged
+        self.fields = field_of[order]
+        self.ids = ids[order]
+
+    def lookup(self, keys: np.ndarray, fields: np.ndarray) -> np.ndarray:
+        """Local id (int32) of each key ``[n]`` in the vocabulary its ``fields`` entry ``[n]``
+        names (a position in the list given); OOV where it is not there."""
+        if len(self.tagged) == 0:
+            return np.full(keys.shape, OOV, np.int32)
+        tagged = keys ^ self.salts[fields]
+        order = np.argsort(tagged)  # sorted queries search ~2x faster (each narrows the next)
+        position = np.empty(len(tagged), np.int64)
+        position[order] = np.searchsorted(self.tagged, tagged[order])
+        position = np.minimum(position, len(self.tagged) - 1)
+        found = (self.tagged[position] == tagged) & (self.fields[position] == fields)
+        return np.where(found, self.ids[position], np.int32(OOV))
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     """Write ``array`` as ``.npy`` in slices (a memory map is never read whole)."""
     out = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)

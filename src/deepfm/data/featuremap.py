@@ -20,6 +20,7 @@ number standardised with the training mean and standard deviation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -40,6 +41,7 @@ from deepfm.data.codecs import (
     StandardCodec,
     Vocabulary,
     VocabularyCodec,
+    VocabularySet,
     bucketize,
     codec_from_dict,
     field_tokens,
@@ -212,38 +214,59 @@ class FeatureMap:
                 values[:, slot : slot + codec.slots] = field_values  # type: ignore[index]
         return ids, values
 
+    @functools.cached_property
+    def _row_plan(self) -> _RowPlan:
+        return _RowPlan(self)
+
+    def prepare_row_keys(self) -> None:
+        """Build what encoding a request needs (the joint vocabulary lookup) now rather than on
+        the first request: a server calls this while loading."""
+        _ = self._row_plan
+
     def _encode_row_keys(self, columns: dict, ids: np.ndarray) -> set[str]:
-        """Encode the single-slot keyed fields row by row (see ``encode_columns``); returns the
-        names of the fields done."""
-        done = set()
-        strings = [(c, s) for c, s in zip(self.fields, self._slot, strict=False)
-                   if c.key_kind == "string"]  # fmt: skip
-        if strings:
-            parts = [_plain_strings(columns[c.name]) for c, _ in strings]
+        """Encode the single-slot keyed fields of a few rows (see ``encode_columns``) in a few
+        passes; returns the names of the fields done.
+
+        The values of all string fields are keyed in one pass, those of all bucketised fields
+        in another; the keys of every field with a vocabulary are then looked up in one pass
+        (:class:`VocabularySet`), the others (hashed fields, very large vocabularies) by their
+        codec's ``ids_of_keys``."""
+        plan = self._row_plan
+        rows = len(ids)
+        keys, missing, lengths = [], [], []
+        if plan.strings:
+            parts = [_plain_strings(columns[c.name]) for c in plan.strings]
             joined = pc.fill_null(pa.concat_arrays(parts), "")
-            keys, _ = string_keys(joined)
-            missing = pc.binary_length(joined).to_numpy(zero_copy_only=False) == 0
-            start = 0
-            for (codec, slot), part in zip(strings, parts, strict=True):
-                end = start + len(part)
-                local = np.where(missing[start:end], MISSING, codec.ids_of_keys(keys[start:end]))
-                ids[:, slot] = local + codec.offset
-                done.add(codec.name)
-                start = end
-        numbers = [(c, s) for c, s in zip(self.fields, self._slot, strict=False)
-                   if c.key_kind == "int"]  # fmt: skip
-        if numbers:
-            rows = len(ids)
-            x = np.empty((rows, len(numbers)))
-            for j, (codec, _) in enumerate(numbers):
-                x[:, j] = numbers_of(columns[codec.name])  # one row broadcasts
-            missing = np.isnan(x)
-            keys = int_keys(bucketize(np.where(missing, 0.0, x)))
-            for j, (codec, slot) in enumerate(numbers):
-                local = codec.ids_of_keys(np.ascontiguousarray(keys[:, j]))
-                ids[:, slot] = np.where(missing[:, j], MISSING, local) + codec.offset
-                done.add(codec.name)
-        return done
+            keys.append(string_keys(joined)[0])
+            missing.append(pc.binary_length(joined).to_numpy(zero_copy_only=False) == 0)
+            lengths += [len(p) for p in parts]
+        if plan.numbers:
+            parts = [numbers_of(columns[c.name]) for c in plan.numbers]
+            x = np.concatenate(parts)
+            nan = np.isnan(x)
+            keys.append(int_keys(bucketize(np.where(nan, 0.0, x))))
+            missing.append(nan)
+            lengths += [len(p) for p in parts]
+        if not keys:
+            return set()
+        # every column holds a value per row, or one value broadcast to every row: its values
+        # are looked up once, then spread over the rows
+        flat_keys, flat_missing = np.concatenate(keys), np.concatenate(missing)
+        counts = np.array(lengths)
+        column = np.repeat(np.arange(len(counts)), counts)
+        starts = np.cumsum(counts) - counts
+        local = np.empty(len(flat_keys), np.int32)
+        if plan.all_joint:
+            local[:] = plan.joint.lookup(flat_keys, plan.joint_field[column])
+        else:
+            joint = plan.joint_field[column] >= 0
+            local[joint] = plan.joint.lookup(flat_keys[joint], plan.joint_field[column[joint]])
+            for j in plan.own_columns:
+                part = slice(starts[j], starts[j] + counts[j])
+                local[part] = plan.codecs[j].ids_of_keys(flat_keys[part])
+        flat_ids = np.where(flat_missing, np.int32(MISSING), local) + plan.offsets[column]
+        ids[:, plan.slots] = flat_ids[starts + np.arange(rows)[:, None] * (counts > 1)]
+        return plan.names
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -365,3 +388,42 @@ def _from_format_1(data: dict[str, Any]) -> FeatureMap:
         else:
             codecs.append(VocabularyCodec(spec, offset, vocabulary, summary))
     return FeatureMap(schema, codecs, fitted_rows=int(data.get("fitted_rows", 0)))
+
+
+#: vocabulary values (all fields together) that the joint lookup of requests holds in memory, 14
+#: bytes each: fields are added smallest first; larger ones keep their own (memory-mapped) lookup
+JOINT_LOOKUP_VALUES = 1 << 22
+
+
+class _RowPlan:
+    """What encoding a few rows needs, worked out once per feature map: the single-slot keyed
+    fields in key order (string fields, then bucketised ones), their slots and offsets, and the
+    joint vocabulary lookup of those with a vocabulary (see ``FeatureMap._encode_row_keys``)."""
+
+    def __init__(self, feature_map: FeatureMap) -> None:
+        slot_of = dict(zip((c.name for c in feature_map.fields), feature_map._slot, strict=False))
+        keyed = [c for c in feature_map.fields if c.slots == 1]
+        self.strings = [c for c in keyed if c.key_kind == "string"]
+        self.numbers = [c for c in keyed if c.key_kind == "int"]
+        self.codecs: list[Codec] = [*self.strings, *self.numbers]
+        self.names = {c.name for c in self.codecs}
+        self.slots = np.array([slot_of[c.name] for c in self.codecs], dtype=np.int64)
+        self.offsets = np.array([c.offset for c in self.codecs], dtype=np.int32)
+        with_vocabulary = sorted(
+            (len(c.vocabulary), j)
+            for j, c in enumerate(self.codecs)
+            if isinstance(c, VocabularyCodec)
+        )
+        joint, total = [], 0
+        for size, j in with_vocabulary:
+            if total + size > JOINT_LOOKUP_VALUES:
+                break
+            joint.append(j)
+            total += size
+        joint.sort()
+        #: each column's field in the joint lookup (-1: looked up by its codec)
+        self.joint_field = np.full(len(self.codecs), -1, dtype=np.int64)
+        self.joint_field[joint] = np.arange(len(joint))
+        self.joint = VocabularySet([self.codecs[j].vocabulary for j in joint])  # type: ignore[attr-defined]
+        self.own_columns = [j for j in range(len(self.codecs)) if self.joint_field[j] < 0]
+        self.all_joint = not self.own_columns

@@ -146,16 +146,30 @@ class RecordColumns:
             if type(record) is not dict and not isinstance(record, Mapping):
                 raise DataError(f"expected an object, got {_kind(record)}", path=f"{where}[{i}]")
         present: set[str] = set().union(*records) if records else set()
+        # each field's raw values: one per record, or one (shared's) broadcast to every record
+        raws = {}
+        for codec in self.fields:
+            name = codec.name
+            default = shared.get(name)
+            raws[name] = [r.get(name, default) for r in records] if name in present else [default]
         out = {}
-        try:
+        # the usual case first: all the categorical fields' values in one Arrow conversion,
+        # all the numeric fields' in one NumPy conversion, sliced back into columns
+        for kind, joined in (("category", _strings), ("numeric", _plain_numbers)):
+            group = [c.name for c in self.fields if _group(c) == kind]
+            flat = [value for name in group for value in raws[name]]
+            column = joined(flat) if len(group) > 1 else None
+            if column is not None:
+                start = 0
+                for name in group:
+                    out[name] = column[start : start + len(raws[name])]
+                    start += len(raws[name])
+        try:  # the others, and those of a group holding a value to convert or refuse
             for codec in self.fields:
                 name = codec.name
-                if name in present:
-                    default = shared.get(name)
-                    raw = [r.get(name, default) for r in records]
-                    out[name] = _column(codec, raw, lambda i: f"{where}[{i}]")
-                else:
-                    out[name] = _column(codec, [shared.get(name)], lambda _i: "user/context")
+                if name not in out:
+                    place = (lambda i: f"{where}[{i}]") if name in present else _shared_place
+                    out[name] = _column(codec, raws[name], place)
         except _BadValue as bad:
             raise DataError(bad.reason, path=bad.where, field=bad.field) from None
         return out
@@ -179,6 +193,39 @@ class RecordColumns:
             place = f"{where}[{row}]" if len(columns[codec.name]) == n else "user/context"
             raise DataError("number too large for a float32 value", path=place, field=codec.name)
         return EncodedArrays(ids, values, None, np.arange(1, n + 1, dtype=np.int64))
+
+
+def _shared_place(_row: int) -> str:
+    return "user/context"
+
+
+def _group(codec: Codec) -> str:
+    kind = codec.spec.kind
+    return kind if kind in ("numeric", "multi") else "category"
+
+
+def _strings(raw: list) -> pa.Array | None:
+    """``raw`` as one Arrow string array, or None when a value is not a string or None."""
+    try:
+        return pa.array(raw, pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return None
+
+
+def _plain_numbers(raw: list) -> np.ndarray | None:
+    """``raw`` as float64 (NaN for None), or None when a value needs a closer look (a NaN or
+    infinite number, a value that is not a number)."""
+    try:
+        x = np.array(raw, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if x.shape != (len(raw),):
+        return None
+    bad = ~np.isfinite(x)
+    # NaN from None is missing; NaN or inf from a value is refused by the closer look
+    if bad.any() and not all(raw[i] is None for i in np.flatnonzero(bad).tolist()):
+        return None
+    return x
 
 
 def _column(codec: Codec, raw: list, place) -> pa.Array | np.ndarray:
@@ -211,16 +258,9 @@ def _column(codec: Codec, raw: list, place) -> pa.Array | np.ndarray:
 
 def _numbers(raw: list, name: str, place) -> np.ndarray:
     """Numbers as float64 with NaN for missing; a bad value raises naming its place."""
-    try:  # fast path: NumPy converts ints, floats, numeric strings and None (→ NaN)
-        x = np.array(raw, dtype=np.float64)
-        ok = x.shape == (len(raw),)
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if ok:
-        bad = ~np.isfinite(x)
-        # NaN from None is missing; NaN or inf from a value goes to the slow path's error
-        if not bad.any() or all(raw[i] is None for i in np.flatnonzero(bad).tolist()):
-            return x
+    x = _plain_numbers(raw)
+    if x is not None:
+        return x
     x = np.empty(len(raw), dtype=np.float64)
     for i, value in enumerate(raw):
         try:
