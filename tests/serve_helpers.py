@@ -83,6 +83,8 @@ class ServerProcess:
 
     def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "deepfm", "serve", "--model", str(model), "--port", "0"]
+        if "--runtime" not in args:  # the torch runtime starts at once (ONNX exports first)
+            args = ("--runtime", "torch", *args)
         self.process = subprocess.Popen(
             [*command, *args],
             stdout=subprocess.DEVNULL,

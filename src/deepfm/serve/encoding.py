@@ -114,6 +114,10 @@ class RecordColumns:
         self.feature_map = feature_map
         self.fields: list[Codec] = list(feature_map.fields)
         self.names: frozenset[str] = frozenset(f.name for f in self.fields)
+        self._groups = {
+            kind: [f.name for f in self.fields if _group(f) == kind]
+            for kind in ("category", "numeric")
+        }
 
     def check_keys(
         self, records: Sequence[Record], where: str, extra: frozenset[str] = frozenset()
@@ -121,6 +125,8 @@ class RecordColumns:
         """Raise :class:`DataError` naming the first record (``where[i]``) that holds a key which
         is neither a field of the model nor in ``extra``, or that is not an object."""
         allowed = self.names | extra
+        if all(type(r) is dict for r in records) and allowed.issuperset(set().union(*records)):
+            return  # the usual case, checked at once; otherwise find the first culprit
         for i, record in enumerate(records):
             self.check_mapping(record, f"{where}[{i}]", allowed)
 
@@ -142,9 +148,12 @@ class RecordColumns:
         """One raw column per field: ``len(records)`` rows for the fields some record carries,
         one row (``shared``'s value, broadcast when encoding) for the others."""
         shared = shared or {}
-        for i, record in enumerate(records):
-            if type(record) is not dict and not isinstance(record, Mapping):
-                raise DataError(f"expected an object, got {_kind(record)}", path=f"{where}[{i}]")
+        if not all(type(r) is dict for r in records):
+            for i, record in enumerate(records):
+                if not isinstance(record, Mapping):
+                    raise DataError(
+                        f"expected an object, got {_kind(record)}", path=f"{where}[{i}]"
+                    )
         present: set[str] = set().union(*records) if records else set()
         # each field's raw values: one per record, or one (shared's) broadcast to every record
         raws = {}
@@ -156,7 +165,7 @@ class RecordColumns:
         # the usual case first: all the categorical fields' values in one Arrow conversion,
         # all the numeric fields' in one NumPy conversion, sliced back into columns
         for kind, joined in (("category", _strings), ("numeric", _plain_numbers)):
-            group = [c.name for c in self.fields if _group(c) == kind]
+            group = self._groups[kind]
             flat = [value for name in group for value in raws[name]]
             column = joined(flat) if len(group) > 1 else None
             if column is not None:

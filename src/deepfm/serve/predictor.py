@@ -35,6 +35,14 @@ RANK_BY: tuple[str, ...] = ("ctr", "ctr_bid")
 BID = "bid"
 
 
+def default_runtime() -> Runtime:
+    """``onnx`` when ONNX Runtime (and the exporter) are installed, else ``torch``."""
+    import importlib.util
+
+    needed = ("onnxruntime", "onnx", "onnxscript")
+    return "onnx" if all(importlib.util.find_spec(m) for m in needed) else "torch"
+
+
 class Predictor:
     """``Predictor.load(DIR)``; ``predict_proba(records)``; ``rank(user, context, candidates)``.
 
@@ -120,20 +128,16 @@ class Predictor:
 
         A non-finite probability (extreme input values overflowing the model) raises
         :class:`DataError` naming the first such row, rather than returning NaN."""
-        if len(encoded) == 0:
+        return check_finite(self.forward(encoded.ids, encoded.values))
+
+    def forward(self, ids: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+        """Click probabilities ``[rows]`` (float64) of ``ids [rows, slots]`` and ``values``, in
+        one forward pass of the runtime, unchecked (see :func:`check_finite`)."""
+        if len(ids) == 0:
             return np.zeros(0, dtype=np.float64)
         if self._onnx is not None:
-            ctr = self._onnx(encoded.ids, encoded.values).astype(np.float64)
-        else:
-            ctr = self._torch_proba(encoded.ids, encoded.values)
-        if not np.isfinite(ctr).all():
-            row = int(np.flatnonzero(~np.isfinite(ctr))[0])
-            raise DataError(
-                "the model's score is not a finite number: a value of this record is too large "
-                "for the model",
-                path=f"row {row}",
-            )
-        return ctr
+            return self._onnx(ids, values).astype(np.float64)
+        return self._torch_proba(ids, values)
 
     @torch.inference_mode()
     def _torch_proba(self, ids: np.ndarray, values: np.ndarray | None) -> np.ndarray:
@@ -168,13 +172,29 @@ class Predictor:
             raise DataError(f"rank by 'ctr' or 'ctr_bid', not {by!r}")
         if isinstance(top, bool) or not isinstance(top, int):
             raise DataError(f"top must be an integer, not {top!r}")
+        encoded = self.encode_rank(user, context, candidates, strict=strict)
+        return self.ranked(self.predict_encoded(encoded), candidates, top=top, by=by)
+
+    def encode_rank(
+        self, user: Record, context: Record, candidates: Sequence[Record], *, strict: bool = False
+    ) -> EncodedArrays:
+        """The candidates of :meth:`rank` encoded, user and context fields shared."""
         encoder = self.encoder
         encoder.check_mapping(user, "user", encoder.names if strict else None)
         encoder.check_mapping(context, "context", encoder.names if strict else None)
         if strict:
             encoder.check_keys(candidates, "candidates", frozenset((BID,)))
-        shared = {**user, **context}
-        ctr = self.predict_encoded(encoder.encode(candidates, shared, where="candidates"))
+        return encoder.encode(candidates, {**user, **context}, where="candidates")
+
+    @staticmethod
+    def ranked(
+        ctr: np.ndarray,
+        candidates: Sequence[Record],
+        *,
+        top: int = 10,
+        by: Literal["ctr", "ctr_bid"] = "ctr",
+    ) -> list[dict[str, float | int]]:
+        """The ``top`` of :meth:`rank` from the candidates' click probabilities ``ctr``."""
         score = ctr * bids_of(candidates) if by == "ctr_bid" else ctr
         order = np.argsort(-score, kind="stable")[: max(top, 0)]
         return [
@@ -212,3 +232,16 @@ def bids_of(candidates: Sequence[Record]) -> np.ndarray:
             raise DataError(f"a bid must be >= 0, not {bid}", path=f"candidates[{i}]", field=BID)
         bids[i] = bid
     return bids
+
+
+def check_finite(ctr: np.ndarray) -> np.ndarray:
+    """``ctr``, or :class:`DataError` naming the first row whose score is not finite (extreme
+    input values overflowing the model) rather than answering NaN."""
+    if not np.isfinite(ctr).all():
+        row = int(np.flatnonzero(~np.isfinite(ctr))[0])
+        raise DataError(
+            "the model's score is not a finite number: a value of this record is too large "
+            "for the model",
+            path=f"row {row}",
+        )
+    return ctr

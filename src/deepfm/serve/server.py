@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import (
@@ -53,10 +54,17 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from starlette.requests import ClientDisconnect
 
+from deepfm.data.encoded import EncodedArrays
 from deepfm.errors import ConfigError, DataError, DeepFMError, is_finite_number
 from deepfm.outputs import to_json
-from deepfm.serve.predictor import Predictor, Runtime
+from deepfm.serve.batching import ForwardBatcher
+from deepfm.serve.predictor import Predictor, Runtime, check_finite, default_runtime
 from deepfm.train.trainer import MAX_THREADS
+
+try:  # a fast JSON parser; without it pydantic parses every body (same answers, ~2x the CPU)
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency of the serve extra
+    orjson = None
 
 log = logging.getLogger("deepfm.serve")
 
@@ -75,10 +83,11 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
 @dataclass
 class ServeSettings:
     """What ``deepfm serve`` was asked for. ``threads``: torch / ONNX Runtime intra-op threads
-    per forward pass; ``concurrency``: forward passes run at once (each in a worker thread)."""
+    per forward pass; ``concurrency``: forward passes run at once (each in a worker thread);
+    ``batch_wait_ms`` and ``max_batch_rows``: dynamic batching (:mod:`deepfm.serve.batching`)."""
 
     model_dir: Path
-    runtime: Runtime = "torch"
+    runtime: Runtime | None = None  # ONNX Runtime when installed, else torch
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
@@ -88,9 +97,17 @@ class ServeSettings:
     concurrency: int = 2
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    batch_wait_ms: float = 0.0
+    max_batch_rows: int = 4096
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
+        if self.runtime is None:
+            self.runtime = default_runtime()
+        if not (is_finite_number(self.batch_wait_ms) and 0 <= self.batch_wait_ms <= 1000):
+            raise ConfigError("--batch-wait-ms must be in [0, 1000]")
+        if self.max_batch_rows < 1:
+            raise ConfigError("--max-batch-rows must be positive")
         if self.max_records < 1 or self.max_body_bytes < 1:
             raise ConfigError("--max-records and --max-body-bytes must be positive")
         if not 1 <= self.threads <= MAX_THREADS or not 1 <= self.concurrency <= MAX_THREADS:
@@ -153,6 +170,18 @@ def validation_message(exc: ValidationError, limit: int = 5) -> str:
 
 
 def parse_body(model: type[BaseModel], body: bytes) -> Any:
+    """The request ``model`` in ``body``, or an :class:`HTTPProblem` (400 or 422).
+
+    A body in plain JSON that is valid as it is (the usual case) is parsed by orjson and checked
+    by :func:`_plain_request`; anything else (a refusal, NaN or an integer past 64 bits, which
+    orjson does not read) goes through pydantic, whose messages the refusals carry."""
+    if orjson is not None:
+        try:
+            request = _plain_request(model, orjson.loads(body))
+        except orjson.JSONDecodeError:
+            request = None
+        if request is not None:
+            return request
     if not body.strip():
         raise HTTPProblem(400, "empty body: send a JSON object", "bad_json")
     try:
@@ -162,6 +191,37 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
             detail = exc.errors(include_input=False, include_url=False)[0]["msg"]
             raise HTTPProblem(400, f"malformed JSON: {detail}", "bad_json") from None
         raise HTTPProblem(422, validation_message(exc), "invalid") from None
+
+
+def _plain_request(model: type[BaseModel], data: Any) -> BaseModel | None:
+    """``data`` as ``model`` when pydantic would accept it as it is (the fields' exact JSON
+    types, within bounds), without validating record by record; None otherwise."""
+    if type(data) is not dict or not _FIELDS[model].issuperset(data):
+        return None
+    if model is PredictRequest:
+        records = data.get("records")
+        if type(records) is not list or not all(type(r) is dict for r in records):
+            return None
+        return PredictRequest.model_construct(records=records)
+    candidates = data.get("candidates")
+    user, context = data.get("user", {}), data.get("context", {})
+    top, by = data.get("top", 10), data.get("by", "ctr")
+    if (
+        type(candidates) is not list
+        or not all(type(c) is dict for c in candidates)
+        or type(user) is not dict
+        or type(context) is not dict
+        or type(top) is not int
+        or not 1 <= top <= 1_000_000
+        or by not in ("ctr", "ctr_bid")
+    ):
+        return None
+    return RankRequest.model_construct(
+        user=user, context=context, candidates=candidates, top=top, by=by
+    )
+
+
+_FIELDS = {m: frozenset(m.model_fields) for m in (PredictRequest, RankRequest)}
 
 
 # -- the model being served ------------------------------------------------------------------
@@ -224,6 +284,10 @@ class ServiceMetrics:
         )  # fmt: skip
         self.rows = Counter("deepfm_scored_rows", "records scored, by route", ["route"], registry=r)
         self.reloads = Counter("deepfm_reloads", "reloads by result", ["result"], registry=r)
+        self.batch = Histogram(
+            "deepfm_batch_requests", "requests scored together in one forward pass",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r,
+        )  # fmt: skip
         self.model = Gauge(
             "deepfm_model_info", "the bundle being served (value 1)",
             ["model", "feature_map_sha256", "created", "runtime"], registry=r,
@@ -240,6 +304,13 @@ class ServiceMetrics:
 
 def _json_bytes(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _scores_json(data: dict[str, Any]) -> bytes:
+    """A scored answer (finite floats, ints, lists and NumPy arrays of them) as JSON."""
+    if orjson is not None:
+        return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
+    return _json_bytes({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in data.items()})
 
 
 async def _send_json(send, status: int, data: Any, headers: list | None = None) -> None:
@@ -371,7 +442,12 @@ def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> Fa
     holder = holder or ModelHolder(settings)
     metrics = ServiceMetrics()
     metrics.set_model(holder.predictor.info)
-    limiter = anyio.CapacityLimiter(settings.concurrency)
+    batcher = ForwardBatcher(
+        settings.concurrency,
+        window=settings.batch_wait_ms / 1e3,
+        max_rows=settings.max_batch_rows,
+        on_pass=lambda requests, _rows: metrics.batch.observe(requests),
+    )
 
     async def reload_model(source: str) -> tuple[bool, str]:
         try:
@@ -407,6 +483,7 @@ def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> Fa
         finally:
             if hangup is not None and threading.current_thread() is threading.main_thread():
                 loop.remove_signal_handler(hangup)
+            batcher.close()
 
     app = FastAPI(
         title="deepfm",
@@ -428,10 +505,16 @@ def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> Fa
         return _json_response(500, {"detail": f"internal error: {type(exc).__name__}"})
 
     async def scored(
-        request: Request, body_model, count: Callable[[Any], int], work: Callable[..., bytes]
+        request: Request,
+        body_model,
+        count: Callable[[Any], int],
+        encode: Callable[[Predictor, Any], EncodedArrays],
+        answer: Callable[[Any, np.ndarray], dict[str, Any]],
     ) -> Response:
-        """Read and validate the body, then run ``work`` on the current predictor in a worker
-        thread (the forward pass releases the GIL; the event loop keeps reading requests)."""
+        """Read and validate the body, encode it on the event loop (a request's records in a few
+        vectorised passes), score its rows in a forward pass shared with the requests waiting
+        at the same time (:class:`ForwardBatcher`, in worker threads: the event loop keeps
+        reading requests) and answer from the probabilities."""
         raw = await read_body(request, settings.max_body_bytes)
         fields = len(holder.predictor.encoder.names) + 1  # and a bid
         # records or candidates, plus the body, user and context objects (keys likewise): no
@@ -447,30 +530,33 @@ def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> Fa
             )
         predictor = holder.predictor  # this request finishes on this model, whatever reloads
         try:
-            content = await anyio.to_thread.run_sync(work, predictor, body, limiter=limiter)
+            encoded = encode(predictor, body)
+            ctr = check_finite(await batcher.score(predictor, encoded.ids, encoded.values))
+            content = _scores_json(answer(body, ctr))
         except DataError as exc:
             raise HTTPProblem(422, str(exc), "invalid") from None
+        metrics.rows.labels(request.scope["path"]).inc(n)
         return Response(content, media_type="application/json")
 
     @app.post("/predict", openapi_extra=_schema_of(PredictRequest))
     async def predict(request: Request) -> Response:
-        def work(predictor: Predictor, body: PredictRequest) -> bytes:
-            ctr = predictor.predict_proba(body.records, strict=True)
-            metrics.rows.labels("/predict").inc(len(ctr))
-            return _json_bytes({"ctr": ctr.tolist()})
-
-        return await scored(request, PredictRequest, lambda b: len(b.records), work)
+        return await scored(
+            request,
+            PredictRequest,
+            lambda body: len(body.records),
+            lambda predictor, body: predictor.encode(body.records, strict=True),
+            lambda body, ctr: {"ctr": ctr},
+        )
 
     @app.post("/rank", openapi_extra=_schema_of(RankRequest))
     async def rank(request: Request) -> Response:
-        def work(predictor: Predictor, body: RankRequest) -> bytes:
-            items = predictor.rank(
-                body.user, body.context, body.candidates, top=body.top, by=body.by, strict=True
-            )
-            metrics.rows.labels("/rank").inc(len(body.candidates))
-            return _json_bytes({"items": items})
+        def encode(predictor: Predictor, body: RankRequest) -> EncodedArrays:
+            return predictor.encode_rank(body.user, body.context, body.candidates, strict=True)
 
-        return await scored(request, RankRequest, lambda b: len(b.candidates), work)
+        def answer(body: RankRequest, ctr: np.ndarray) -> dict[str, Any]:
+            return {"items": Predictor.ranked(ctr, body.candidates, top=body.top, by=body.by)}
+
+        return await scored(request, RankRequest, lambda body: len(body.candidates), encode, answer)
 
     @app.get("/health")
     async def health() -> Response:
