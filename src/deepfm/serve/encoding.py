@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -114,6 +116,7 @@ class RecordColumns:
         self.feature_map = feature_map
         self.fields: list[Codec] = list(feature_map.fields)
         self.names: frozenset[str] = frozenset(f.name for f in self.fields)
+        self._order = [f.name for f in self.fields]
         self._groups = {
             kind: [f.name for f in self.fields if _group(f) == kind]
             for kind in ("category", "numeric")
@@ -156,17 +159,26 @@ class RecordColumns:
                     )
         present: set[str] = set().union(*records) if records else set()
         # each field's raw values: one per record, or one (shared's) broadcast to every record
-        raws = {}
-        for codec in self.fields:
-            name = codec.name
-            default = shared.get(name)
-            raws[name] = [r.get(name, default) for r in records] if name in present else [default]
+        raws: dict[str, Sequence[Any]] = {}
+        carried = [name for name in self._order if name in present]
+        if len(carried) > 1:
+            try:  # the usual case: every record carries the same fields, read in C loops
+                rows = map(itemgetter(*carried), records)
+                raws = dict(zip(carried, zip(*rows, strict=True), strict=True))
+            except KeyError:  # some record lacks one: shared's value or None stands in
+                raws = {}
+        for name in self._order:
+            if name not in raws:
+                default = shared.get(name)
+                raws[name] = (
+                    [r.get(name, default) for r in records] if name in present else [default]
+                )
         out = {}
         # the usual case first: all the categorical fields' values in one Arrow conversion,
         # all the numeric fields' in one NumPy conversion, sliced back into columns
         for kind, joined in (("category", _strings), ("numeric", _plain_numbers)):
             group = self._groups[kind]
-            flat = [value for name in group for value in raws[name]]
+            flat = list(chain.from_iterable(raws[name] for name in group))
             column = joined(flat) if len(group) > 1 else None
             if column is not None:
                 start = 0
