@@ -173,9 +173,10 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """The request ``model`` in ``body``, or an :class:`HTTPProblem` (400 or 422).
 
     A body in plain JSON that is valid as it is (the usual case) is parsed by orjson and checked
-    by :func:`_plain_request`; anything else (a refusal, NaN or an integer past 64 bits, which
-    orjson does not read) goes through pydantic, whose messages the refusals carry."""
-    if orjson is not None:
+    by :func:`_plain_request`; anything else goes through pydantic, whose messages the refusals
+    carry: a refusal, NaN or infinity (which orjson does not read), a run of 19 or more digits
+    (orjson reads an integer past 64 bits as a float, pydantic as the integer it is)."""
+    if orjson is not None and not _LONG_DIGITS.search(body):
         try:
             request = _plain_request(model, orjson.loads(body))
         except orjson.JSONDecodeError:
@@ -222,6 +223,8 @@ def _plain_request(model: type[BaseModel], data: Any) -> BaseModel | None:
 
 
 _FIELDS = {m: frozenset(m.model_fields) for m in (PredictRequest, RankRequest)}
+#: digits enough to be an integer past 64 bits (anywhere: in a string it is only slower)
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 # -- the model being served ------------------------------------------------------------------
