@@ -1,31 +1,37 @@
-"""Serving speed: ``/rank`` with 100 candidates over HTTP, and ``predict_proba`` in-process.
+"""Serving speed: ``/rank`` with 100 candidates over HTTP against the bare forward pass.
 
 ``python benchmarks/serve.py [--model DIR] [--requests 3000] [--clients 32] [--cpus 0,1]
-[--client httpx|raw] [--out benchmarks/results/serve.json]``
+[--client raw|httpx] [--server-args OPTIONS ...] [--out benchmarks/results/serve.json]``
 
 A DeepFM-D bundle (embedding 10, MLP 400-400-400, the Criteo feature map) is trained for one
-epoch on the Criteo sample unless ``--model`` names one. For each runtime (torch, then ONNX
-Runtime) ``deepfm serve`` starts on loopback and an asynchronous load generator (an
-``httpx.AsyncClient`` by default) sends ``/rank`` requests over ``--clients`` keep-alive
-connections: ``--warmup`` requests, then two timed phases of ``--requests`` each:
+epoch on the Criteo sample (``$DEEPFM_SHARED_DATA``) unless ``--model`` names one. Measured in
+one run, on the same CPUs:
 
-* closed loop (``saturated``): each connection sends its next request when its answer arrives:
-  the most requests/s. Its latencies are mostly queueing (on average clients / throughput).
-* open loop (``at_rate``): requests start on a fixed schedule of ``--rate`` per second (300, the
-  issue's bar), at most ``--clients`` at once; latency counts from the scheduled start.
+* the **bare ONNX Runtime forward pass** of one request's 100 rows, encoded beforehand (one
+  intra-op thread; CPU milliseconds per call): the floor of a request's cost;
+* for each runtime and each ``--server-args`` (repeat it to compare settings, e.g. ``''`` and
+  ``'--max-batch-rows 1'`` for batching on and off), ``deepfm serve`` on loopback driven by an
+  asynchronous load generator over ``--clients`` keep-alive connections: ``--warmup`` requests,
+  then two timed phases of ``--requests`` each:
+
+  * closed loop (``saturated``): each connection sends its next request when its answer
+    arrives: the most requests/s. Its latencies are mostly queueing (on average clients /
+    throughput).
+  * open loop (``at_rate``): requests start on a fixed schedule of ``--rate`` per second (300,
+    the issue's bar), at most ``--clients`` at once; latency counts from the scheduled start.
+
+  Each phase reports requests/s, p50 / p90 / p99 latency (client side, to the whole response),
+  and CPU milliseconds per request of the server process (all its threads) and of the load
+  generator, the server's also over the bare forward pass (``cpu_over_bare_forward``);
+* ``Predictor.predict_proba`` rows/s on raw records at ``--batch`` (encoding included).
 
 Each request ranks 100 real Criteo rows (C7-C26 as the item, the integer fields and C1-C6 of the
 first row as user and context) by CTR × bid; bodies and requests are built once, before timing.
-Reported per runtime: requests/s, p50 / p99 latency (client side, to the whole response), CPU
-milliseconds per request of the server and of the load generator (robust to a busy machine), and
-``Predictor.predict_proba`` rows/s on raw records at batch 1024 (encoding included).
-
 The load generator shares the CPUs with the server (``--cpus`` pins both, e.g. ``0,1`` for the
-issue's 2-core setting on a larger machine); httpx spends about as much CPU per request as the
-server, ``--client raw`` (pre-serialised HTTP/1.1 on asyncio streams) far less. Bar of the
-serving issue: p99 ≤ 20 ms and ≥ 300 requests/s on 2 cores (read here as: closed-loop
-requests/s ≥ 300, and p99 ≤ 20 ms with 300 requests/s offered; in a closed loop of 32 clients
-p99 ≤ 20 ms would need over 1600 requests/s).
+issue's 2-core setting on a larger machine); ``--client raw`` (pre-serialised HTTP/1.1 on
+asyncio streams) leaves the CPUs to the server, httpx spends about as much CPU per request as
+the server. Bars of issue 15, read from the open loop at 300 requests/s: p99 ≤ 20 ms, and server
+CPU per request ≤ 2× the bare forward pass.
 """
 
 from __future__ import annotations
@@ -372,6 +378,43 @@ def bare_forward(model: Path, body: bytes, calls: int = 2000) -> dict:
     }
 
 
+def request_breakdown(model: Path, body: bytes, repeats: int = 300) -> dict:
+    """Thread CPU milliseconds (least of ``repeats``: the machine's noise only adds) of the
+    steps of one /rank request in-process, ONNX Runtime: parsing and checking the body,
+    encoding its records, the forward pass, ranking; and all of them in a row."""
+    from deepfm.serve.predictor import Predictor
+    from deepfm.serve.server import RankRequest, parse_body
+
+    predictor = Predictor.load(model, runtime="onnx", threads=1)
+    predictor.feature_map.prepare_row_keys()
+    request = parse_body(RankRequest, body)
+
+    def encode():
+        return predictor.encode_rank(request.user, request.context, request.candidates, strict=True)
+
+    encoded = encode()
+    ctr = predictor.forward(encoded.ids, encoded.values)
+    steps = {
+        "parse": lambda: parse_body(RankRequest, body),
+        "encode": encode,
+        "forward": lambda: predictor.forward(encoded.ids, encoded.values),
+        "rank": lambda: predictor.ranked(ctr, request.candidates, top=10, by=request.by),
+        "all": lambda: predictor.ranked(
+            predictor.predict_encoded(encode()), request.candidates, top=10, by=request.by
+        ),
+    }
+    out = {}
+    for name, step in steps.items():
+        step()
+        least = float("inf")
+        for _ in range(repeats):
+            start = time.thread_time()
+            step()
+            least = min(least, time.thread_time() - start)
+        out[f"{name}_ms"] = round(least * 1e3, 3)
+    return out
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -401,8 +444,10 @@ def machine(cpus: set[int] | None) -> dict:
 def markdown(results: dict) -> str:
     rate = results["rate"]
     bare = results["bare_forward"]["cpu_ms_per_call"]
+    steps = ", ".join(f"{k[:-3]} {v:.3f}" for k, v in results["request_breakdown"].items())
     lines = [
         f"Bare ONNX Runtime forward of {results['candidates']} rows: {bare:.3f} ms CPU per call.",
+        f"One /rank in-process, thread CPU ms (least of 300): {steps}.",
         "",
         f"| runtime, server options | requests/s ({results['clients']} clients, closed loop) | "
         f"p50 / p99 ms there | p50 / p99 ms at {rate:.0f} req/s | server CPU ms / request "
@@ -491,6 +536,7 @@ def main() -> None:
                 "requests/s from the closed loop",
             },
             "bare_forward": bare_forward(Path(model), bodies[0], args.forward_calls),
+            "request_breakdown": request_breakdown(Path(model), bodies[0]),
             "runs": {},
         }
         bare = results["bare_forward"]["cpu_ms_per_call"]
