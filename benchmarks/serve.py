@@ -1,10 +1,10 @@
 """Serving speed: ``/rank`` with 100 candidates over HTTP against the bare forward pass.
 
-``python benchmarks/serve.py [--model DIR] [--requests 3000] [--clients 32] [--cpus 0,1]
+``python benchmarks/serve.py [--bundle DIR] [--requests 3000] [--clients 32] [--cpus 0,1]
 [--client raw|httpx] [--server-args OPTIONS ...] [--out benchmarks/results/serve.json]``
 
 A DeepFM-D bundle (embedding 10, MLP 400-400-400, the Criteo feature map) is trained for one
-epoch on the Criteo sample (``$DEEPFM_SHARED_DATA``) unless ``--model`` names one. Measured in
+epoch on the Criteo sample (``$DEEPFM_SHARED_DATA``) unless ``--bundle`` names one. Measured in
 one run, on the same CPUs:
 
 * the **bare ONNX Runtime forward pass** of one request's 100 rows, encoded beforehand (one
@@ -121,7 +121,7 @@ class Server:
     """``deepfm serve`` on 127.0.0.1 and a free port, pinned to ``cpus`` when given."""
 
     def __init__(self, model: Path, runtime: str, options: list[str], cpus: set[int] | None):
-        command = [sys.executable, "-m", "deepfm", "serve", "--model", str(model)]
+        command = [sys.executable, "-m", "deepfm", "serve", "--bundle", str(model)]
         command += ["--port", "0", "--runtime", runtime, *options]
         self.process = subprocess.Popen(
             command,
@@ -471,7 +471,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="a bundle (default: train DeepFM-D on --data)")
+    parser.add_argument("--bundle", type=Path, help="a bundle (default: train DeepFM-D on --data)")
     parser.add_argument("--data", type=Path, default=SAMPLE, help="the Criteo sample")
     parser.add_argument("--runtimes", default="torch,onnx", help="comma-separated")
     parser.add_argument("--requests", type=int, default=3000, help="timed requests per runtime")
@@ -511,7 +511,7 @@ def main() -> None:
     rows = criteo_rows(args.data)
     work = Path(tempfile.mkdtemp(prefix="deepfm-serve-bench-"))
     try:
-        model = args.model or train_bundle(args.data, work / "bundle", threads)
+        model = args.bundle or train_bundle(args.data, work / "bundle", threads)
         bodies = rank_bodies(rows, args.candidates, count=32)
         variants = args.server_args or [""]
         results = {

@@ -82,7 +82,7 @@ class ServerProcess:
     """``deepfm serve`` in a subprocess on 127.0.0.1 and a free port; ``client`` talks to it."""
 
     def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "deepfm", "serve", "--model", str(model), "--port", "0"]
+        command = [sys.executable, "-m", "deepfm", "serve", "--bundle", str(model), "--port", "0"]
         if "--runtime" not in args:  # the torch runtime starts at once (ONNX exports first)
             args = ("--runtime", "torch", *args)
         self.process = subprocess.Popen(
