@@ -17,9 +17,12 @@ from sklearn.model_selection import GridSearchCV, cross_val_score
 import deepfm
 from deepfm.api import infer_schema, to_arrow
 from deepfm.cli import main
+from deepfm.common import sigmoid
 from deepfm.data.schema import FieldSpec, Schema
 from deepfm.errors import ConfigError, DataError
+from deepfm.nn.calibration import calibration_of, uncalibrated
 from deepfm.serve.predictor import Predictor
+from deepfm.train.trainer import predict_proba
 
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 #: small and quick: the tests check plumbing and equality, not accuracy
@@ -70,6 +73,20 @@ def test_save_is_a_bundle_the_predictor_and_load_score_alike(fitted, criteo_fram
     np.testing.assert_allclose(loaded.predict_proba(test_x)[:, 1], expected, rtol=0, atol=1e-6)
     assert loaded.get_params()["hidden"] == (16, 16) and loaded.get_params()["epochs"] == 2
     assert fitted.predict(test_x).tolist() == (expected >= 0.5).astype(int).tolist()
+
+
+def test_predict_proba_applies_the_calibration_fitted_on_the_validation_rows(fitted, criteo_frames):
+    """The estimator scores with the calibrated model, as ``deepfm train``'s bundle does:
+    beta calibration (b·softplus(s) − a·softplus(−s) + c) of the raw model's logits ``s``."""
+    _, (test_x, _) = criteo_frames
+    calibration = fitted.metrics_["calibration"]
+    assert calibration_of(fitted.model_) == calibration is not None
+    raw = predict_proba(uncalibrated(fitted.model_), fitted.encode(test_x)).astype(np.float64)
+    s = np.log(raw) - np.log1p(-raw)
+    a, b, c = calibration["a"], calibration["b"], calibration["c"]
+    expected = sigmoid(b * np.logaddexp(0, s) - a * np.logaddexp(0, -s) + c)
+    # float32 scoring against float64 arithmetic on probabilities rounded to float32
+    np.testing.assert_allclose(fitted.predict_proba(test_x)[:, 1], expected, rtol=0, atol=1e-5)
 
 
 def test_clone_cross_val_score_and_grid_search(criteo_frames):

@@ -11,6 +11,7 @@ from deepfm.data.encoded import EncodedArrays
 from deepfm.errors import ConfigError
 from deepfm.models import ModelConfig, build_model, get_entry, parameter_count
 from deepfm.nn import InputLayout, resolve_crosses
+from deepfm.nn.calibration import uncalibrated
 from deepfm.nn.cross import HASH_A, HASH_B, HASH_PRIME, pair_hash
 from deepfm.train.trainer import TrainConfig, Trainer, evaluate
 
@@ -255,10 +256,10 @@ def test_cli_trains_lr_with_crosses_and_poly2(criteo_file, tmp_path, capsys):
     assert main([*common, "--model", "lr", "--crosses", "C1×C2, I1*C3", "--out", str(out)]) == 0
     bundle = load_bundle(out)
     assert bundle.config.crosses == ("C1×C2", "I1*C3")
-    assert bundle.model.crosses is not None  # the cross tables were saved and loaded back
+    assert uncalibrated(bundle.model).crosses is not None  # the cross tables saved, loaded back
     out = tmp_path / "poly2"
     assert main([*common, "--model", "poly2", "--cross-buckets", "4096", "--out", str(out)]) == 0
-    assert load_bundle(out).model.crosses.weight.num_embeddings == 4096
+    assert uncalibrated(load_bundle(out).model).crosses.weight.num_embeddings == 4096
     capsys.readouterr()
     bad = [*common, "--out", str(tmp_path / "x")]
     assert main([*bad, "--model", "deepfm", "--crosses", "C1×C2"]) == 2

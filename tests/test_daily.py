@@ -32,6 +32,7 @@ from deepfm.data.synthetic import APP_MARKET_SCHEMA, market_days, write_tables
 from deepfm.experiments.daily import run_daily, split_days
 from deepfm.models.registry import ModelConfig
 from deepfm.nn import InputLayout
+from deepfm.nn.calibration import BetaCalibration, calibration_of, uncalibrated
 from deepfm.serve.bundle import (
     MANIFEST,
     OPTIMIZER,
@@ -144,7 +145,8 @@ def test_grown_model_scores_old_rows_as_before(week, day1_bundle):
     moved = InputLayout.of(parent.feature_map).feature_rows(InputLayout.of(grown_map))
     kept = (moved.numpy()[old_ids] == new_ids).all(axis=1)
     assert 0.9 < kept.mean() < 1.0  # a few rows hold values the parent never trained on
-    before = predict_proba(parent.model, parent.feature_map.encode(rows))
+    # what grows is the model under the parent's calibration (fitted again after training)
+    before = predict_proba(uncalibrated(parent.model), parent.feature_map.encode(rows))
     after = predict_proba(model.eval(), grown_map.encode(rows))
     np.testing.assert_allclose(after[kept], before[kept], atol=FLOAT_GAP, rtol=0)
 
@@ -209,6 +211,10 @@ def test_warm_start_records_lineage_and_continues_the_optimiser(week, day1_bundl
     assert child.feature_map.field("app_id").size == parent.feature_map.field("app_id").size + 12
     assert (day2 / OPTIMIZER).exists()
     assert Predictor.load(day2).info["lineage"]["parent"]["sha256"] == parent.sha256
+    # the grown model is the parent's uncalibrated one, calibrated again on day 2's validation
+    # rows (one calibration layer, not the parent's under a new one)
+    assert not isinstance(uncalibrated(child.model), BetaCalibration)
+    assert calibration_of(child.model) == child.metrics["calibration"] is not None
 
     # a third generation from a bundle without optimiser state starts a fresh optimiser
     day2_light = tmp_path / "day2-light"

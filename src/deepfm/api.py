@@ -74,9 +74,13 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
     trainer's progress bars. Every other parameter is the ModelConfig or TrainConfig field of
     the same name (``dropout`` is the drop rate: the paper's keep probability is 1 - dropout).
 
-    Fitted attributes: ``model_`` (the torch module), ``feature_map_``, ``model_config_``,
-    ``train_config_``, ``metrics_`` (validation AUC/Logloss, best epoch, history, timings),
-    ``classes_`` (``[0, 1]``), ``feature_names_in_``.
+    ``calibration``: ``beta`` (the default) fits the calibration of the logits on the
+    validation rows, and ``model_`` and ``predict_proba`` apply it (as every scoring path of a
+    bundle does); ``none``: the raw model. ``time_limit``: seconds of training at most.
+
+    Fitted attributes: ``model_`` (the torch module, calibrated), ``feature_map_``,
+    ``model_config_``, ``train_config_``, ``metrics_`` (validation AUC/Logloss, best epoch,
+    history, timings, calibration), ``classes_`` (``[0, 1]``), ``feature_names_in_``.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         lr: float | None = None,
         patience: int | None = None,
         monitor: str | None = None,
+        calibration: str | None = None,
         lr_decay: float | None = None,
         decay_patience: int | None = None,
         seed: int | None = None,
@@ -114,6 +119,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         compile: bool | None = None,
         embedding_updates: str | None = None,
         sync_loading: bool | None = None,
+        time_limit: float | None = None,
     ) -> None:
         self.model = model
         self.preset = preset
@@ -134,6 +140,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         self.lr = lr
         self.patience = patience
         self.monitor = monitor
+        self.calibration = calibration
         self.lr_decay = lr_decay
         self.decay_patience = decay_patience
         self.seed = seed
@@ -147,6 +154,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         self.compile = compile
         self.embedding_updates = embedding_updates
         self.sync_loading = sync_loading
+        self.time_limit = time_limit
 
     # -- settings ------------------------------------------------------------------------------
 

@@ -167,7 +167,7 @@ def add_bundle_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    from deepfm.train.trainer import MONITORS, TrainConfig
+    from deepfm.train.trainer import CALIBRATIONS, MONITORS, TrainConfig
 
     default = TrainConfig()
     group = parser.add_argument_group("training")
@@ -186,7 +186,15 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         "--monitor",
         choices=MONITORS,
         default=default.monitor,
-        help="validation score of early stopping and lr decay (default AUC - Logloss)",
+        help="validation score of early stopping and lr decay (default: AUC)",
+    )
+    group.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default=default.calibration,
+        help="beta (default): fit a monotone map of the logits (beta calibration: "
+        "b*softplus(s) - a*softplus(-s) + c) on the validation rows, kept in the bundle and "
+        "applied by every scoring path; none: the raw model",
     )
     add_flag(group, "--seed", default=default.seed)
     add_flag(group, "--threads", help="torch CPU threads (fix for reproducibility)")
@@ -315,6 +323,7 @@ def train_config_from(args: argparse.Namespace):
         lr=args.lr,
         patience=args.patience,
         monitor=args.monitor,
+        calibration=args.calibration,
         seed=args.seed,
         threads=args.threads,
         progress=not args.quiet,
@@ -341,6 +350,10 @@ def data_format_from(args: argparse.Namespace, default: str = "criteo"):
 
     schema = load_schema(args.schema) if args.schema else None
     return get_format(args.format or default, schema, **format_options(args))
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def print_json(data: Any, *, indent: int | None = 2) -> None:
@@ -468,9 +481,19 @@ def _train(args, model_config, train_config, context) -> int:
             base=parent.feature_map if parent is not None else None,
             decay=decay,
         )
-    trained = fit_and_evaluate(
-        dataset, model_config, train_config, parent=parent.parent if parent else None
-    )
+    if args.auto is not None:
+        from deepfm.experiments.tune import auto_train
+
+        if context.enabled:
+            raise ConfigError("--auto runs in one process: start it without torchrun")
+        trained, train_config, search = auto_train(
+            dataset, model_config, train_config, args.auto, say=_say
+        )
+        trained.metrics["auto"] = search
+    else:
+        trained = fit_and_evaluate(
+            dataset, model_config, train_config, parent=parent.parent if parent else None
+        )
     metrics = trained.metrics
     if not context.is_main:
         return 0  # rank 0 writes the bundle and the metrics
@@ -554,6 +577,7 @@ def _warm_start_parent(args: argparse.Namespace, model_config) -> _WarmStart:
             ("--hash-buckets", args.hash_buckets),
             ("--schema", args.schema),
             ("--resume", args.resume),
+            ("--auto", args.auto),
         )
         if value is not None
     ]
@@ -693,6 +717,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(train)
     add_train_options(train)
     add_flag(train, "--out", required=True, help="bundle directory to write")
+    train.add_argument(
+        "--auto",
+        type=float,
+        metavar="MINUTES",
+        help="search the settings around the defaults (Optuna, validation AUC) for at most "
+        "MINUTES in all; the chosen ones go into the bundle",
+    )
     add_flag(
         train,
         "--overwrite",

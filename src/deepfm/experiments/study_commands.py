@@ -19,8 +19,8 @@ from deepfm.errors import ConfigError
 
 #: flags of ``add_train_options`` read as trainer overrides when given (their defaults are
 #: cleared to None so that a study config's ``train`` values are not silently replaced)
-TRAIN_FLAGS = ("epochs", "batch_size", "lr", "patience", "monitor", "threads", "device")
-TRAIN_FLAGS += ("precision", "compile", "embedding_updates", "sync_loading", "lr_scaling")
+TRAIN_FLAGS = ("epochs", "batch_size", "lr", "patience", "monitor", "calibration", "threads")
+TRAIN_FLAGS += ("device", "precision", "compile", "embedding_updates", "sync_loading", "lr_scaling")
 _CLEARED = (*TRAIN_FLAGS, "seed", "quiet", "checkpoint_every", "resume")
 MODELS_HELP = "comma list of registry names (default: Table IV's 13; add poly2 by name)"
 MODEL_FLAGS = ("embed_dim", "hidden", "activation", "dropout", "l2", "cross_buckets")

@@ -16,18 +16,25 @@ A search space is a YAML mapping from parameter to its range::
 Model parameters: ``embed_dim``, ``hidden`` (or ``layers`` and ``neurons``), ``activation``,
 ``keep_prob``, ``l2``; training parameters: ``lr``, ``batch_size``, ``lr_decay``. Trials are kept in
 ``OUT/tune.db`` (SQLite): running the same command again continues the study up to ``--trials``.
+
+``deepfm train --auto MINUTES`` (:func:`auto_train`) searches with the same space language and
+sampler, in memory, within a time box, around the model's own settings, and keeps the chosen
+trial's trained model for the bundle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from deepfm.data.pipeline import Dataset
 from deepfm.errors import ConfigError
 from deepfm.experiments.runs import (
     StudyConfig,
@@ -41,8 +48,10 @@ from deepfm.experiments.runs import (
 )
 from deepfm.experiments.study_plots import trial_history
 from deepfm.models.presets import dropout_of
-from deepfm.models.registry import ModelConfig
+from deepfm.models.registry import ModelConfig, ModelEntry, get_entry
 from deepfm.outputs import make_dirs, write_text
+from deepfm.train.run import TrainedModel, fit_and_evaluate
+from deepfm.train.trainer import DEFAULT_LR, TrainConfig, Trainer, monitor_score
 
 COMMAND = "tune"
 INT_PARAMS = ("embed_dim", "layers", "neurons", "batch_size")
@@ -418,3 +427,137 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return "–" if value is None else str(value)
+
+
+# -- train --auto: a time-boxed search around the defaults ---------------------------------------
+
+#: the learning rate is searched within this factor of the default (log-uniform, both ways)
+AUTO_LR_FACTOR = 3.0
+#: the deep part's choices around the default shape, and the embedding sizes
+AUTO_HIDDEN = ([200, 200, 200], [400, 400, 400], [400, 400])
+AUTO_EMBED = (6, 16)
+#: seconds kept back at the end of the box for calibration, test scoring and the bundle
+AUTO_RESERVE_S = 2.0
+
+
+def auto_space(entry: ModelEntry, base: ModelConfig, lr: float) -> dict[str, dict[str, Any]]:
+    """The search space of ``train --auto`` around ``base`` and the learning rate ``lr``:
+    the learning rate within ``AUTO_LR_FACTOR`` of it; for a model with a deep part (an Adam
+    model with hidden layers) also the keep probability, the layer shapes and the embedding
+    size. Every range contains the base point (the first trial)."""
+    space: dict[str, Any] = {
+        "lr": {"low": lr / AUTO_LR_FACTOR, "high": lr * AUTO_LR_FACTOR, "log": True}
+    }
+    if entry.optimizer == "adam":
+        keep = round(1.0 - base.dropout, 12)
+        space["keep_prob"] = {"low": min(0.3, keep), "high": max(0.9, keep)}
+        hidden = [list(h) for h in AUTO_HIDDEN]
+        if list(base.hidden) not in hidden:
+            hidden.insert(0, list(base.hidden))
+        space["hidden"] = {"choices": hidden}
+        embed = entry.embed_dim(base)
+        space["embed_dim"] = {"low": min(AUTO_EMBED[0], embed), "high": max(AUTO_EMBED[1], embed)}
+    return parse_space(space, "the --auto search space")
+
+
+def base_point(entry: ModelEntry, base: ModelConfig, lr: float) -> dict[str, Any]:
+    """The defaults (or the flags given) as a point of :func:`auto_space`, in Optuna's terms."""
+    point: dict[str, Any] = {"lr": lr}
+    if entry.optimizer == "adam":
+        point.update(
+            keep_prob=round(1.0 - base.dropout, 12),
+            hidden=_label(list(base.hidden)),
+            embed_dim=entry.embed_dim(base),
+        )
+    return point
+
+
+def auto_train(
+    dataset: Dataset,
+    base: ModelConfig,
+    base_train: TrainConfig,
+    minutes: float,
+    *,
+    say: Callable[[str], None] = print,
+) -> tuple[TrainedModel, TrainConfig, dict[str, Any]]:
+    """``deepfm train --auto MINUTES``: Optuna (TPE) trials of ``base`` around its settings,
+    each scored by its validation AUC (the test split is not read until the chosen model is
+    scored), within ``minutes`` in all: a trial that would run past the box is stopped within a
+    few steps and scored on what it reached. The first trial is the base settings themselves,
+    so the search never returns a model worse on validation than the defaults.
+
+    Returns (the chosen trained model, its training config, a summary: every trial's settings,
+    validation AUC/Logloss, epochs and seconds, and the chosen one)."""
+    import optuna
+
+    if not minutes > 0:
+        raise ConfigError(f"--auto takes a positive number of minutes, got {minutes}")
+    # PyTorch imports its compiler stack when the first optimiser is built (seconds; over 30 s
+    # on a loaded machine): once per process, before the clock starts, not in the first trial
+    import torch._dynamo  # noqa: F401
+
+    started = time.perf_counter()
+    deadline = started + 60.0 * minutes
+    entry = get_entry(base.name)
+    lr = base_train.lr if base_train.lr is not None else DEFAULT_LR[entry.optimizer]
+    space = auto_space(entry, base, lr)
+    search_rows = replace(dataset, test=None)  # trials never see the test rows
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=base_train.seed)
+    )
+    study.enqueue_trial(base_point(entry, base, lr))
+    best: dict[str, Any] = {}
+    trials: list[dict[str, Any]] = []
+
+    def objective(trial) -> float:
+        left = deadline - time.perf_counter() - AUTO_RESERVE_S
+        if left <= 0 and best:
+            study.stop()
+            raise optuna.TrialPruned("out of time")
+        params = suggest(trial, space)
+        model_config, changes = apply_params(base, params)
+        train_config = replace(base_train, **changes, time_limit=max(left, 1e-3))
+        trial_started = time.perf_counter()
+        trained = fit_and_evaluate(search_rows, model_config, train_config)
+        valid = trained.metrics.get("valid", {"auc": math.nan, "logloss": math.nan})
+        score = monitor_score(valid, "auc")
+        trials.append(
+            {
+                "number": trial.number,
+                "params": params,
+                "valid": valid,
+                "best_epoch": trained.metrics["best_epoch"],
+                "epochs_run": trained.metrics["epochs_run"],
+                "seconds": time.perf_counter() - trial_started,
+            }
+        )
+        if not best or score > best["score"]:
+            best.update(
+                score=score, trained=trained, train_config=train_config, number=trial.number
+            )
+        elapsed = time.perf_counter() - started
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in params.items())
+        say(
+            f"auto: trial {trial.number} ({elapsed:.0f}s of {60 * minutes:.0f}s): {shown} -> "
+            f"valid AUC {valid['auc']:.5f}, Logloss {valid['logloss']:.5f} "
+            f"(best: trial {best['number']}, {best['score']:.5f})"
+        )
+        if deadline - time.perf_counter() <= AUTO_RESERVE_S:
+            study.stop()
+        return score
+
+    study.optimize(objective, timeout=max(60.0 * minutes - AUTO_RESERVE_S, 1e-3), catch=())
+    chosen: TrainedModel = best["trained"]
+    if dataset.test is not None and len(dataset.test):
+        chosen.metrics["test"] = Trainer(best["train_config"]).evaluate(chosen.model, dataset.test)
+    train_config = replace(best["train_config"], time_limit=None)
+    summary = {
+        "minutes": minutes,
+        "seconds": time.perf_counter() - started,
+        "space": space,
+        "trials": trials,
+        "chosen": best["number"],
+        "objective": "validation AUC",
+    }
+    return chosen, train_config, summary

@@ -7,7 +7,8 @@
       feature_map.json    the fields' codecs (kinds, sizes, most frequent values), so serving
                           encodes exactly as training did
       vocab/              their binary vocabularies (sorted value keys and ids, memory-mapped)
-      model.json          registry name, model config, input format, training config
+      model.json          registry name, model config, input format, training config, and the
+                          calibration of the logits (beta: ``a``, ``b``, ``c``) when there is one
       metrics.json        validation / test metrics of the training run
       optimizer.safetensors  the optimiser's state (optional: a warm start continues from it)
       bundle.json         deepfm version, creation time, sha256 of every file above, lineage
@@ -48,6 +49,7 @@ from deepfm.data.featuremap import FeatureMap
 from deepfm.errors import BundleError, DeepFMError, OutputError
 from deepfm.models.registry import ModelConfig, build_model
 from deepfm.nn import InputLayout
+from deepfm.nn.calibration import calibrated, calibration_of, uncalibrated
 from deepfm.outputs import (
     BUNDLE,
     claim_directory,
@@ -91,7 +93,8 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the model in eval mode, its feature map and its metadata."""
+    """A loaded bundle: the model in eval mode (with its calibration, when it has one: every
+    scoring path uses this module), its feature map and its metadata."""
 
     model: nn.Module
     config: ModelConfig
@@ -148,7 +151,10 @@ def save_bundle(
     bundle with ``overwrite`` (see :func:`deepfm.outputs.claim_directory`; ``inputs`` are never
     overwritten). A failure leaves the previous bundle, or nothing, in place. The bundle holds
     its ``lineage`` (:func:`lineage_of`) and, if given, the optimiser's state (named tensors,
-    :meth:`~deepfm.train.trainer.Optimizers.named_state`) for the next warm start."""
+    :meth:`~deepfm.train.trainer.Optimizers.named_state`) for the next warm start.
+
+    A calibrated ``model`` (:class:`~deepfm.nn.calibration.BetaCalibration`) is stored as the
+    weights of the model under it and its calibration in ``model.json``."""
     target = claim_directory(directory, BUNDLE, overwrite=overwrite, inputs=inputs)
     make_dirs(target.parent)
     remove_stale(target)  # what a killed writer left
@@ -158,10 +164,14 @@ def save_bundle(
     except OSError as exc:
         raise OutputError(f"cannot write the bundle {target}: {reason(exc)}") from None
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        weights = uncalibrated(model).state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(state, str(tmp / WEIGHTS))
         feature_map.save(tmp)
         meta = {"model": config.to_dict(), "format": data_format, "train": train_config or {}}
+        calibration = calibration_of(model)
+        if calibration is not None:
+            meta["calibration"] = calibration
         write_json(tmp / MODEL, meta, sort_keys=True)
         write_json(tmp / METRICS, metrics or {}, sort_keys=True)
         if optimizer_state:
@@ -294,6 +304,7 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
         feature_map = FeatureMap.load(directory / FEATURE_MAP)
         state = load_file(str(directory / WEIGHTS), device=str(device))
         model = _model_from(InputLayout.of(feature_map), config, state)
+        model = calibrated(model, meta.get("calibration"))
         broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
         if broken:
             raise BundleError(f"the weights {broken[:3]} hold NaN or infinite values")

@@ -37,6 +37,7 @@ from deepfm import __version__
 from deepfm.errors import ConfigError
 from deepfm.models import build_model
 from deepfm.nn import InputLayout
+from deepfm.nn.calibration import calibrated, calibration_of, uncalibrated
 from deepfm.outputs import make_dirs
 from deepfm.serve.bundle import Bundle
 
@@ -98,8 +99,8 @@ def cpu_model(bundle: Bundle) -> nn.Module:
     if device_of(model).type == "cpu":
         return model
     copy = build_model(InputLayout.of(bundle.feature_map), bundle.config)
-    copy.load_state_dict(model.state_dict())
-    return copy
+    copy.load_state_dict(uncalibrated(model).state_dict())
+    return calibrated(copy, calibration_of(model))
 
 
 @contextlib.contextmanager

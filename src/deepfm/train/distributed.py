@@ -136,6 +136,13 @@ class Distributed:
         dist.all_reduce(total)
         return total
 
+    def any_true(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is true on some rank (every rank gets the same answer); ``device``
+        is the one this rank's collectives run on."""
+        if not self.enabled:
+            return flag
+        return bool(self.sum(torch.tensor(int(flag), device=device)) > 0)
+
     def average_row_gradients(self, parameters: list[torch.Tensor]) -> None:
         """Average the sparse row gradients of ``parameters`` (``[rows, dim]`` tables) over the
         ranks, as DDP averages dense ones, by exchanging only the rows each rank touched.

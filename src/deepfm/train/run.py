@@ -19,6 +19,7 @@ from deepfm.data.featuremap import FeatureMap
 from deepfm.data.pipeline import Dataset
 from deepfm.models.registry import ModelConfig, ModelEntry, build_model, get_entry
 from deepfm.nn import InputLayout
+from deepfm.nn.calibration import calibrated, calibration_of, uncalibrated
 from deepfm.nn.growth import grow_state, grow_tensor, grown_rows
 from deepfm.train.distributed import Distributed
 from deepfm.train.trainer import FitResult, TrainConfig, Trainer
@@ -54,13 +55,15 @@ def grow_parent(
 ) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
     """The parent's model on the grown ``feature_map`` and its optimiser state remapped.
 
-    The model is built as a fresh one would be (seeded by ``seed``), then every old row is
-    copied to its new place (:func:`~deepfm.nn.growth.grow_state`): new ids keep the fresh
-    initialisation, old ids score exactly as before. Optimiser state follows the same rows,
+    The model is built as a fresh one would be (seeded by ``seed``), then every old row of the
+    parent's model under its calibration is copied to its new place
+    (:func:`~deepfm.nn.growth.grow_state`): new ids keep the fresh initialisation, old ids
+    score exactly as before (uncalibrated: the calibration is fitted again on the new
+    validation rows). Optimiser state follows the same rows,
     new rows starting from zero (Adam's moments, FTRL's ``z`` and ``n``)."""
     old, new = InputLayout.of(parent.feature_map), InputLayout.of(feature_map)
     model = new_model(new, parent.config, seed)
-    model.load_state_dict(grow_state(model, parent.model.state_dict(), old, new))
+    model.load_state_dict(grow_state(model, uncalibrated(parent.model).state_dict(), old, new))
     if not parent.optimizer_state:
         return model, None
     rows, params = grown_rows(model, old, new), dict(model.named_parameters())
@@ -96,21 +99,29 @@ def fit_and_evaluate(
     """Train on ``dataset.train`` (early stopping on ``valid``), then evaluate ``valid`` and
     ``test`` with the weights of the best epoch.
 
-    ``model``: train this one further instead of a new model seeded by ``train_config.seed``.
-    ``parent``: a warm start (``dataset`` was built on the parent's map grown with the new
-    data, :func:`~deepfm.data.pipeline.build_dataset`'s ``base``): the parent's model and
-    optimiser state are grown (:func:`grow_parent`) and training continues from them; no
-    training rows leave the parent's scores unchanged. ``on_epoch`` / ``on_step``: the
-    trainer's callbacks.
+    The returned model is the trained one under the calibration fitted on ``valid``
+    (``train_config.calibration``, :mod:`deepfm.nn.calibration`): what every split is scored
+    with here, and what the bundle, the predictor, the server and ONNX export score with.
+
+    ``model``: train this one (its uncalibrated weights) further instead of a new model seeded
+    by ``train_config.seed``. ``parent``: a warm start (``dataset`` was built on the parent's
+    map grown with the new data, :func:`~deepfm.data.pipeline.build_dataset`'s ``base``): the
+    parent's uncalibrated model and optimiser state are grown (:func:`grow_parent`), training
+    continues from them and the calibration is fitted again on the new validation rows; no
+    training rows leave the parent (its calibration too) and so its scores unchanged.
+    ``on_epoch`` / ``on_step``: the trainer's callbacks.
     ``metrics`` holds the model name and seed, ``valid`` and ``test`` AUC/Logloss, the row
     counts, the best epoch, training time, ``train_samples_per_s`` (over the training steps
-    only, evaluation excluded), the trainer's ``setup`` and the per-epoch ``history``.
+    only, evaluation excluded), the trainer's ``setup``, the ``calibration`` and the per-epoch
+    ``history``.
     """
     entry = get_entry(model_config.name)
     optimizer_state = None
     if parent is not None:
         model, optimizer_state = grow_parent(parent, dataset.feature_map, train_config.seed)
-    elif model is None:
+    elif model is not None:
+        model = uncalibrated(model)
+    else:
         model = new_model(InputLayout.of(dataset.feature_map), model_config, train_config.seed)
     trainer = Trainer(train_config, dist)
     if len(dataset.train):
@@ -127,8 +138,10 @@ def fit_and_evaluate(
         )
     else:  # a warm start on no new rows: the parent as it was
         assert parent is not None, "build_dataset refuses no rows without a parent"
-        fit = FitResult(optimizer_state=optimizer_state or {})
-    model.eval()
+        fit = FitResult(
+            optimizer_state=optimizer_state or {}, calibration=calibration_of(parent.model)
+        )
+    model = calibrated(model, fit.calibration).eval()  # what every split is scored with
     metrics: dict[str, Any] = {"model": model_config.name, "seed": train_config.seed}
     # with the training's thread count; under DDP each rank scores its shard of each split
     for split, data in (("valid", dataset.valid), ("test", dataset.test)):
@@ -143,6 +156,7 @@ def fit_and_evaluate(
         train_samples=fit.train_samples,
         train_samples_per_s=fit.train_samples_per_s if fit.train_samples else 0.0,
         setup=fit.setup,
+        calibration=fit.calibration,
         history=fit.history,
     )
     if dataset.growth is not None:

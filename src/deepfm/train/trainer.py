@@ -50,6 +50,7 @@ from deepfm.errors import ConfigError, is_finite_number, is_integer
 from deepfm.models.registry import ModelEntry, build_pretrain_model
 from deepfm.nn import regularization
 from deepfm.train import checkpoint as ckpt
+from deepfm.train.calibration import fit_calibration
 from deepfm.train.distributed import Distributed, lr_scale
 from deepfm.train.lazy_adam import LazyAdam
 from deepfm.train.metrics import auc_logloss
@@ -61,7 +62,10 @@ from deepfm.train.optim import FTRL
 DEFAULT_LR = {"adam": 3e-3, "ftrl": 0.05}
 PRECISIONS = ("fp32", "bf16")
 EMBEDDING_UPDATES = ("auto", "dense", "sparse")
-MONITORS = ("auc-logloss", "auc", "logloss")
+MONITORS = ("auc", "auc-logloss", "logloss")
+CALIBRATIONS = ("beta", "none")
+#: training steps between two looks at the clock when a run has a time limit
+CLOCK_EVERY = 8
 #: steps between updates of the progress bar's running loss (each costs a device sync)
 RUNNING_LOSS_EVERY = 20
 #: optimiser settings that choose an implementation, not the algorithm: never taken from a
@@ -82,13 +86,17 @@ MAX_THREADS = 1024
 class TrainConfig:
     """How to train. ``lr`` None means the optimiser's default (Adam 3e-3, FTRL α = 0.05).
 
-    Early stopping watches a validation score (``monitor``: ``auc-logloss`` by default, or
-    ``auc``, or ``logloss``): training stops after ``patience`` epochs without a new best, and
-    the best epoch's weights are restored. AUC alone can keep creeping up while the model grows
-    overconfident (Frappe sample: validation Logloss 0.32 → 0.50 over the epochs AUC picked),
-    and a CTR model's probabilities are used as such (CTR × bid), so the default also rewards
-    calibration. The learning rate is multiplied by ``lr_decay`` after ``decay_patience`` epochs
-    without a new best (Adam only).
+    Early stopping watches a validation score (``monitor``: ``auc`` by default, or
+    ``auc-logloss``, or ``logloss``): training stops after ``patience`` epochs without a new
+    best, and the best epoch's weights are restored. The epoch is chosen for its ranking; the
+    overconfidence AUC alone lets grow (Frappe sample: validation Logloss 0.32 → 0.50 over the
+    epochs AUC picked) is then removed by ``calibration``: ``beta`` fits a monotone map of the
+    logits on the validation rows (:mod:`deepfm.nn.calibration`,
+    :func:`deepfm.train.calibration.fit_calibration`; ``FitResult.calibration``),
+    which leaves the ranking as it is and gives both the best AUC and the best Logloss (README,
+    "How the defaults were chosen"). The learning rate is multiplied by ``lr_decay`` after
+    ``decay_patience`` epochs without a new best (Adam only). ``time_limit``: seconds after which
+    training stops (within a few steps; that epoch is evaluated and the best one kept).
     ``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``.
     """
 
@@ -96,7 +104,8 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float | None = None
     patience: int = 3
-    monitor: str = "auc-logloss"
+    monitor: str = "auc"
+    calibration: str = "beta"
     lr_decay: float = 0.5
     decay_patience: int = 1
     seed: int = 0
@@ -115,6 +124,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     resume: str | None = None
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "decay_patience"):
@@ -146,6 +156,10 @@ class TrainConfig:
                 ) from None
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor must be one of {', '.join(MONITORS)}")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ConfigError(f"time_limit must be positive seconds, got {self.time_limit}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}")
         if self.embedding_updates not in EMBEDDING_UPDATES:
@@ -172,6 +186,8 @@ class FitResult:
     setup: dict[str, Any] = field(default_factory=dict)
     #: the optimiser's state after the last epoch (:meth:`Optimizers.named_state`)
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: ``{"method": "beta", "a", "b", "c"}`` fitted on the validation rows, or None
+    calibration: dict[str, Any] | None = None
 
     @property
     def train_samples_per_s(self) -> float:
@@ -745,6 +761,7 @@ class Trainer:
         identity: dict[str, Any] | None = None,
     ) -> FitResult:
         config, dist = self.config, self.dist
+        deadline = None if config.time_limit is None else time.perf_counter() + config.time_limit
         device = use_device(dist.device(config.device))
         # this rank's stream (dropout masks): seed + rank, so ranks draw different masks; the
         # initial weights are rank 0's on every rank (DDP broadcasts them)
@@ -764,7 +781,9 @@ class Trainer:
             # FNN: fit the model the entry names (an FM) first and initialise from it; the
             # pre-training counts in this model's training time and samples
             teacher, teacher_entry = build_pretrain_model(model, entry)
-            pre_config = replace(config, checkpoint_every=0, checkpoint_dir=None, resume=None)
+            pre_config = replace(
+                config, checkpoint_every=0, checkpoint_dir=None, resume=None, calibration="none"
+            )
             pre = Trainer(pre_config, dist).fit(teacher, teacher_entry, train, valid)
             started = time.perf_counter()
             model.init_from_pretrained(teacher.to(device))
@@ -854,6 +873,7 @@ class Trainer:
                 leave=False,
                 mininterval=0.5,
             )
+            out_of_time = False
             for batch in data.batches(order, config.batch_size, progress.step):
                 rows_in_batch = len(batch)
                 weights = None
@@ -880,6 +900,11 @@ class Trainer:
                     self._save(model, optimizer, scheduler, generator, progress, result, best_state)
                 if on_step is not None:
                     on_step(progress.global_step)
+                if deadline is not None and progress.step % CLOCK_EVERY == 0:
+                    # the same decision on every rank: the latest of their clocks
+                    out_of_time = dist.any_true(time.perf_counter() > deadline, device)
+                    if out_of_time:
+                        break
             bar.close()
             # the one synchronisation of the epoch; summed over the ranks, so that every rank
             # sees the same loss and a non-finite one stops them all together
@@ -914,6 +939,7 @@ class Trainer:
                     scheduler.step(score)
                     optimizer.follow_primary_lr()
                 stop = progress.stale >= config.patience
+            stop = stop or out_of_time
             result.history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
@@ -931,6 +957,10 @@ class Trainer:
             model.load_state_dict(best_state)
         else:
             result.best_epoch = len(result.history)
+        if config.calibration == "beta" and valid_data is not None:
+            assert valid is not None
+            logits = self._logits(model, valid_data, valid, "fp32")
+            result.calibration = fit_calibration(logits, np.asarray(valid.labels))
         return result
 
     # -- evaluation across ranks ---------------------------------------------------------------
@@ -957,7 +987,17 @@ class Trainer:
         """Each rank scores its ``shard`` of ``valid`` (in the training's precision unless
         told); the logits are gathered, every rank computes the same AUC and Logloss (and so
         takes the same early-stopping decisions)."""
-        dist = self.dist
+        logits = self._logits(model, shard, valid, precision)
+        return auc_logloss(np.asarray(valid.labels), sigmoid(logits))
+
+    def _logits(
+        self,
+        model: nn.Module,
+        shard: Batches | EncodedArrays,
+        valid: EncodedArrays,
+        precision: str | None = None,
+    ) -> np.ndarray:
+        """The logits of every row of ``valid``, each rank scoring its ``shard``."""
         local = predict_logits(
             model,
             shard,
@@ -965,8 +1005,7 @@ class Trainer:
             precision=precision or self.config.precision,
             as_tensor=True,
         )
-        logits = dist.gather_rows(local, len(valid)).cpu().numpy()
-        return auc_logloss(np.asarray(valid.labels), sigmoid(logits))
+        return self.dist.gather_rows(local, len(valid)).cpu().numpy()
 
     # -- checkpoints -----------------------------------------------------------------------------
 
