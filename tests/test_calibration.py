@@ -123,6 +123,8 @@ def test_the_calibrated_module_computes_the_beta_map_of_the_logits():
     assert calibrated(inner, None) is inner
     with pytest.raises(ValueError, match="positive"):
         calibrated(inner, {"method": "beta", "a": -1.0, "b": 1.0, "c": 0.0})
+    with pytest.raises(ValueError, match="finite"):
+        calibrated(inner, {"method": "beta", "a": 1.0, "b": float("inf"), "c": 0.0})
 
 
 # -- training and every scoring path ---------------------------------------------------------------

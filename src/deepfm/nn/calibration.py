@@ -17,6 +17,7 @@ server, the exported ONNX graph) applies the same rule.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ class BetaCalibration(nn.Module):
         super().__init__()
         if not (a > 0 and b > 0):
             raise ValueError(f"calibration slopes must be positive, got a={a}, b={b}")
+        if not all(math.isfinite(v) for v in (a, b, c)):  # a damaged model.json, never a fit
+            raise ValueError(f"calibration numbers must be finite, got a={a}, b={b}, c={c}")
         self.model = model
         for name, value in (("a", a), ("b", b), ("c", c)):
             self.register_buffer(name, torch.tensor(float(value)), persistent=False)
