@@ -325,10 +325,17 @@ def write_json(
 
 
 def save_figure(fig: Any, path: PathLike, *, dpi: int = 110) -> Path:
-    """A matplotlib figure saved atomically (the format from the suffix, e.g. ``.png``)."""
+    """A finished matplotlib figure laid out, saved atomically (the format from the suffix, e.g.
+    ``.png``) and closed."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -496,9 +496,7 @@ def plot_abtest(results: dict[str, Any], path: str | Path) -> Path:
     ax_lift.legend(loc="upper center", ncol=2, fontsize=8)
     for ax in (ax_ctr, ax_lift):
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return Path(path)
 
 

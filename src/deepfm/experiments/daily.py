@@ -313,9 +313,7 @@ def plot_daily(results: dict[str, Any], path: str | Path) -> Path:
     for ax in (ax_auc, ax_time):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return Path(path)
 
 

@@ -28,7 +28,5 @@ def learning_curves(
     for ax in (ax_auc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return Path(path)

@@ -427,9 +427,7 @@ def grouped_bars(
     ax.set_ylim(0, 1.3 * top if top > 0 else 1.0)  # headroom for the legend
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", ncol=len(values))
-    fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return Path(path)
 
 

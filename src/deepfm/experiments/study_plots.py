@@ -20,9 +20,7 @@ BASELINE_COLOR = "tab:blue"
 
 
 def _save(fig, path: Path, data: dict[str, Any]) -> Path:
-    fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     write_json(path.with_suffix(".json"), data)
     return path
 
