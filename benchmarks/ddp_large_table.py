@@ -24,6 +24,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_speed import write_results
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -127,12 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for updates in ("sparse", "dense"):
         ratio = best[f"{updates}/2"]["step_s"] / best[f"{updates}/1"]["step_s"]
         results[f"two_over_one_step_time_{updates}"] = round(ratio, 3)
-    results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(results, indent=2))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, args.json)
     return 0
 
 

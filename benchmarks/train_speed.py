@@ -48,6 +48,7 @@ from deepfm.data.splits import SplitSpec
 from deepfm.data.store import Store
 from deepfm.models import ModelConfig, build_model, get_entry
 from deepfm.nn import InputLayout
+from deepfm.outputs import write_json
 from deepfm.train import trainer as trainer_module
 from deepfm.train.distributed import Distributed
 from deepfm.train.trainer import TrainConfig, Trainer, predict_logits
@@ -470,13 +471,19 @@ def main(argv: list[str] | None = None) -> int:
             cpu_suite(args, store, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    write_results(results, args.json)
+    return 0
+
+
+def write_results(results: dict, path: str) -> None:
+    """Print ``results`` with the load average after the run and write them to ``path`` as
+    strict JSON, atomically (every benchmark of the training step writes its figures so)."""
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=2))
-    out = Path(args.json)
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import make_store, matmul_seconds, mlp_flops
+from train_speed import make_store, matmul_seconds, mlp_flops, write_results
 
 HERE = Path(__file__).resolve().parent
 BATCH = 4096
@@ -164,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             results["paired_blocks"] = paired
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(results, indent=2))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, args.json)
     return 0
 
 
