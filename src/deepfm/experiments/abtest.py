@@ -155,27 +155,6 @@ def daily_visits(
     return visitors, hours, weekdays
 
 
-def serve_lists(
-    model: nn.Module,
-    feature_map: FeatureMap,
-    market: AppMarket,
-    users: np.ndarray,
-    hours: np.ndarray,
-    weekdays: np.ndarray,
-    size: int,
-    rng: np.random.Generator,
-) -> pa.Table:
-    """Show each user their top-``size`` list; the impressions with drawn downloads (``label``)."""
-    lists = top_l(score_matrix(model, feature_map, market, users, hours, weekdays), size)
-    return market.table(
-        np.repeat(users, size),
-        lists.ravel(),
-        np.repeat(hours, size),
-        np.repeat(weekdays, size),
-        rng,
-    )
-
-
 class Arm:
     """One model of the test and how it is updated each day."""
 
