@@ -437,6 +437,27 @@ def test_9_a_rehashed_damaged_or_nan_weights_file_is_refused(data, tmp_path):
     assert result.code == 2 and "NaN" in result.err and not out.exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_9_the_weights_hash_finds_every_non_finite_value_in_one_read(tmp_path, dtype):
+    from deepfm.serve.bundle import weights_sha256
+
+    # 3M float32 values span two hash blocks (8 MiB): the NaN sits at the very end of the second
+    size = 3_000_000
+    finite = torch.full((size,), torch.finfo(dtype).max, dtype=dtype)  # largest finite: accepted
+    state = {"a_ids": torch.arange(5), "big": finite, "neg_inf": torch.zeros(3, dtype=dtype)}
+    state["neg_inf"][1] = -math.inf
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path), metadata={"note": "x"})
+    found: list[str] = []
+    assert weights_sha256(path, found) == file_sha256(path) and found == ["neg_inf"]
+    state["big"][-1] = math.nan
+    save_file(state, str(path))
+    found = []
+    assert weights_sha256(path, found) == file_sha256(path) and sorted(found) == ["big", "neg_inf"]
+    path.write_bytes(b"\xff" * 8 + b"{}")  # a header longer than the file: hashed, not read
+    assert weights_sha256(path, []) == file_sha256(path)
+
+
 NOT_OBJECTS = [
     (name, content)
     for name in ("bundle.json", "model.json", "metrics.json")

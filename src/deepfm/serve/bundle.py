@@ -26,6 +26,7 @@ else (:mod:`deepfm.outputs`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -44,7 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from deepfm import __version__
-from deepfm.common import file_sha256
+from deepfm.common import HASH_BLOCK, file_sha256
 from deepfm.data.featuremap import FeatureMap
 from deepfm.errors import BundleError, DeepFMError, OutputError
 from deepfm.models.registry import ModelConfig, build_model
@@ -244,11 +246,16 @@ def _verify(directory: Path, files: dict[str, str]) -> None:
         if not path.resolve().is_relative_to(root) or not path.is_file():
             # a manifest naming ../../dev/zero would otherwise be hashed forever
             raise BundleError(f"{directory / MANIFEST} is corrupt: {name!r} is not a file of it")
+    non_finite: list[str] = []
+
+    def digest(name: str) -> str:
+        if name == WEIGHTS:
+            return weights_sha256(directory / name, non_finite)
+        return file_sha256(directory / name)
+
     try:
         with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
-            digests = dict(
-                zip(names, pool.map(lambda n: file_sha256(directory / n), names), strict=True)
-            )
+            digests = dict(zip(names, pool.map(digest, names), strict=True))
     except OSError as exc:
         raise BundleError(f"cannot read a file of {directory}: {reason(exc)}") from None
     for name in names:
@@ -256,6 +263,67 @@ def _verify(directory: Path, files: dict[str, str]) -> None:
             raise BundleError(
                 f"{directory / name} does not match the sha256 recorded in {MANIFEST}"
             )
+    if non_finite:
+        raise BundleError(
+            f"{directory}: cannot load the model: the weights {non_finite[:3]} hold NaN or "
+            "infinite values"
+        )
+
+
+#: per safetensors float type: the unsigned integer of its width and its exponent bits, which
+#: are all set exactly in NaN and the infinities
+_EXPONENT_BITS = {
+    "F64": (np.dtype("<u8"), 0x7FF0_0000_0000_0000),
+    "F32": (np.dtype("<u4"), 0x7F80_0000),
+    "F16": (np.dtype("<u2"), 0x7C00),
+    "BF16": (np.dtype("<u2"), 0x7F80),
+}
+
+
+def _float_tensors(header: bytes) -> list[tuple[int, int, str, np.dtype, int]]:
+    """``(begin, end, name, unsigned type, exponent bits)`` of each float tensor a safetensors
+    header describes, by offset; empty when the header cannot be read (the loader then says
+    why, or the hash says the file was altered)."""
+    try:
+        entries = json.loads(header)
+        tensors = [
+            (*map(int, entry["data_offsets"]), name, *_EXPONENT_BITS[entry["dtype"]])
+            for name, entry in entries.items()
+            if name != "__metadata__" and entry.get("dtype") in _EXPONENT_BITS
+        ]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []
+    return sorted(t for t in tensors if 0 <= t[0] <= t[1])
+
+
+def weights_sha256(path: Path, non_finite: list[str]) -> str:
+    """The sha256 of a safetensors file, appending to ``non_finite`` the name of every float
+    tensor holding a NaN or an infinity, found in the same plain reads. Checking the loaded
+    tensors instead pulled every page of the memory-mapped weights into the process (1.25 s and
+    418 MB for a 414 MB file, against 0.41 s and 8 MB without the check)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = handle.read(8)
+        claimed = int.from_bytes(size, "little") if len(size) == 8 else 0
+        header = handle.read(min(claimed, os.fstat(handle.fileno()).st_size))
+        sha.update(size + header)
+        position = 0  # in the data, which follows the header
+        for begin, end, name, unsigned, bits in _float_tensors(header):
+            if begin < position:  # overlapping entries: the loader refuses the file
+                break
+            sha.update(handle.read(begin - position))
+            # blocks of whole elements: HASH_BLOCK is a multiple of every width
+            for offset in range(begin, end, HASH_BLOCK):
+                block = handle.read(min(HASH_BLOCK, end - offset))
+                sha.update(block)
+                usable = len(block) - len(block) % unsigned.itemsize
+                values = np.frombuffer(block, unsigned, usable // unsigned.itemsize)
+                if name not in non_finite and ((values & bits) == bits).any():
+                    non_finite.append(name)
+            position = end
+        while block := handle.read(HASH_BLOCK):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 class _NoInitialisation(TorchFunctionMode):
@@ -305,9 +373,6 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
         state = load_file(str(directory / WEIGHTS), device=str(device))
         model = _model_from(InputLayout.of(feature_map), config, state)
         model = calibrated(model, meta.get("calibration"))
-        broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
-        if broken:
-            raise BundleError(f"the weights {broken[:3]} hold NaN or infinite values")
     except (DeepFMError, SafetensorError, OSError, LookupError, RuntimeError, TypeError,
             ValueError, AttributeError) as exc:  # fmt: skip
         # a bundle whose hashes were recomputed after damage fails here, never later
