@@ -18,6 +18,7 @@ import pytest
 
 from conftest import CRITEO_ROWS, CRITEO_TEST_ROWS, REPO, criteo_line, shared_file
 from deepfm.cli import main
+from deepfm.data import prepare
 from deepfm.data.formats import DataFormat, get_format, table_chunk
 from deepfm.data.pipeline import load_dataset
 from deepfm.data.prepare import prepare_store
@@ -373,7 +374,11 @@ def _same_stores(a: Path, b: Path) -> None:
                 np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
 
 
-def test_two_workers_and_small_blocks_make_the_same_store_as_one(tmp_path):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_two_workers_and_small_blocks_make_the_same_store_as_one(tmp_path, monkeypatch, start):
+    # `deepfm prepare` forks its workers; a caller that imported torch (as this test process
+    # has) gets spawned ones: both must give the one-worker store
+    monkeypatch.setattr(prepare, "_start_method", lambda: start)
     data = _generated(tmp_path / "data.txt", 20_000)
     fmt = get_format("criteo")
     common = {"split": SplitSpec.parse("random:0.9"), "seed": 3, "min_count": 1}
@@ -386,6 +391,15 @@ def test_two_workers_and_small_blocks_make_the_same_store_as_one(tmp_path):
     assert sum(one.manifest["distinct_values"].values()) > 50_000  # the long tail is there
     lines = np.concatenate([Store.open(two.path).split(s).lines for s in SPLITS])
     np.testing.assert_array_equal(np.sort(lines), np.arange(1, 20_001))
+    assert not any(two.path.rglob("_work*"))  # every work file removed
+
+
+def test_the_prepare_command_forks_its_workers_and_a_torch_caller_spawns_them():
+    code = "import deepfm.data.prepare as p; print(p._start_method())"
+    run = [sys.executable, "-c"]
+    assert subprocess.run([*run, code], capture_output=True, text=True).stdout.strip() == "fork"
+    code = "import torch; " + code
+    assert subprocess.run([*run, code], capture_output=True, text=True).stdout.strip() == "spawn"
 
 
 def test_bad_rows_in_later_blocks_are_named_by_their_file_line(tmp_path):
