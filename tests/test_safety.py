@@ -78,6 +78,25 @@ def test_1_train_never_empties_a_directory_that_is_not_a_bundle(data, tmp_path, 
     assert snapshot(tmp_path) == before
 
 
+def test_1_removing_a_replaced_tree_never_follows_its_links(tmp_path):
+    from deepfm.outputs import remove_tree
+
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "file").write_bytes(b"keep")
+    (outside / "dir" / "inner").write_bytes(b"keep")
+    old = tmp_path / "old"
+    (old / "a" / "b").mkdir(parents=True)
+    for i in range(20):  # more files than threads, of different sizes
+        (old / "a" / "b" / f"f{i}").write_bytes(b"x" * (i * 1000))
+    (old / "link_file").symlink_to(outside / "file")
+    (old / "a" / "link_dir").symlink_to(outside / "dir")
+    remove_tree(old)
+    assert not old.exists()
+    assert (outside / "file").read_bytes() == b"keep"
+    assert (outside / "dir" / "inner").read_bytes() == b"keep"
+
+
 def test_1_a_bundle_replaces_only_a_bundle_and_only_with_overwrite(data, tmp_path):
     out = tmp_path / "model"
     out.mkdir()  # an empty directory is fine

@@ -31,6 +31,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,15 @@ from deepfm.data.featuremap import FeatureMap
 from deepfm.data.pipeline import Dataset
 from deepfm.data.reader import BadRows
 from deepfm.errors import ConfigError, DataError, OutputError
-from deepfm.outputs import STORE, claim_directory, make_dirs, reason, write_json
+from deepfm.outputs import (
+    STORE,
+    claim_directory,
+    fsync_file,
+    make_dirs,
+    reason,
+    remove_tree,
+    write_json,
+)
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "deepfm-store"
@@ -190,11 +199,11 @@ class StoreWriter:
 
     def commit(self, manifest: dict[str, Any]) -> Path:
         """fsync every file, write the manifest last, then rename the directory into place."""
-        for root, _, files in os.walk(self.tmp):
-            for name in files:
-                with open(Path(root) / name, "rb") as handle:
-                    os.fsync(handle.fileno())
-            _fsync_dir(Path(root))
+        folders = [(Path(root), names) for root, _, names in os.walk(self.tmp)]
+        with ThreadPoolExecutor(max_workers=8) as pool:  # each waits on the disk: several at once
+            list(pool.map(fsync_file, [root / name for root, names in folders for name in names]))
+        for root, _ in folders:
+            _fsync_dir(root)
         write_json(self.tmp / MANIFEST, manifest, indent=None)
         _fsync_dir(self.tmp)
         if self.out.exists():
@@ -202,7 +211,7 @@ class StoreWriter:
             trash = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
             self.out.rename(trash)
             self.tmp.rename(self.out)
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_tree(trash)
         else:
             self.tmp.rename(self.out)
         _fsync_dir(self.out.parent)

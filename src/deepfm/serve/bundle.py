@@ -59,6 +59,7 @@ from deepfm.outputs import (
     make_dirs,
     reason,
     remove_stale,
+    remove_tree,
     write_json,
 )
 
@@ -88,7 +89,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
         except BaseException:
             os.replace(old, target)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     else:
         os.replace(tmp, target)
 
