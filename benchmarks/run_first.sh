@@ -8,5 +8,5 @@ exec setsid bash -c '
   if ! { echo -20 > /proc/self/autogroup; } 2>/dev/null; then
     echo "run_first: cannot raise the priority (not root, or no autogroups): running as is" >&2
   fi
-  exec nice -n -20 "$@" 2>/dev/null || exec "$@"
+  exec nice -n -20 "$@"  # without the right to, nice warns and runs it as is
 ' run_first "$@"
