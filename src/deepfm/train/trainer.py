@@ -696,20 +696,175 @@ def run_record(
 
 
 @dataclass
-class _Progress:
-    """Where training stands; saved in checkpoints."""
+class _Session:
+    """The objects one fit trains with: built by the set-up phase, used by every other one."""
+
+    model: nn.Module
+    entry: ModelEntry
+    net: nn.Module  # the model, or its DDP / compiled wrapper: what the training step calls
+    optimizer: Optimizers
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    generator: torch.Generator  # the shuffling stream (the same seed on every rank)
+    device: torch.device
+    data: Batches | StreamedBatches  # this rank's shard of the training split
+    rows: int  # rows per rank and epoch: the smallest shard (equal steps on every rank)
+    valid: EncodedArrays | None
+    valid_data: Batches | EncodedArrays | None  # this rank's shard of ``valid``, placed
+    row_tables: list[torch.Tensor]  # tables with sparse row updates (averaged by hand)
+    compiled: bool
+    deadline: float | None  # time.perf_counter() at which training stops
+    setup: dict[str, Any]  # FitResult.setup
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the position (epoch, step in it, global step, the epoch's loss
+    so far and the generator state its permutation was drawn from), early stopping (best
+    score, epochs without a new best, the best epoch's weights and metrics), the history and
+    the time and samples spent. :meth:`save` writes it, with the model, the optimiser, the
+    scheduler and every rank's RNG states, as a checkpoint; :meth:`restore` reads it back."""
 
     epoch: int = 1
     step: int = 0  # steps done in this epoch
     global_step: int = 0
-    loss_sum: float = 0.0
+    loss_sum: float = 0.0  # the epoch's summed loss at the last checkpoint, all ranks
     best_score: float = -math.inf
     stale: int = 0
-    epoch_generator: torch.Tensor | None = None
+    epoch_generator: torch.Tensor | None = None  # the shuffling state before this epoch's draw
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_valid: dict[str, float] = field(default_factory=dict)
+    best_weights: dict[str, torch.Tensor] | None = None
+    train_seconds: float = 0.0
+    train_samples: int = 0
+
+    def observe(self, epoch: int, score: float, metrics: dict[str, float], model: nn.Module):
+        """Count a validation ``score``: a new best keeps a copy of the weights."""
+        if score > self.best_score:
+            self.best_score, self.stale = score, 0
+            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.best_epoch, self.best_valid = epoch, metrics
+        else:
+            self.stale += 1
+
+    def next_epoch(self, record: dict[str, float]) -> None:
+        self.history.append(record)
+        self.epoch, self.step, self.loss_sum = int(record["epoch"]) + 1, 0, 0.0
+        self.epoch_generator = None
+
+    def save(self, directory: str, session: _Session, dist: Distributed, header: dict) -> None:
+        """Write a checkpoint of step ``global_step`` (every rank its RNG file, rank 0 the
+        rest; ``header``: the world, config and run record). The on-disk layout is
+        :mod:`deepfm.train.checkpoint`'s; the keys of ``state.json`` are those read by
+        :meth:`restore`."""
+        folder = ckpt.staging(directory, self.global_step)
+        ckpt.write_rng(folder, dist.rank, ckpt.rng_state(session.generator))
+        dist.barrier()
+        if dist.is_main:
+            state = {
+                "progress": {
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "global_step": self.global_step,
+                    "loss_sum": self.loss_sum,
+                    "best_score": self.best_score,
+                    "stale": self.stale,
+                },
+                "scheduler": None if session.scheduler is None else session.scheduler.state_dict(),
+                "result": {
+                    "history": self.history,
+                    "best_epoch": self.best_epoch,
+                    "best_valid": self.best_valid,
+                    "train_seconds": self.train_seconds,
+                    "train_samples": self.train_samples,
+                },
+                **header,
+            }
+            tree = {
+                "optimizer": session.optimizer.state_dict(),
+                "epoch_generator": self.epoch_generator,
+            }
+            ckpt.commit_or_fail(
+                directory,
+                self.global_step,
+                model=session.model.state_dict(),
+                best=self.best_weights,
+                optimizer=tree,
+                state=state,
+            )
+        dist.barrier()
+
+    @classmethod
+    def restore(cls, resumed: ckpt.Checkpoint, session: _Session, dist: Distributed) -> TrainState:
+        """The state saved in ``resumed``; loads its model, optimiser, scheduler and this
+        rank's RNG states into ``s`` on the way."""
+        state = resumed.state
+        if state.get("world", 1) != dist.world:
+            raise ConfigError(
+                f"the checkpoint was written by {state['world']} processes, this run has "
+                f"{dist.world}: resume with the same number"
+            )
+        cls._load_training_objects(resumed, session, dist.rank)
+        saved, result = state["progress"], state["result"]
+        best = resumed.best
+        return cls(
+            epoch=int(saved["epoch"]),
+            step=int(saved["step"]),
+            global_step=int(saved["global_step"]),
+            # the epoch's loss so far, summed over the ranks: counted once, on rank 0
+            loss_sum=float(saved["loss_sum"]) if dist.is_main else 0.0,
+            best_score=float(saved["best_score"]),
+            stale=int(saved["stale"]),
+            epoch_generator=resumed.optimizer["epoch_generator"],
+            history=list(result["history"]),
+            best_epoch=int(result["best_epoch"]),
+            best_valid=dict(result["best_valid"]),
+            best_weights=None
+            if best is None
+            else {k: v.to(session.device) for k, v in best.items()},
+            train_seconds=float(result["train_seconds"]),
+            train_samples=int(result["train_samples"]),
+        )
+
+    @staticmethod
+    def _load_training_objects(resumed: ckpt.Checkpoint, session: _Session, rank: int) -> None:
+        try:
+            session.model.load_state_dict(resumed.model)
+            session.optimizer.load_state_dict(resumed.optimizer["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"--resume {resumed.path}: the checkpoint does not fit this model: {exc}"
+            ) from None
+        if session.scheduler is not None and resumed.state.get("scheduler") is not None:
+            session.scheduler.load_state_dict(resumed.state["scheduler"])
+            session.optimizer.follow_primary_lr()
+        rng = resumed.rng(rank)
+        if rng is None:
+            raise ConfigError(f"--resume {resumed.path}: no RNG state for rank {rank}")
+        ckpt.restore_rng(rng, session.generator)
+
+
+def make_scheduler(
+    optimizer: Optimizers, entry: ModelEntry, config: TrainConfig, valid: EncodedArrays | None
+) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """Decay on plateau of the validation score (Adam only, and only with validation rows)."""
+    if entry.optimizer != "adam" or config.lr_decay >= 1 or valid is None or not len(valid):
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer.primary, mode="max", factor=config.lr_decay, patience=config.decay_patience
+    )
 
 
 class Trainer:
-    """``Trainer(config).fit(model, entry, train, valid)`` trains ``model`` in place."""
+    """``Trainer(config).fit(model, entry, train, valid)`` trains ``model`` in place.
+
+    A fit runs in phases, each a method: :meth:`_begin` (device, seed, run record, the
+    checkpoint to resume), :meth:`_pretrain` (FNN), :meth:`_set_up` (optimiser, placement
+    of the data, DDP, compilation), then per epoch :meth:`_train_epoch` (with checkpoints
+    every ``checkpoint_every`` steps, :meth:`TrainState.save`) and :meth:`_validate` (early
+    stopping), and :meth:`_finish` (the best weights, calibration). What carries over from
+    one phase to the next is explicit: a :class:`_Session` (the objects) and a
+    :class:`TrainState` (the numbers a checkpoint keeps)."""
 
     def __init__(self, config: TrainConfig | None = None, dist: Distributed | None = None) -> None:
         self.config = config or TrainConfig()
@@ -734,34 +889,43 @@ class Trainer:
         ``identity``: what the caller knows of the run beyond the model and the arrays (its
         model config, the feature map's digest), recorded in checkpoints and compared on
         resume together with the training settings and a fingerprint of the data."""
-        with torch_threads(self.config.threads):
-            return self._fit(
-                model,
-                entry,
-                train,
-                valid,
-                on_epoch=on_epoch,
-                on_step=on_step,
-                optimizer_state=optimizer_state,
-                pretrain=pretrain,
-                identity=identity,
-            )
+        config = self.config
+        deadline = None if config.time_limit is None else time.perf_counter() + config.time_limit
+        with torch_threads(config.threads):
+            device, resumed = self._begin(model, entry, train, valid, identity)
+            spent = (0.0, 0)
+            if entry.pretrain is not None and resumed is None and pretrain:
+                spent = self._pretrain(model, entry, train, valid, device)
+            if resumed is not None:
+                optimizer_state = None  # the checkpoint's optimiser state wins
+            session = self._set_up(model, entry, train, valid, device, optimizer_state)
+            session.deadline = deadline
+            if resumed is not None:
+                state = TrainState.restore(resumed, session, self.dist)
+            else:
+                state = TrainState(train_seconds=spent[0], train_samples=spent[1])
+            self._clear_partials()
+            while state.epoch <= config.epochs:
+                record, out_of_time = self._train_epoch(session, state, on_step)
+                stop = self._validate(session, state, record) or out_of_time
+                self._end_epoch(state, record, on_epoch, entry.name)
+                if stop:
+                    break
+            return self._finish(session, state)
 
-    def _fit(
+    # -- the phases -------------------------------------------------------------------------
+
+    def _begin(
         self,
         model: nn.Module,
         entry: ModelEntry,
         train: EncodedArrays,
         valid: EncodedArrays | None,
-        *,
-        on_epoch: Callable[[dict[str, float]], None] | None,
-        on_step: Callable[[int], None] | None,
-        optimizer_state: dict[str, torch.Tensor] | None,
-        pretrain: bool,
-        identity: dict[str, Any] | None = None,
-    ) -> FitResult:
+        identity: dict[str, Any] | None,
+    ) -> tuple[torch.device, ckpt.Checkpoint | None]:
+        """The device (the model moved there), this rank's random stream, the run record and
+        the checkpoint to resume from (None: a new run, whose directory must be empty)."""
         config, dist = self.config, self.dist
-        deadline = None if config.time_limit is None else time.perf_counter() + config.time_limit
         device = use_device(dist.device(config.device))
         # this rank's stream (dropout masks): seed + rank, so ranks draw different masks; the
         # initial weights are rank 0's on every rank (DDP broadcasts them)
@@ -776,59 +940,56 @@ class Trainer:
             assert config.checkpoint_dir is not None
             ckpt.start_directory(config.checkpoint_dir)
         model.to(device)
-        result = FitResult()
-        if entry.pretrain is not None and resumed is None and pretrain:
-            # FNN: fit the model the entry names (an FM) first and initialise from it; the
-            # pre-training counts in this model's training time and samples
-            teacher, teacher_entry = build_pretrain_model(model, entry)
-            pre_config = replace(
-                config, checkpoint_every=0, checkpoint_dir=None, resume=None, calibration="none"
-            )
-            pre = Trainer(pre_config, dist).fit(teacher, teacher_entry, train, valid)
-            started = time.perf_counter()
-            model.init_from_pretrained(teacher.to(device))
-            result.train_seconds += pre.train_seconds + time.perf_counter() - started
-            result.train_samples += pre.train_samples
-            torch.manual_seed(config.seed + dist.rank)
+        return device, resumed
 
+    def _pretrain(
+        self,
+        model: nn.Module,
+        entry: ModelEntry,
+        train: EncodedArrays,
+        valid: EncodedArrays | None,
+        device: torch.device,
+    ) -> tuple[float, int]:
+        """FNN: fit the model the entry names (an FM) first and initialise from it. Returns
+        the seconds and samples spent, which count in this model's training."""
+        config = self.config
+        teacher, teacher_entry = build_pretrain_model(model, entry)
+        pre_config = replace(
+            config, checkpoint_every=0, checkpoint_dir=None, resume=None, calibration="none"
+        )
+        pre = Trainer(pre_config, self.dist).fit(teacher, teacher_entry, train, valid)
+        started = time.perf_counter()
+        model.init_from_pretrained(teacher.to(device))
+        seconds = pre.train_seconds + time.perf_counter() - started
+        torch.manual_seed(config.seed + self.dist.rank)
+        return seconds, pre.train_samples
+
+    def _set_up(
+        self,
+        model: nn.Module,
+        entry: ModelEntry,
+        train: EncodedArrays,
+        valid: EncodedArrays | None,
+        device: torch.device,
+        optimizer_state: dict[str, torch.Tensor] | None,
+    ) -> _Session:
+        """The optimiser (continuing ``optimizer_state`` if given), the scheduler, the data
+        placed on the device or streamed, the model wrapped for DDP and compiled."""
+        config, dist = self.config, self.dist
         shard = dist.shard(train)
         slots = int(train.ids.shape[1])
         sparse = use_sparse_updates(model, entry, config, device, slots, dist.world)
         optimizer = make_optimizer(
             model, entry, config, sparse=sparse, scale=lr_scale(config.lr_scaling, dist.world)
         )
-        continued = 0
-        if optimizer_state and resumed is None:
-            continued = optimizer.load_named_state(model, optimizer_state)
-        scheduler = None
-        if entry.optimizer == "adam" and config.lr_decay < 1 and valid is not None and len(valid):
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer.primary,
-                mode="max",
-                factor=config.lr_decay,
-                patience=config.decay_patience,
-            )
+        continued = optimizer.load_named_state(model, optimizer_state) if optimizer_state else 0
+        scheduler = make_scheduler(optimizer, entry, config, valid)
         valid_shard = dist.shard(valid) if valid is not None and len(valid) else None
-        need = training_bytes(
-            model,
-            sparse=sparse,
-            batch_size=config.batch_size,
-            eval_batch_size=config.eval_batch_size,
-            slots=slots,
-        )
-        resident, valid_resident = plan_residency(device, need, shard, valid_shard)
-        valid_data = None if valid_shard is None else placed(valid_shard, device, valid_resident)
-        data = (
-            Batches(shard, device)
-            if resident
-            else StreamedBatches(shard, device, not config.sync_loading)
-        )
-        result.setup = {
+        data, valid_data, batches = self._place(model, shard, valid_shard, device, sparse)
+        setup = {
             "device": str(device),
             "embedding_updates": "sparse" if sparse else "dense",
-            "batches": "device-resident"
-            if resident
-            else ("synchronous" if config.sync_loading else "asynchronous"),
+            "batches": batches,
             # what the matmuls run in: fp32 on CUDA means TF32 (use_device turns it on)
             "precision": matmul_precision(device, config.precision),
             "world": dist.world,
@@ -840,128 +1001,202 @@ class Trainer:
         compiled = False
         if config.compile:
             net, compiled = compile_model(net, device, dist)
-        result.setup["compiled"] = compiled
+        setup["compiled"] = compiled
+        return _Session(
+            model=model,
+            entry=entry,
+            net=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generator=torch.Generator().manual_seed(config.seed),
+            device=device,
+            data=data,
+            rows=dist.rows_per_rank(len(train)),
+            valid=valid,
+            valid_data=valid_data,
+            row_tables=row_tables,
+            compiled=compiled,
+            deadline=None,
+            setup=setup,
+        )
 
-        generator = torch.Generator().manual_seed(config.seed)
-        progress = _Progress()
-        best_state = None
-        if resumed is not None:
-            best_state = self._restore(
-                resumed, model, optimizer, scheduler, generator, progress, result
-            )
+    def _place(
+        self,
+        model: nn.Module,
+        shard: EncodedArrays,
+        valid_shard: EncodedArrays | None,
+        device: torch.device,
+        sparse: bool,
+    ) -> tuple[Batches | StreamedBatches, Batches | EncodedArrays | None, str]:
+        """This rank's training and validation shards, kept on the device when they fit beside
+        the training state (:func:`plan_residency`) or streamed; and how batches are made."""
+        config = self.config
+        need = training_bytes(
+            model,
+            sparse=sparse,
+            batch_size=config.batch_size,
+            eval_batch_size=config.eval_batch_size,
+            slots=int(shard.ids.shape[1]),
+        )
+        resident, valid_resident = plan_residency(device, need, shard, valid_shard)
+        valid_data = None if valid_shard is None else placed(valid_shard, device, valid_resident)
+        if resident:
+            return Batches(shard, device), valid_data, "device-resident"
+        kind = "synchronous" if config.sync_loading else "asynchronous"
+        return StreamedBatches(shard, device, not config.sync_loading), valid_data, kind
+
+    def _clear_partials(self) -> None:
+        """Folders half-assembled by a killed run go before the first checkpoint."""
+        config = self.config
         if config.checkpoint_every:
-            if dist.is_main:
+            if self.dist.is_main:
                 ckpt.clear_partials(config.checkpoint_dir or config.resume or ".")
-            dist.barrier()
-        rows = dist.rows_per_rank(len(train))  # the smallest shard: equal steps on every rank
-        steps_per_epoch = math.ceil(rows / config.batch_size)
-        for epoch in range(progress.epoch, config.epochs + 1):
-            if progress.epoch_generator is not None and progress.epoch == epoch:
-                generator.set_state(progress.epoch_generator)  # resume: the same permutation
-            progress.epoch, progress.epoch_generator = epoch, generator.get_state()
-            model.train()
-            started = time.perf_counter()
-            order = torch.randperm(len(shard), generator=generator)[:rows]
-            loss_sum = torch.zeros((), device=device) + progress.loss_sum
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=progress.step,
-                desc=f"epoch {epoch}/{config.epochs}",
-                # None: tqdm hides the per-step bar when stderr is not a terminal (logs keep the
-                # per-epoch lines below instead of thousands of carriage returns)
-                disable=None if config.progress and dist.is_main else True,
-                leave=False,
-                mininterval=0.5,
+            self.dist.barrier()
+
+    def _train_epoch(
+        self, session: _Session, state: TrainState, on_step: Callable[[int], None] | None
+    ) -> tuple[dict[str, float], bool]:
+        """One epoch (or its rest, when resumed mid-epoch): its record (epoch, train loss,
+        learning rate, seconds) and whether the time limit ran out."""
+        config, dist = self.config, self.dist
+        if state.epoch_generator is not None:
+            session.generator.set_state(state.epoch_generator)  # resume: the same permutation
+        state.epoch_generator = session.generator.get_state()
+        session.model.train()
+        started = time.perf_counter()
+        order = torch.randperm(len(session.data), generator=session.generator)[: session.rows]
+        loss_sum = torch.zeros((), device=session.device) + state.loss_sum
+        bar = self._progress_bar(state, session.rows)
+        out_of_time = False
+        for batch in session.data.batches(order, config.batch_size, state.step):
+            loss_sum += self._step(session, batch)
+            state.step += 1
+            state.global_step += 1
+            self._after_step(session, state, bar, loss_sum)
+            if on_step is not None:
+                on_step(state.global_step)
+            if session.deadline is not None and state.step % CLOCK_EVERY == 0:
+                # the same decision on every rank: the latest of their clocks
+                out_of_time = dist.any_true(time.perf_counter() > session.deadline, session.device)
+                if out_of_time:
+                    break
+        bar.close()
+        # the one synchronisation of the epoch; summed over the ranks, so that every rank
+        # sees the same loss and a non-finite one stops them all together
+        train_loss = float(dist.sum(loss_sum)) / (session.rows * dist.world)
+        seconds = time.perf_counter() - started
+        state.train_seconds += seconds
+        state.train_samples += session.rows * dist.world
+        if not math.isfinite(train_loss):  # before scoring NaN predictions
+            raise ConfigError(
+                f"training diverged at epoch {state.epoch} (loss {train_loss}); "
+                "lower the learning rate"
             )
-            out_of_time = False
-            for batch in data.batches(order, config.batch_size, progress.step):
-                rows_in_batch = len(batch)
-                weights = None
-                if compiled:  # one shape for every step: the last batch is padded
-                    batch, weights = padded(batch, config.batch_size)
-                with autocast(device, config.precision):
-                    logits = net(batch.ids, batch.values)
-                loss = batch_loss(logits, batch.labels, weights)
-                objective = loss * rows_in_batch if optimizer.sums_loss else loss
-                objective = objective + regularization(model, weights)
-                optimizer.zero_grad()
-                objective.backward()
-                dist.average_row_gradients(row_tables)
-                optimizer.step()
-                loss_sum += loss.detach() * rows_in_batch
-                progress.step += 1
-                progress.global_step += 1
-                bar.update()
-                if not bar.disable and progress.step % RUNNING_LOSS_EVERY == 0:
-                    running = float(loss_sum) / (progress.step * config.batch_size)
-                    bar.set_postfix(loss=f"{running:.5f}", refresh=False)
-                if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
-                    progress.loss_sum = float(dist.sum(loss_sum))  # the epoch's, all ranks
-                    self._save(model, optimizer, scheduler, generator, progress, result, best_state)
-                if on_step is not None:
-                    on_step(progress.global_step)
-                if deadline is not None and progress.step % CLOCK_EVERY == 0:
-                    # the same decision on every rank: the latest of their clocks
-                    out_of_time = dist.any_true(time.perf_counter() > deadline, device)
-                    if out_of_time:
-                        break
-            bar.close()
-            # the one synchronisation of the epoch; summed over the ranks, so that every rank
-            # sees the same loss and a non-finite one stops them all together
-            epoch_loss = float(dist.sum(loss_sum))
-            seconds = time.perf_counter() - started
-            result.train_seconds += seconds
-            result.train_samples += rows * dist.world
-            record: dict[str, float] = {
-                "epoch": epoch,
-                "train_loss": epoch_loss / (rows * dist.world),
-                "lr": optimizer.lr,
-                "seconds": seconds,
-            }
-            if not math.isfinite(record["train_loss"]):  # before scoring NaN predictions
-                raise ConfigError(
-                    f"training diverged at epoch {epoch} (loss {record['train_loss']}); "
-                    "lower the learning rate"
-                )
-            stop = False
-            if valid_data is not None:
-                assert valid is not None
-                metrics = self._evaluate(model, valid_data, valid)
-                record.update({f"valid_{k}": v for k, v in metrics.items()})
-                score = monitor_score(metrics, config.monitor)
-                if score > progress.best_score:
-                    progress.best_score, progress.stale = score, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    result.best_epoch, result.best_valid = epoch, metrics
-                else:
-                    progress.stale += 1
-                if scheduler is not None:
-                    scheduler.step(score)
-                    optimizer.follow_primary_lr()
-                stop = progress.stale >= config.patience
-            stop = stop or out_of_time
-            result.history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-            if config.progress and dist.is_main:
-                shown = {k: round(v, 5) for k, v in record.items() if k != "epoch"}
-                tqdm.write(f"[{entry.name}] epoch {epoch}: {shown}")
-            progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
-            progress.epoch_generator = None
-            if stop:
-                break
-        result.optimizer_state = optimizer.named_state(model)
-        for table in embedding_tables(model):
+        record = {"epoch": state.epoch, "train_loss": train_loss, "lr": session.optimizer.lr}
+        return {**record, "seconds": seconds}, out_of_time
+
+    def _progress_bar(self, state: TrainState, rows: int) -> tqdm:
+        config = self.config
+        return tqdm(
+            total=math.ceil(rows / config.batch_size),
+            initial=state.step,
+            desc=f"epoch {state.epoch}/{config.epochs}",
+            # None: tqdm hides the per-step bar when stderr is not a terminal (logs keep the
+            # per-epoch lines instead of thousands of carriage returns)
+            disable=None if config.progress and self.dist.is_main else True,
+            leave=False,
+            mininterval=0.5,
+        )
+
+    def _step(self, session: _Session, batch: Batch) -> torch.Tensor:
+        """One optimiser step on ``batch``; returns its summed loss (a device scalar)."""
+        config = self.config
+        rows = len(batch)
+        weights = None
+        if session.compiled:  # one shape for every step: the last batch is padded
+            batch, weights = padded(batch, config.batch_size)
+        with autocast(session.device, config.precision):
+            logits = session.net(batch.ids, batch.values)
+        loss = batch_loss(logits, batch.labels, weights)
+        objective = loss * rows if session.optimizer.sums_loss else loss
+        objective = objective + regularization(session.model, weights)
+        session.optimizer.zero_grad()
+        objective.backward()
+        self.dist.average_row_gradients(session.row_tables)
+        session.optimizer.step()
+        return loss.detach() * rows
+
+    def _after_step(
+        self, session: _Session, state: TrainState, bar: tqdm, loss_sum: torch.Tensor
+    ) -> None:
+        """The progress bar and, every ``checkpoint_every`` steps, a checkpoint."""
+        config = self.config
+        bar.update()
+        if not bar.disable and state.step % RUNNING_LOSS_EVERY == 0:
+            running = float(loss_sum) / (state.step * config.batch_size)
+            bar.set_postfix(loss=f"{running:.5f}", refresh=False)
+        if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
+            state.loss_sum = float(self.dist.sum(loss_sum))  # the epoch's, all ranks
+            directory = config.checkpoint_dir or config.resume
+            assert directory is not None
+            header = {"world": self.dist.world, "config": config.to_dict(), "run": self.run}
+            state.save(directory, session, self.dist, header)
+
+    def _validate(self, session: _Session, state: TrainState, record: dict[str, float]) -> bool:
+        """Score the validation rows (added to ``record``), keep the best epoch, decay the
+        learning rate on a plateau. Returns whether patience ran out."""
+        if session.valid_data is None:
+            return False
+        assert session.valid is not None
+        metrics = self._evaluate(session.model, session.valid_data, session.valid)
+        record.update({f"valid_{k}": v for k, v in metrics.items()})
+        score = monitor_score(metrics, self.config.monitor)
+        state.observe(state.epoch, score, metrics, session.model)
+        if session.scheduler is not None:
+            session.scheduler.step(score)
+            session.optimizer.follow_primary_lr()
+        return state.stale >= self.config.patience
+
+    def _end_epoch(
+        self,
+        state: TrainState,
+        record: dict[str, float],
+        on_epoch: Callable[[dict[str, float]], None] | None,
+        name: str,
+    ) -> None:
+        state.next_epoch(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if self.config.progress and self.dist.is_main:
+            shown = {k: round(v, 5) for k, v in record.items() if k != "epoch"}
+            tqdm.write(f"[{name}] epoch {record['epoch']}: {shown}")
+
+    def _finish(self, session: _Session, state: TrainState) -> FitResult:
+        """The best epoch's weights back in the model (the last epoch's without validation),
+        the calibration fitted on the validation rows, and what training produced."""
+        optimizer_state = session.optimizer.named_state(session.model)
+        for table in embedding_tables(session.model):
             table.sparse = False  # a trained model is an ordinary module again
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        best_epoch = state.best_epoch
+        if state.best_weights is not None:
+            session.model.load_state_dict(state.best_weights)
         else:
-            result.best_epoch = len(result.history)
-        if config.calibration == "beta" and valid_data is not None:
-            assert valid is not None
-            logits = self._logits(model, valid_data, valid, "fp32")
-            result.calibration = fit_calibration(logits, np.asarray(valid.labels))
-        return result
+            best_epoch = len(state.history)
+        calibration = None
+        if self.config.calibration == "beta" and session.valid_data is not None:
+            assert session.valid is not None
+            logits = self._logits(session.model, session.valid_data, session.valid, "fp32")
+            calibration = fit_calibration(logits, np.asarray(session.valid.labels))
+        return FitResult(
+            history=state.history,
+            best_epoch=best_epoch,
+            best_valid=state.best_valid,
+            train_seconds=state.train_seconds,
+            train_samples=state.train_samples,
+            setup=session.setup,
+            optimizer_state=optimizer_state,
+            calibration=calibration,
+        )
 
     # -- evaluation across ranks ---------------------------------------------------------------
 
@@ -1006,84 +1241,3 @@ class Trainer:
             as_tensor=True,
         )
         return self.dist.gather_rows(local, len(valid)).cpu().numpy()
-
-    # -- checkpoints -----------------------------------------------------------------------------
-
-    def _save(self, model, optimizer, scheduler, generator, progress, result, best_state) -> None:
-        directory = self.config.checkpoint_dir or self.config.resume
-        assert directory is not None
-        folder = ckpt.staging(directory, progress.global_step)
-        ckpt.write_rng(folder, self.dist.rank, ckpt.rng_state(generator))
-        self.dist.barrier()
-        if self.dist.is_main:
-            state = {
-                "progress": {
-                    "epoch": progress.epoch,
-                    "step": progress.step,
-                    "global_step": progress.global_step,
-                    "loss_sum": progress.loss_sum,
-                    "best_score": progress.best_score,
-                    "stale": progress.stale,
-                },
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "result": {
-                    "history": result.history,
-                    "best_epoch": result.best_epoch,
-                    "best_valid": result.best_valid,
-                    "train_seconds": result.train_seconds,
-                    "train_samples": result.train_samples,
-                },
-                "world": self.dist.world,
-                "config": self.config.to_dict(),
-                "run": self.run,
-            }
-            tree = {
-                "optimizer": optimizer.state_dict(),
-                "epoch_generator": progress.epoch_generator,
-            }
-            ckpt.commit_or_fail(
-                directory,
-                progress.global_step,
-                model=model.state_dict(),
-                best=best_state,
-                optimizer=tree,
-                state=state,
-            )
-        self.dist.barrier()
-
-    def _restore(self, resumed, model, optimizer, scheduler, generator, progress, result):
-        state = resumed.state
-        if state.get("world", 1) != self.dist.world:
-            raise ConfigError(
-                f"the checkpoint was written by {state['world']} processes, this run has "
-                f"{self.dist.world}: resume with the same number"
-            )
-        try:
-            model.load_state_dict(resumed.model)
-            optimizer.load_state_dict(resumed.optimizer["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ConfigError(
-                f"--resume {resumed.path}: the checkpoint does not fit this model: {exc}"
-            ) from None
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-            optimizer.follow_primary_lr()
-        rng = resumed.rng(self.dist.rank)
-        if rng is None:
-            raise ConfigError(f"--resume {resumed.path}: no RNG state for rank {self.dist.rank}")
-        ckpt.restore_rng(rng, generator)
-        saved = state["progress"]
-        progress.epoch, progress.step = int(saved["epoch"]), int(saved["step"])
-        progress.global_step = int(saved["global_step"])
-        # the epoch's loss so far, summed over the ranks: counted once, on rank 0
-        progress.loss_sum = float(saved["loss_sum"]) if self.dist.is_main else 0.0
-        progress.best_score, progress.stale = float(saved["best_score"]), int(saved["stale"])
-        progress.epoch_generator = resumed.optimizer["epoch_generator"]
-        saved_result = state["result"]
-        result.history = list(saved_result["history"])
-        result.best_epoch = int(saved_result["best_epoch"])
-        result.best_valid = dict(saved_result["best_valid"])
-        result.train_seconds += float(saved_result["train_seconds"])
-        result.train_samples += int(saved_result["train_samples"])
-        device = _device_of(model)
-        return None if resumed.best is None else {k: v.to(device) for k, v in resumed.best.items()}
