@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 from dataclasses import fields
 
 import pytest
 
-from deepfm.cli import build_parser, data_format_from, train_config_from
+from deepfm.cli import build_parser, config_flags, data_format_from, train_config_from
+from deepfm.experiments.runs import TRAIN_KEYS
+from deepfm.experiments.study_commands import study_overrides
 from deepfm.train.trainer import TrainConfig
 
 #: flag names with a second meaning, and why it stays
@@ -96,3 +99,57 @@ def test_no_flag_is_defined_in_two_places():
                 sites[node.args[0].value] += 1
     twice = {flag: n for flag, n in sites.items() if n > 1 and flag not in SECOND_MEANINGS}
     assert not twice, twice
+
+
+def test_a_flag_named_like_a_config_field_is_read_with_no_list_of_names():
+    @dataclasses.dataclass
+    class Config:
+        alpha: int = 0
+        beta: str = "b"
+
+    def add_options(parser):
+        parser.add_argument("--alpha", type=int)
+        parser.add_argument("--gamma")  # not a field: left to the command
+
+    args = argparse.Namespace(alpha=3, gamma="g")
+    assert config_flags(args, add_options, Config) == {"alpha": 3}
+
+
+def _non_default_trainer_flags() -> tuple[list[str], dict[str, object]]:
+    """Every flag of train's trainer groups named like a TrainConfig field, each given a value
+    other than its default (argv, {field: parsed value})."""
+    argv, expected = [], {}
+    names = {f.name for f in fields(TrainConfig)}
+    for action in commands()["train"]._actions:
+        if action.dest not in names or not action.option_strings:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+            expected[action.dest] = True
+            continue
+        if action.choices:
+            value = next(c for c in action.choices if c != action.default)
+        elif action.dest == "device":
+            value = "cpu"
+        else:
+            value = {int: 3, float: 0.25}.get(action.type, "somewhere")
+        argv += [flag, str(value)]
+        expected[action.dest] = value
+    return argv, expected
+
+
+def test_every_trainer_flag_reaches_trainconfig_and_the_studies_take_the_same_ones():
+    argv, expected = _non_default_trainer_flags()
+    assert {"epochs", "lr", "compile", "lr_scaling", "resume"} <= set(expected)
+    args = build_parser().parse_args(["train", "--data", "x", "--out", "o", *argv])
+    config = train_config_from(args)
+    assert {name: getattr(config, name) for name in expected} == expected
+    # a study reads the same flags, less those a study config may not set (seeds, checkpoints)
+    study = build_parser().parse_args(
+        ["tune", "--store", "s", "--out", "o", "--embed-dim", "7", "--dropout", "0.2", *argv]
+    )
+    model, train = study_overrides(study)
+    assert model == {"embed_dim": 7, "dropout": 0.2}
+    assert train == {k: v for k, v in expected.items() if k in TRAIN_KEYS}
+    assert "seed" not in train and "resume" not in train and "epochs" in train

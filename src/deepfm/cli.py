@@ -12,8 +12,8 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -295,53 +295,49 @@ def format_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"ratings": args.ratings, "featindex": args.featindex}
 
 
+def option_dests(add_options: Callable[[argparse.ArgumentParser], None]) -> tuple[str, ...]:
+    """The names the flags of ``add_options`` are parsed into (read off a throwaway parser):
+    what a command reads back follows the option function, with no list of names to keep."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_options(parser)
+    return tuple(action.dest for action in parser._actions)
+
+
+def config_flags(
+    args: argparse.Namespace, add_options: Callable[[argparse.ArgumentParser], None], config: type
+) -> dict[str, Any]:
+    """The parsed values of the flags of ``add_options`` that are fields of the dataclass
+    ``config`` (a flag named like a field sets that field; ``tests/test_flags.py`` checks the
+    other flags of those groups are not fields under another name)."""
+    names = {f.name for f in fields(config)}
+    dests = option_dests(add_options)
+    return {name: getattr(args, name) for name in dests if name in names and hasattr(args, name)}
+
+
 def model_config_from(args: argparse.Namespace):
     """The model config: ModelConfig defaults < ``--preset`` values < flags given explicitly."""
+    from deepfm.models import ModelConfig
     from deepfm.models.presets import Preset, load_preset
 
     preset = load_preset(args.preset) if getattr(args, "preset", None) else Preset("none")
     if preset.assumed:
         print(f"note: preset {preset.name}: {preset.description}", file=sys.stderr)
     return preset.model_config(
-        args.model or "deepfm",
-        embed_dim=args.embed_dim,
-        hidden=args.hidden,
-        activation=args.activation,
-        dropout=args.dropout,
-        l2=args.l2,
-        crosses=args.crosses,
-        cross_buckets=args.cross_buckets,
+        args.model or "deepfm", **config_flags(args, add_model_options, ModelConfig)
     )
 
 
 def train_config_from(args: argparse.Namespace):
+    """The TrainConfig of the flags of :func:`add_train_options` (``--quiet`` is ``progress``
+    off). Checkpoints go beside the bundle, to ``<--out>.checkpoints`` (the bundle directory
+    is replaced as a whole when it is written), or back into the ``--resume`` directory."""
     from deepfm.train.trainer import TrainConfig
 
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience=args.patience,
-        monitor=args.monitor,
-        calibration=args.calibration,
-        seed=args.seed,
-        threads=args.threads,
-        progress=not args.quiet,
-        **speed_options_from(args),
-    )
-
-
-def speed_options_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields of add_train_options' speed group; checkpoints go beside the
-    bundle, to ``<--out>.checkpoints`` (the bundle directory is replaced as a whole when it is
-    written), or back into the ``--resume`` directory."""
-    names = ("device", "precision", "compile", "embedding_updates", "sync_loading", "lr_scaling")
-    names += ("checkpoint_every", "resume")
-    options: dict[str, Any] = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    options = config_flags(args, add_train_options, TrainConfig)
     out = getattr(args, "out", None)
     if options.get("checkpoint_every") and not options.get("resume") and out:
         options["checkpoint_dir"] = f"{Path(out)}.checkpoints"
-    return options
+    return TrainConfig(progress=not args.quiet, **options)
 
 
 def data_format_from(args: argparse.Namespace, default: str = "criteo"):

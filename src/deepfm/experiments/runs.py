@@ -36,14 +36,11 @@ from deepfm.train.trainer import TrainConfig
 
 #: torch CPU threads of a study's runs unless configured: results depend on the thread count
 STUDY_THREADS = 1
-#: TrainConfig fields a study config may set (seeds, checkpoints and progress belong to the study)
+#: TrainConfig fields a study config may set (seeds and the per-invocation settings, progress
+#: and checkpoints, belong to the study)
 TRAIN_KEYS = tuple(
-    f.name
-    for f in fields(TrainConfig)
-    if f.name not in ("seed", "progress", "checkpoint_every", "checkpoint_dir", "resume")
+    f.name for f in fields(TrainConfig) if f.name not in ("seed", *TrainConfig.per_invocation())
 )
-#: TrainConfig fields left out of a run id: they change how a run is shown, not its result
-_NOT_IN_ID = ("progress", "checkpoint_every", "checkpoint_dir", "resume")
 
 
 # -- study configs -------------------------------------------------------------------------------
@@ -238,7 +235,9 @@ class RunSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        train = {k: v for k, v in self.train.to_dict().items() if k not in _NOT_IN_ID}
+        train = {
+            k: v for k, v in self.train.to_dict().items() if k not in TrainConfig.per_invocation()
+        }
         return {
             "kind": self.kind,
             "store": self.store,

@@ -17,13 +17,7 @@ from typing import Any
 from deepfm.cli import add_flag
 from deepfm.errors import ConfigError
 
-#: flags of ``add_train_options`` read as trainer overrides when given (their defaults are
-#: cleared to None so that a study config's ``train`` values are not silently replaced)
-TRAIN_FLAGS = ("epochs", "batch_size", "lr", "patience", "monitor", "calibration", "threads")
-TRAIN_FLAGS += ("device", "precision", "compile", "embedding_updates", "sync_loading", "lr_scaling")
-_CLEARED = (*TRAIN_FLAGS, "seed", "quiet", "checkpoint_every", "resume")
 MODELS_HELP = "comma list of registry names (default: Table IV's 13; add poly2 by name)"
-MODEL_FLAGS = ("embed_dim", "hidden", "activation", "dropout", "l2", "cross_buckets")
 
 
 def _say(text: str) -> None:
@@ -34,12 +28,14 @@ def _say(text: str) -> None:
 
 
 def _study_parser(subparsers, name: str, text: str, *, model_flag: bool) -> argparse.ArgumentParser:
-    from deepfm.cli import add_model_options, add_train_options
+    from deepfm.cli import add_model_options, add_train_options, option_dests
 
     parser = subparsers.add_parser(name, help=text, description=text)
     add_model_options(parser, model_flag=model_flag)
     add_train_options(parser)
-    parser.set_defaults(**dict.fromkeys(_CLEARED))
+    # the trainer flags are overrides when given: their defaults are cleared to None so that a
+    # study config's ``train`` values are not silently replaced
+    parser.set_defaults(**dict.fromkeys(option_dests(add_train_options)))
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -97,9 +93,23 @@ def _settings(args: argparse.Namespace):
     claim_results(args.out, args.command, inputs=inputs, own_files=STUDY_FILES)
     if config.preset.assumed:
         _say(f"note: preset {config.preset.name}: {config.preset.description}")
-    model = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    train = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    return config, model, train
+    return config, *study_overrides(args)
+
+
+def study_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model, train) settings given as flags: those named like a ModelConfig field, and
+    those named like a TrainConfig field a study config may set (``runs.TRAIN_KEYS``)."""
+    from deepfm.cli import add_model_options, add_train_options, config_flags
+    from deepfm.experiments.runs import TRAIN_KEYS
+    from deepfm.models import ModelConfig
+    from deepfm.train.trainer import TrainConfig
+
+    model = config_flags(args, add_model_options, ModelConfig)
+    train = config_flags(args, add_train_options, TrainConfig)
+    return (
+        {k: v for k, v in model.items() if v is not None},
+        {k: v for k, v in train.items() if k in TRAIN_KEYS and v is not None},
+    )
 
 
 def _seeds(args: argparse.Namespace, count: int) -> list[int]:

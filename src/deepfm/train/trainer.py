@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,9 @@ RESIDENT_SHARE = 0.5
 MAX_SEED = 2**32 - 1
 #: most torch CPU threads accepted (a million makes OpenMP crash the process)
 MAX_THREADS = 1024
+#: metadata of the TrainConfig fields that belong to one invocation rather than to the run: how
+#: it is shown and where it keeps its checkpoints (no part of a study's config or a run's id)
+PER_INVOCATION = {"per_invocation": True}
 
 
 @dataclass
@@ -114,16 +117,16 @@ class TrainConfig:
     ftrl_beta: float = 1.0
     ftrl_l1: float = 1.0
     ftrl_l2: float = 1.0
-    progress: bool = True
+    progress: bool = field(default=True, metadata=PER_INVOCATION)
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
     embedding_updates: str = "auto"
     sync_loading: bool = False
     lr_scaling: str = "none"
-    checkpoint_every: int = 0
-    checkpoint_dir: str | None = None
-    resume: str | None = None
+    checkpoint_every: int = field(default=0, metadata=PER_INVOCATION)
+    checkpoint_dir: str | None = field(default=None, metadata=PER_INVOCATION)
+    resume: str | None = field(default=None, metadata=PER_INVOCATION)
     time_limit: float | None = None
 
     def __post_init__(self) -> None:
@@ -172,6 +175,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def per_invocation(cls) -> tuple[str, ...]:
+        """The fields marked :data:`PER_INVOCATION`."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get("per_invocation"))
 
 
 @dataclass
