@@ -704,11 +704,21 @@ def run_record(
 
 
 @dataclass
+class _Job:
+    """What a fit is asked for: train ``model`` (``entry``'s) on ``train``, validating on
+    ``valid`` (early stopping, calibration) when it has rows."""
+
+    model: nn.Module
+    entry: ModelEntry
+    train: EncodedArrays
+    valid: EncodedArrays | None
+
+
+@dataclass
 class _Session:
     """The objects one fit trains with: built by the set-up phase, used by every other one."""
 
     model: nn.Module
-    entry: ModelEntry
     net: nn.Module  # the model, or its DDP / compiled wrapper: what the training step calls
     optimizer: Optimizers
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
@@ -721,7 +731,6 @@ class _Session:
     row_tables: list[torch.Tensor]  # tables with sparse row updates (averaged by hand)
     compiled: bool
     deadline: float | None  # time.perf_counter() at which training stops
-    setup: dict[str, Any]  # FitResult.setup
 
 
 @dataclass
@@ -760,6 +769,11 @@ class TrainState:
         self.epoch, self.step, self.loss_sum = int(record["epoch"]) + 1, 0, 0.0
         self.epoch_generator = None
 
+    def result_fields(self) -> dict[str, Any]:
+        """The FitResult fields the state keeps (saved as ``result`` in checkpoints)."""
+        names = ("history", "best_epoch", "best_valid", "train_seconds", "train_samples")
+        return {name: getattr(self, name) for name in names}
+
     def save(self, directory: str, session: _Session, dist: Distributed, header: dict) -> None:
         """Write a checkpoint of step ``global_step`` (every rank its RNG file, rank 0 the
         rest; ``header``: the world, config and run record). The on-disk layout is
@@ -779,13 +793,7 @@ class TrainState:
                     "stale": self.stale,
                 },
                 "scheduler": None if session.scheduler is None else session.scheduler.state_dict(),
-                "result": {
-                    "history": self.history,
-                    "best_epoch": self.best_epoch,
-                    "best_valid": self.best_valid,
-                    "train_seconds": self.train_seconds,
-                    "train_samples": self.train_samples,
-                },
+                "result": self.result_fields(),
                 **header,
             }
             tree = {
@@ -871,8 +879,8 @@ class Trainer:
     of the data, DDP, compilation), then per epoch :meth:`_train_epoch` (with checkpoints
     every ``checkpoint_every`` steps, :meth:`TrainState.save`) and :meth:`_validate` (early
     stopping), and :meth:`_finish` (the best weights, calibration). What carries over from
-    one phase to the next is explicit: a :class:`_Session` (the objects) and a
-    :class:`TrainState` (the numbers a checkpoint keeps)."""
+    one phase to the next is explicit: the :class:`_Job` (the inputs), a :class:`_Session`
+    (the objects set-up built) and a :class:`TrainState` (the numbers a checkpoint keeps)."""
 
     def __init__(self, config: TrainConfig | None = None, dist: Distributed | None = None) -> None:
         self.config = config or TrainConfig()
@@ -900,14 +908,14 @@ class Trainer:
         config = self.config
         deadline = None if config.time_limit is None else time.perf_counter() + config.time_limit
         with torch_threads(config.threads):
-            device, resumed = self._begin(model, entry, train, valid, identity)
+            job = _Job(model, entry, train, valid)
+            device, resumed = self._begin(job, identity)
             spent = (0.0, 0)
             if entry.pretrain is not None and resumed is None and pretrain:
-                spent = self._pretrain(model, entry, train, valid, device)
+                spent = self._pretrain(job, device)
             if resumed is not None:
                 optimizer_state = None  # the checkpoint's optimiser state wins
-            session = self._set_up(model, entry, train, valid, device, optimizer_state)
-            session.deadline = deadline
+            session, setup = self._set_up(job, device, optimizer_state, deadline)
             if resumed is not None:
                 state = TrainState.restore(resumed, session, self.dist)
             else:
@@ -919,17 +927,12 @@ class Trainer:
                 self._end_epoch(state, record, on_epoch, entry.name)
                 if stop:
                     break
-            return self._finish(session, state)
+            return self._finish(session, state, setup)
 
     # -- the phases -------------------------------------------------------------------------
 
     def _begin(
-        self,
-        model: nn.Module,
-        entry: ModelEntry,
-        train: EncodedArrays,
-        valid: EncodedArrays | None,
-        identity: dict[str, Any] | None,
+        self, job: _Job, identity: dict[str, Any] | None
     ) -> tuple[torch.device, ckpt.Checkpoint | None]:
         """The device (the model moved there), this rank's random stream, the run record and
         the checkpoint to resume from (None: a new run, whose directory must be empty)."""
@@ -938,52 +941,45 @@ class Trainer:
         # this rank's stream (dropout masks): seed + rank, so ranks draw different masks; the
         # initial weights are rank 0's on every rank (DDP broadcasts them)
         torch.manual_seed(config.seed + dist.rank)
-        if train.labels is None or len(train) == 0:
+        if job.train.labels is None or len(job.train) == 0:
             raise ConfigError("training needs labeled rows")
-        self.run = run_record(config, model, entry, train, valid, identity)
+        self.run = run_record(config, job.model, job.entry, job.train, job.valid, identity)
         resumed = ckpt.load_latest(config.resume) if config.resume else None
         if resumed is not None:
             ckpt.check_same_run(resumed, self.run["identity"])
         elif config.checkpoint_every:
             assert config.checkpoint_dir is not None
             ckpt.start_directory(config.checkpoint_dir)
-        model.to(device)
+        job.model.to(device)
         return device, resumed
 
-    def _pretrain(
-        self,
-        model: nn.Module,
-        entry: ModelEntry,
-        train: EncodedArrays,
-        valid: EncodedArrays | None,
-        device: torch.device,
-    ) -> tuple[float, int]:
+    def _pretrain(self, job: _Job, device: torch.device) -> tuple[float, int]:
         """FNN: fit the model the entry names (an FM) first and initialise from it. Returns
         the seconds and samples spent, which count in this model's training."""
         config = self.config
-        teacher, teacher_entry = build_pretrain_model(model, entry)
+        teacher, teacher_entry = build_pretrain_model(job.model, job.entry)
         pre_config = replace(
             config, checkpoint_every=0, checkpoint_dir=None, resume=None, calibration="none"
         )
-        pre = Trainer(pre_config, self.dist).fit(teacher, teacher_entry, train, valid)
+        pre = Trainer(pre_config, self.dist).fit(teacher, teacher_entry, job.train, job.valid)
         started = time.perf_counter()
-        model.init_from_pretrained(teacher.to(device))
+        job.model.init_from_pretrained(teacher.to(device))
         seconds = pre.train_seconds + time.perf_counter() - started
         torch.manual_seed(config.seed + self.dist.rank)
         return seconds, pre.train_samples
 
     def _set_up(
         self,
-        model: nn.Module,
-        entry: ModelEntry,
-        train: EncodedArrays,
-        valid: EncodedArrays | None,
+        job: _Job,
         device: torch.device,
         optimizer_state: dict[str, torch.Tensor] | None,
-    ) -> _Session:
+        deadline: float | None,
+    ) -> tuple[_Session, dict[str, Any]]:
         """The optimiser (continuing ``optimizer_state`` if given), the scheduler, the data
-        placed on the device or streamed, the model wrapped for DDP and compiled."""
+        placed on the device or streamed, the model wrapped for DDP and compiled; and how
+        (``FitResult.setup``)."""
         config, dist = self.config, self.dist
+        model, entry, train, valid = job.model, job.entry, job.train, job.valid
         shard = dist.shard(train)
         slots = int(train.ids.shape[1])
         sparse = use_sparse_updates(model, entry, config, device, slots, dist.world)
@@ -1012,7 +1008,6 @@ class Trainer:
         setup["compiled"] = compiled
         return _Session(
             model=model,
-            entry=entry,
             net=net,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -1024,9 +1019,8 @@ class Trainer:
             valid_data=valid_data,
             row_tables=row_tables,
             compiled=compiled,
-            deadline=None,
-            setup=setup,
-        )
+            deadline=deadline,
+        ), setup
 
     def _place(
         self,
@@ -1179,32 +1173,22 @@ class Trainer:
             shown = {k: round(v, 5) for k, v in record.items() if k != "epoch"}
             tqdm.write(f"[{name}] epoch {record['epoch']}: {shown}")
 
-    def _finish(self, session: _Session, state: TrainState) -> FitResult:
+    def _finish(self, session: _Session, state: TrainState, setup: dict[str, Any]) -> FitResult:
         """The best epoch's weights back in the model (the last epoch's without validation),
         the calibration fitted on the validation rows, and what training produced."""
         optimizer_state = session.optimizer.named_state(session.model)
+        result = FitResult(**state.result_fields(), setup=setup, optimizer_state=optimizer_state)
         for table in embedding_tables(session.model):
             table.sparse = False  # a trained model is an ordinary module again
-        best_epoch = state.best_epoch
         if state.best_weights is not None:
             session.model.load_state_dict(state.best_weights)
         else:
-            best_epoch = len(state.history)
-        calibration = None
+            result.best_epoch = len(state.history)
         if self.config.calibration == "beta" and session.valid_data is not None:
             assert session.valid is not None
             logits = self._logits(session.model, session.valid_data, session.valid, "fp32")
-            calibration = fit_calibration(logits, np.asarray(session.valid.labels))
-        return FitResult(
-            history=state.history,
-            best_epoch=best_epoch,
-            best_valid=state.best_valid,
-            train_seconds=state.train_seconds,
-            train_samples=state.train_samples,
-            setup=session.setup,
-            optimizer_state=optimizer_state,
-            calibration=calibration,
-        )
+            result.calibration = fit_calibration(logits, np.asarray(session.valid.labels))
+        return result
 
     # -- evaluation across ranks ---------------------------------------------------------------
 
