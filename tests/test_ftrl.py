@@ -76,3 +76,22 @@ def test_a_table_is_updated_on_its_touched_rows_only_with_the_same_result():
         never = steps[0].eq(0).all(1) & steps[1].eq(0).all(1) & steps[2].eq(0).all(1)
         never &= steps[3].eq(0).all(1)
         assert optimizer.state[w]["n"][never].eq(0).all()
+
+
+def test_both_own_optimisers_step_with_a_closure_and_return_its_loss():
+    from deepfm.train.lazy_adam import LazyAdam
+
+    for sparse, make in ((False, lambda p: FTRL([p])), (True, lambda p: LazyAdam([p], lr=0.1))):
+        table = torch.nn.Embedding(3, 2, sparse=sparse)
+        torch.nn.init.ones_(table.weight)
+        optimizer = make(table.weight)
+
+        def closure(table=table, optimizer=optimizer):
+            optimizer.zero_grad()
+            loss = table(torch.tensor([0, 1, 2])).pow(2).sum()  # needs gradients on in step
+            loss.backward()
+            return loss
+
+        assert optimizer.step(closure).item() == 6.0
+        assert torch.all(table.weight < 1)  # the closure's gradients were applied
+        assert optimizer.step() is None

@@ -166,68 +166,92 @@ def add_bundle_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_field_flag(group, config: Any, name: str, text: str, **settings: Any) -> None:
+    """``--<name>`` (dashes for underscores) for the field ``name`` of the dataclass instance
+    ``config``, whose value is the default: the flag's name and default are the field's."""
+    default = getattr(config, name)  # a name that is no field fails here, at start-up
+    group.add_argument(f"--{name.replace('_', '-')}", default=default, help=text, **settings)
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    from deepfm.train.trainer import CALIBRATIONS, MONITORS, TrainConfig
+    """The trainer's flags: each names a TrainConfig field (``--quiet`` is ``progress`` off)
+    and defaults to its value; ``train_config_from`` reads them back by name."""
+    from deepfm.train.distributed import LR_SCALINGS
+    from deepfm.train.trainer import (
+        CALIBRATIONS,
+        EMBEDDING_UPDATES,
+        MONITORS,
+        PRECISIONS,
+        TrainConfig,
+    )
 
     default = TrainConfig()
     group = parser.add_argument_group("training")
     add_flag(group, "--epochs", default=default.epochs)
     add_flag(group, "--batch-size", default=default.batch_size)
-    group.add_argument(
-        "--lr", type=float, help="learning rate (default: Adam 3e-3; FTRL alpha 0.05)"
+    add_field_flag(
+        group, default, "lr", "learning rate (default: Adam 3e-3; FTRL alpha 0.05)", type=float
     )
-    group.add_argument(
-        "--patience",
+    add_field_flag(
+        group,
+        default,
+        "patience",
+        "stop after this many epochs without a better validation score",
         type=int,
-        default=default.patience,
-        help="stop after this many epochs without a better validation score",
     )
-    group.add_argument(
-        "--monitor",
+    add_field_flag(
+        group,
+        default,
+        "monitor",
+        "validation score of early stopping and lr decay (default: AUC)",
         choices=MONITORS,
-        default=default.monitor,
-        help="validation score of early stopping and lr decay (default: AUC)",
     )
-    group.add_argument(
-        "--calibration",
-        choices=CALIBRATIONS,
-        default=default.calibration,
-        help="beta (default): fit a monotone map of the logits (beta calibration: "
+    add_field_flag(
+        group,
+        default,
+        "calibration",
+        "beta (default): fit a monotone map of the logits (beta calibration: "
         "b*softplus(s) - a*softplus(-s) + c) on the validation rows, kept in the bundle and "
         "applied by every scoring path; none: the raw model",
+        choices=CALIBRATIONS,
     )
     add_flag(group, "--seed", default=default.seed)
     add_flag(group, "--threads", help="torch CPU threads (fix for reproducibility)")
     add_flag(group, "--quiet", help="no progress bars")
     speed = parser.add_argument_group("speed, scale and checkpoints")
-    speed.add_argument("--device", default=default.device, help="auto, cpu, cuda or cuda:N")
-    speed.add_argument(
-        "--precision", choices=("fp32", "bf16"), default=default.precision, help="bf16: CUDA only"
+    add_field_flag(speed, default, "device", "auto, cpu, cuda or cuda:N")
+    add_field_flag(speed, default, "precision", "bf16: CUDA only", choices=PRECISIONS)
+    add_field_flag(speed, default, "compile", "torch.compile the model", action="store_true")
+    add_field_flag(
+        speed,
+        default,
+        "embedding_updates",
+        "Adam on whole tables, or on the rows a batch uses (auto: per device)",
+        choices=EMBEDDING_UPDATES,
     )
-    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_argument(
-        "--embedding-updates",
-        choices=("auto", "dense", "sparse"),
-        default=default.embedding_updates,
-        help="Adam on whole tables, or on the rows a batch uses (auto: per device)",
+    add_field_flag(
+        speed,
+        default,
+        "sync_loading",
+        "prepare each batch when it is needed",
+        action="store_true",
     )
-    speed.add_argument(
-        "--sync-loading", action="store_true", help="prepare each batch when it is needed"
+    add_field_flag(
+        speed,
+        default,
+        "lr_scaling",
+        "with N processes (torchrun), multiply the learning rate by sqrt(N) or N",
+        choices=LR_SCALINGS,
     )
-    speed.add_argument(
-        "--lr-scaling",
-        choices=("none", "sqrt", "linear"),
-        default=default.lr_scaling,
-        help="with N processes (torchrun), multiply the learning rate by sqrt(N) or N",
-    )
-    speed.add_argument(
-        "--checkpoint-every",
+    add_field_flag(
+        speed,
+        default,
+        "checkpoint_every",
+        "write a checkpoint every STEPS steps to <--out>.checkpoints (0: none)",
         type=int,
-        default=0,
         metavar="STEPS",
-        help="write a checkpoint every STEPS steps to <--out>.checkpoints (0: none)",
     )
-    speed.add_argument("--resume", metavar="DIR", help="continue from the checkpoints in DIR")
+    add_field_flag(speed, default, "resume", "continue from the checkpoints in DIR", metavar="DIR")
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, fitting: bool) -> None:
@@ -303,15 +327,20 @@ def option_dests(add_options: Callable[[argparse.ArgumentParser], None]) -> tupl
     return tuple(action.dest for action in parser._actions)
 
 
+def fields_of(args: argparse.Namespace, config: type) -> dict[str, Any]:
+    """The parsed flags named like a field of the dataclass ``config``: a command whose flags
+    all belong to one config reads them this way, with no list of names."""
+    return {f.name: getattr(args, f.name) for f in fields(config) if hasattr(args, f.name)}
+
+
 def config_flags(
     args: argparse.Namespace, add_options: Callable[[argparse.ArgumentParser], None], config: type
 ) -> dict[str, Any]:
-    """The parsed values of the flags of ``add_options`` that are fields of the dataclass
-    ``config`` (a flag named like a field sets that field; ``tests/test_flags.py`` checks the
-    other flags of those groups are not fields under another name)."""
-    names = {f.name for f in fields(config)}
-    dests = option_dests(add_options)
-    return {name: getattr(args, name) for name in dests if name in names and hasattr(args, name)}
+    """:func:`fields_of`, of the flags of ``add_options`` only (a command with flags of several
+    configs; ``tests/test_flags.py`` checks the other flags of those groups are not fields
+    under another name)."""
+    dests = set(option_dests(add_options))
+    return {k: v for k, v in fields_of(args, config).items() if k in dests}
 
 
 def model_config_from(args: argparse.Namespace):

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from deepfm.common import read_json
 from deepfm.data.codecs import (
     FIRST_VALUE,
     MISSING,
@@ -342,14 +343,7 @@ class FeatureMap:
         path = Path(path)
         if path.is_dir():
             path = path / FEATURE_MAP_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"feature map {path} does not exist") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read the feature map {path}: {exc.strerror}") from None
-        except ValueError as exc:  # not JSON, not UTF-8
-            raise ConfigError(f"feature map {path} is not valid JSON: {exc}") from None
+        data = read_json(path, "the feature map")
         try:
             return cls.from_dict(data, path.parent)
         except (OSError, LookupError, TypeError, ValueError, AttributeError) as exc:

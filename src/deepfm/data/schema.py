@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from deepfm.common import read_yaml
 from deepfm.errors import ConfigError, is_integer
 
 FieldKind = Literal["categorical", "numeric", "multi", "hashed"]
@@ -199,13 +198,4 @@ def load_schema(path: str | Path) -> Schema:
       - {name: device_ip, kind: hashed, buckets: 1000000}
     ignore: [id]
     """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"schema file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the schema file {path}: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"schema file {path} is not valid YAML: {exc}") from None
-    return Schema.from_dict(data, source=str(path))
+    return Schema.from_dict(read_yaml(path, "the schema file"), source=str(path))

@@ -41,6 +41,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from deepfm.cli import fields_of
     from deepfm.experiments.simulate import (
         SimulationConfig,
         baseline_note,
@@ -52,14 +53,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from deepfm.outputs import claim_results
 
     config = SimulationConfig(
-        n_types=args.types,
-        users_per_type=args.users_per_type,
-        rows=args.rows,
-        list_sizes=_sizes(args.lists),
-        hour=args.hour,
-        weekday=args.weekday,
-        seed=args.seed,
-        crosses=args.crosses,
+        **{**fields_of(args, SimulationConfig), "list_sizes": _sizes(args.lists)}
     )
     train_config, model_config = _train_config(args), _hidden(args.hidden)
     plots = ("personalization.*", "coverage.*", "popularity.*")
@@ -74,24 +68,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_abtest(args: argparse.Namespace) -> int:
+    from deepfm.cli import fields_of
     from deepfm.experiments.abtest import ABTestConfig, abtest_markdown, run_abtest, write_abtest
     from deepfm.outputs import claim_results
 
-    config = ABTestConfig(
-        days=args.days,
-        n_types=args.types,
-        users_per_type=args.users_per_type,
-        initial_rows=args.initial_rows,
-        list_size=args.list_size,
-        visit_rate=args.visit_rate,
-        update=args.update,
-        daily_epochs=args.daily_epochs,
-        new_apps=args.new_apps,
-        new_users=args.new_users,
-        shelf_rows=args.shelf_rows,
-        seed=args.seed,
-        crosses=args.crosses,
-    )
+    config = ABTestConfig(**fields_of(args, ABTestConfig))
     train_config, model_config = _train_config(args), _hidden(args.hidden)
     claim_results(args.out, "abtest", own_files=("abtest.*",))
     results = run_abtest(config, train_config=train_config, model_config=model_config, log=_log)
@@ -167,7 +148,15 @@ def _common(parser: argparse.ArgumentParser, out: str) -> None:
 
     add_flag(parser, "--out", default=out, help=f"output directory (default {out})")
     add_flag(parser, "--seed", default=0, help="market, logs, training and traffic")
-    parser.add_argument("--types", type=int, default=6, help="user types t (at most 6)")
+    # dest: the config field (SimulationConfig, ABTestConfig), read by name
+    parser.add_argument(
+        "--types",
+        dest="n_types",
+        metavar="TYPES",
+        type=int,
+        default=6,
+        help="user types t (at most 6)",
+    )
     parser.add_argument("--users-per-type", type=int, default=100, help="users per type n")
     add_flag(
         parser, "--hidden", help="DeepFM-D's deep part, e.g. 400,400,400 (default 200,200,200)"

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deepfm import outputs
+from deepfm.common import read_yaml
 from deepfm.data.pipeline import Dataset
 from deepfm.data.store import Store
 from deepfm.errors import ConfigError
@@ -106,16 +105,7 @@ def parse_study_config(data: Any, source: str) -> StudyConfig:
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config {path}: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_study_config(data, str(path))
+    return parse_study_config(read_yaml(path, "the config file"), str(path))
 
 
 def study_config(preset: str | None = None, config: str | None = None) -> StudyConfig:

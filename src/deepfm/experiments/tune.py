@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from deepfm.common import read_yaml
 from deepfm.data.pipeline import Dataset
 from deepfm.errors import ConfigError
 from deepfm.experiments.runs import (
@@ -155,16 +156,7 @@ def _check_bounds(name: str, value: float, where: str) -> None:
 def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return parse_space(DEFAULT_SPACE, "the default search space")
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read the search space {path}: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_space(data, str(path))
+    return parse_space(read_yaml(path, "the search space file"), str(path))
 
 
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:

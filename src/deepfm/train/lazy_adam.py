@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from deepfm.nn.cpu_kernels import scatter_add_rows
+from deepfm.train.optim import closure_loss
 
 
 def coalesced_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +49,7 @@ class LazyAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for weight in group["params"]:
