@@ -265,11 +265,11 @@ def _left_by_a_killed_writer(out: Path) -> None:
 
 
 TRAIN = "train --data {ws}/train.txt --out {out} " + " ".join(FAST)
-PREDICT = "predict --model {ws}/bundle --data {ws}/test.txt --out {out}"
+PREDICT = "predict --bundle {ws}/bundle --data {ws}/test.txt --out {out}"
 PREPARE = "prepare --input {ws}/train.txt --out {out} --quiet"
 CSV_PREPARE = "prepare --format csv --schema {ws}/schema.yaml --out {out} --quiet --input"
 STORE = "--store {ws}/store --out {out} --quiet --threads 1"
-RANK = "rank --model {ws}/bundle"
+RANK = "rank --bundle {ws}/bundle"
 
 CASES: list[Case] = [
     # -- train: data --------------------------------------------------------------------------
@@ -583,7 +583,7 @@ CASES: list[Case] = [
     ),
     # -- predict and evaluate --------------------------------------------------------------------
     *(
-        Case(f"predict --model {{ws}}/bundle --data {{ws}}/bad/{name} --out {{out}}")
+        Case(f"predict --bundle {{ws}}/bundle --data {{ws}}/bad/{name} --out {{out}}")
         for name in (
             "empty.txt",
             "cut.txt.gz",
@@ -600,7 +600,8 @@ CASES: list[Case] = [
     ),
     *(
         Case(
-            f"predict --model {{ws}}/bundle --data {{ws}}/bad/{name} --out {{out}} --bad-rows skip",
+            f"predict --bundle {{ws}}/bundle --data {{ws}}/bad/{name} --out {{out}} "
+            "--bad-rows skip",
             codes=(OK,),
         )
         for name in (
@@ -614,8 +615,8 @@ CASES: list[Case] = [
         )
     ),
     *(
-        Case(f"predict --model {model} --data {{ws}}/test.txt --out {{out}}")
-        for model in (
+        Case(f"predict --bundle {bundle} --data {{ws}}/test.txt --out {{out}}")
+        for bundle in (
             "{ws}/notes",
             "{ws}/missing",
             "{ws}/store",
@@ -640,7 +641,7 @@ CASES: list[Case] = [
         )
     ),
     *(
-        Case(f"predict --model {{ws}}/bundle --data {{ws}}/test.txt --out {target} {extra}")
+        Case(f"predict --bundle {{ws}}/bundle --data {{ws}}/test.txt --out {target} {extra}")
         for target in (
             "{ws}/test.txt",
             "{ws}/readme.txt",
@@ -661,13 +662,13 @@ CASES: list[Case] = [
     ),
     Case(PREDICT + " --data {ws}/test.txt {ws}/test.txt", says="one file"),
     Case(PREDICT + " --format bogus"),
-    Case("evaluate --model {ws}/bundle --data {ws}/test.txt", says="no label"),
-    Case("evaluate --model {ws}/bundle --data {ws}/bad/cut.txt.gz", says="truncated"),
-    Case("evaluate --model {ws}/bundle --data {ws}/bad/single_class.txt --json", codes=(OK,)),
-    Case("evaluate --model {ws}/bad_bundles/flipped --data {ws}/train.txt", says="sha256"),
+    Case("evaluate --bundle {ws}/bundle --data {ws}/test.txt", says="no label"),
+    Case("evaluate --bundle {ws}/bundle --data {ws}/bad/cut.txt.gz", says="truncated"),
+    Case("evaluate --bundle {ws}/bundle --data {ws}/bad/single_class.txt --json", codes=(OK,)),
+    Case("evaluate --bundle {ws}/bad_bundles/flipped --data {ws}/train.txt", says="sha256"),
     # -- export --------------------------------------------------------------------------------
     *(
-        Case(f"export --model {{ws}}/bundle --out {target} {extra}")
+        Case(f"export --bundle {{ws}}/bundle --out {target} {extra}")
         for target in (
             "{ws}/readme.txt",
             "{ws}/bundle/model.safetensors",
@@ -679,9 +680,9 @@ CASES: list[Case] = [
         for extra in ("", "--overwrite")
         if not (extra and target == "{ws}/readme.txt")  # allowed: the user said --overwrite
     ),
-    Case("export --model {ws}/bundle --out {out} --check-rows -1"),
-    Case("export --model {ws}/bad_bundles/flipped --out {out}"),
-    Case("export --model {ws}/notes --out {out}"),
+    Case("export --bundle {ws}/bundle --out {out} --check-rows -1"),
+    Case("export --bundle {ws}/bad_bundles/flipped --out {out}"),
+    Case("export --bundle {ws}/notes --out {out}"),
     # -- rank ------------------------------------------------------------------------------------
     *(
         Case(f"{RANK} --candidates {{ws}}/bad/{name}")
@@ -720,10 +721,10 @@ CASES: list[Case] = [
             """--user '{"I1": NaN}'""",
         )
     ),
-    Case("rank --model {ws}/bad_bundles/model_list --candidates {ws}/bad/candidates_bom.csv"),
+    Case("rank --bundle {ws}/bad_bundles/model_list --candidates {ws}/bad/candidates_bom.csv"),
     # -- serve (every case is refused before a socket is opened) ----------------------------------
     *(
-        Case(f"serve --model {{ws}}/bundle {flags}")
+        Case(f"serve --bundle {{ws}}/bundle {flags}")
         for flags in (
             "--port 70000",
             "--port -1",
@@ -745,8 +746,8 @@ CASES: list[Case] = [
         )
     ),
     *(
-        Case(f"serve --model {model} --port 0")
-        for model in (
+        Case(f"serve --bundle {bundle} --port 0")
+        for bundle in (
             "{ws}/notes",
             "{ws}/missing",
             "{ws}/bad_bundles/flipped",

@@ -133,15 +133,15 @@ def test_2_predict_never_writes_over_its_input_or_into_a_bundle(data, tmp_path):
         (bundle, ["--overwrite"]),
     ]
     for out, extra in refused:
-        result = run_cli("predict", "--model", bundle, "--data", test, "--out", out, *extra)
+        result = run_cli("predict", "--bundle", bundle, "--data", test, "--out", out, *extra)
         assert result.code == 2 and result.clean(), (out, result.err)
     assert snapshot(tmp_path) == before
     mine = tmp_path / "p.txt"
     mine.write_text("my own file\n")
-    result = run_cli("predict", "--model", bundle, "--data", test, "--out", mine)
+    result = run_cli("predict", "--bundle", bundle, "--data", test, "--out", mine)
     assert result.code == 2 and "--overwrite" in result.err
     assert mine.read_text() == "my own file\n"
-    result = run_cli("predict", "--model", bundle, "--data", test, "--out", mine, "--overwrite")
+    result = run_cli("predict", "--bundle", bundle, "--data", test, "--out", mine, "--overwrite")
     assert result.code == 0 and len(mine.read_text().splitlines()) == 80
 
 
@@ -261,10 +261,10 @@ def test_4_same_seed_same_metrics_through_the_study_runner(tmp_path):
 
 def test_5_an_empty_token_is_refused(data, monkeypatch):
     for token in ("", "   "):
-        result = run_cli("serve", "--model", data.bundle, "--token", token)
+        result = run_cli("serve", "--bundle", data.bundle, "--token", token)
         assert result.code == 2 and "--token is empty" in result.err
     monkeypatch.setenv("DEEPFM_TOKEN", "")  # e.g. DEEPFM_TOKEN=$UNSET_VARIABLE
-    result = run_cli("serve", "--model", data.bundle)
+    result = run_cli("serve", "--bundle", data.bundle)
     assert result.code == 2 and "DEEPFM_TOKEN is set but empty" in result.err
 
 
@@ -351,10 +351,10 @@ def test_8_blank_lines_are_bad_rows_and_predict_keeps_the_lines_aligned(data, tm
     source = tmp_path / "blank.txt"
     source.write_text("".join(rows))
     out = tmp_path / "p.txt"
-    result = run_cli("predict", "--model", data.bundle, "--data", source, "--out", out)
+    result = run_cli("predict", "--bundle", data.bundle, "--data", source, "--out", out)
     assert result.code == 2 and "blank.txt:6: empty line" in result.err
     skip = ["--bad-rows", "skip"]
-    result = run_cli("predict", "--model", data.bundle, "--data", source, "--out", out, *skip)
+    result = run_cli("predict", "--bundle", data.bundle, "--data", source, "--out", out, *skip)
     assert result.code == 0 and "bad rows: 3" in result.err
     scores = np.array([float(v) for v in out.read_text().split("\n") if v])
     assert len(scores) == len(rows) == 23
@@ -371,7 +371,9 @@ def test_9_a_truncated_or_fake_gzip_is_a_message(data, tmp_path):
     fake = tmp_path / "fake.txt.gz"
     fake.write_bytes(data.test.read_bytes())
     for path, phrase in ((cut, "truncated"), (fake, "not a valid gzip file")):
-        result = run_cli("predict", "--model", data.bundle, "--data", path, "--out", tmp_path / "p")
+        result = run_cli(
+            "predict", "--bundle", data.bundle, "--data", path, "--out", tmp_path / "p"
+        )
         assert result.code == 2 and result.clean() and phrase in result.err, result.err
         assert str(path) in result.err
     assert not (tmp_path / "p").exists()
@@ -387,7 +389,7 @@ def test_9_permission_errors_are_messages(data, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(reader, "open", no_read, raising=False)
         result = run_cli(
-            "predict", "--model", data.bundle, "--data", data.test, "--out", tmp_path / "p"
+            "predict", "--bundle", data.bundle, "--data", data.test, "--out", tmp_path / "p"
         )
     assert result.code == 2 and result.clean() and "Permission denied" in result.err
 
@@ -401,7 +403,7 @@ def test_9_permission_errors_are_messages(data, tmp_path, monkeypatch):
     assert result.code == 1 and result.clean() and "Permission denied" in result.err
     with monkeypatch.context() as patch:
         patch.setattr(np, "savetxt", no_write)
-        argv = ["predict", "--model", data.bundle, "--data", data.test, "--out", tmp_path / "p"]
+        argv = ["predict", "--bundle", data.bundle, "--data", data.test, "--out", tmp_path / "p"]
         result = run_cli(*argv)
     assert result.code == 1 and result.clean() and "Permission denied" in result.err
     real_mkdir = Path.mkdir
@@ -429,7 +431,7 @@ def test_9_a_read_only_directory_is_a_message(data, tmp_path):
     locked.chmod(0o555)
     try:
         result = run_cli(
-            "predict", "--model", data.bundle, "--data", data.test, "--out", locked / "p"
+            "predict", "--bundle", data.bundle, "--data", data.test, "--out", locked / "p"
         )
         assert result.code == 1 and result.clean() and "Permission denied" in result.err
     finally:
@@ -446,13 +448,13 @@ def test_9_a_rehashed_damaged_or_nan_weights_file_is_refused(data, tmp_path):
     weights.write_bytes(bytes(raw))
     rehash(bundle, "model.safetensors")
     out = tmp_path / "p.txt"
-    result = run_cli("predict", "--model", bundle, "--data", data.test, "--out", out)
+    result = run_cli("predict", "--bundle", bundle, "--data", data.test, "--out", out)
     assert result.code == 2 and result.clean() and "cannot load the model" in result.err
     name = next(iter(state))
     state[name] = torch.full_like(state[name], math.nan)
     save_file(state, str(weights))
     rehash(bundle, "model.safetensors")
-    result = run_cli("predict", "--model", bundle, "--data", data.test, "--out", out)
+    result = run_cli("predict", "--bundle", bundle, "--data", data.test, "--out", out)
     assert result.code == 2 and "NaN" in result.err and not out.exists()
 
 
@@ -492,7 +494,7 @@ def test_9_bundle_json_files_that_are_not_objects(data, tmp_path, name, content)
     (bundle / name).write_text(content)
     if name != "bundle.json":
         rehash(bundle, name)
-    result = run_cli("predict", "--model", bundle, "--data", data.test, "--out", tmp_path / "p")
+    result = run_cli("predict", "--bundle", bundle, "--data", data.test, "--out", tmp_path / "p")
     assert result.code == 2 and result.clean() and "corrupt" in result.err, result.err
 
 
@@ -504,7 +506,7 @@ def test_9_a_manifest_naming_files_outside_the_bundle_is_refused(data, tmp_path,
     manifest = json.loads((bundle / "bundle.json").read_text())
     manifest["files"][name] = "0" * 64  # /dev/zero would be hashed forever
     (bundle / "bundle.json").write_text(json.dumps(manifest))
-    result = run_cli("predict", "--model", bundle, "--data", data.test, "--out", tmp_path / "p")
+    result = run_cli("predict", "--bundle", bundle, "--data", data.test, "--out", tmp_path / "p")
     assert result.code == 2 and result.clean() and "is not a file of it" in result.err
 
 
@@ -603,7 +605,7 @@ def test_9_a_full_disk_or_a_kill_during_predict_leaves_the_old_file(data, tmp_pa
     out.write_text("previous predictions\n")
     stale = tmp_path / ".p.txt.tmp-999999999-0a0b0c"  # left by a writer killed with -9
     stale.write_text("half")
-    argv = ["predict", "--model", data.bundle, "--data", data.test, "--out", out, "--overwrite"]
+    argv = ["predict", "--bundle", data.bundle, "--data", data.test, "--out", out, "--overwrite"]
     with monkeypatch.context() as patch:
         patch.setattr(np, "savetxt", _disk_full(np.savetxt))
         result = run_cli(*argv)
@@ -808,10 +810,10 @@ def test_10_port_and_host_are_checked(data):
     from deepfm.serve.server import ServeSettings
 
     for flags in (["--port", "70000"], ["--port", "-1"], ["--port", "http"]):
-        result = run_cli("serve", "--model", data.bundle, *flags)
+        result = run_cli("serve", "--bundle", data.bundle, *flags)
         assert result.code == 2 and "port" in result.err and result.clean()
     for host in ("http://example.com", "a host", ""):
-        result = run_cli("serve", "--model", data.bundle, "--host", host)
+        result = run_cli("serve", "--bundle", data.bundle, "--host", host)
         assert result.code == 2 and "--host" in result.err and result.clean()
     with pytest.raises(ConfigError, match="port"):
         ServeSettings(model_dir=data.bundle, port=70000)

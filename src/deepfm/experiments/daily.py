@@ -44,8 +44,9 @@ from deepfm.data.reader import RawChunk
 from deepfm.data.schema import Schema
 from deepfm.data.splits import SplitSpec, time_order
 from deepfm.errors import ConfigError
+from deepfm.experiments.plots import save_panels
 from deepfm.models.registry import ModelConfig
-from deepfm.outputs import save_figure, write_json, write_text
+from deepfm.outputs import write_json, write_text
 from deepfm.train.run import Parent, TrainedModel, fit_and_evaluate
 from deepfm.train.trainer import TrainConfig, evaluate, predict_proba
 
@@ -310,11 +311,7 @@ def plot_daily(results: dict[str, Any], path: str | Path) -> Path:
         ax_time.bar(x + (i - 0.5) * 0.4, seconds, 0.4, label=name)
     ax_time.set_xticks(x, days)
     ax_time.set(xlabel="test day", ylabel="update time (s)", title="Daily update time")
-    for ax in (ax_auc, ax_time):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(fig, path)
-    return Path(path)
+    return save_panels(fig, (ax_auc, ax_time), path)
 
 
 def write_daily(results: dict[str, Any], out: str | Path) -> list[Path]:

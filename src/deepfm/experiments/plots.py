@@ -25,8 +25,13 @@ def learning_curves(
         ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label=name)
     ax_auc.set(xlabel="epoch", ylabel="validation AUC", title=title)
     ax_loss.set(xlabel="epoch", ylabel="training logloss", title="Training loss")
-    for ax in (ax_auc, ax_loss):
+    return save_panels(fig, (ax_auc, ax_loss), path)
+
+
+def save_panels(fig: Any, axes: Any, path: str | Path) -> Path:
+    """``fig`` saved (:func:`save_figure`) once each of its panels ``axes`` has a light grid
+    and its legend."""
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    save_figure(fig, path)
-    return Path(path)
+    return save_figure(fig, path)
