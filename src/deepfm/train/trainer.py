@@ -83,6 +83,11 @@ MAX_THREADS = 1024
 #: metadata of the TrainConfig fields that belong to one invocation rather than to the run: how
 #: it is shown and where it keeps its checkpoints (no part of a study's config or a run's id)
 PER_INVOCATION = {"per_invocation": True}
+#: metadata of the TrainConfig fields that change neither the weights nor the history a run
+#: trains: float order (threads, device, evaluation batches), speed (compilation, loading),
+#: a stop by the clock, the calibration fitted afterwards. A resumed run may change them, and
+#: the per-invocation ones; every other field is one of :data:`RESULT_SETTINGS`.
+NOT_IN_RESULT = {"not_in_result": True}
 
 
 @dataclass
@@ -108,26 +113,26 @@ class TrainConfig:
     lr: float | None = None
     patience: int = 3
     monitor: str = "auc"
-    calibration: str = "beta"
+    calibration: str = field(default="beta", metadata=NOT_IN_RESULT)
     lr_decay: float = 0.5
     decay_patience: int = 1
     seed: int = 0
-    threads: int | None = None
-    eval_batch_size: int = 65536
+    threads: int | None = field(default=None, metadata=NOT_IN_RESULT)
+    eval_batch_size: int = field(default=65536, metadata=NOT_IN_RESULT)
     ftrl_beta: float = 1.0
     ftrl_l1: float = 1.0
     ftrl_l2: float = 1.0
     progress: bool = field(default=True, metadata=PER_INVOCATION)
-    device: str = "auto"
+    device: str = field(default="auto", metadata=NOT_IN_RESULT)
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool = field(default=False, metadata=NOT_IN_RESULT)
     embedding_updates: str = "auto"
-    sync_loading: bool = False
+    sync_loading: bool = field(default=False, metadata=NOT_IN_RESULT)
     lr_scaling: str = "none"
     checkpoint_every: int = field(default=0, metadata=PER_INVOCATION)
     checkpoint_dir: str | None = field(default=None, metadata=PER_INVOCATION)
     resume: str | None = field(default=None, metadata=PER_INVOCATION)
-    time_limit: float | None = None
+    time_limit: float | None = field(default=None, metadata=NOT_IN_RESULT)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "decay_patience"):
@@ -658,12 +663,10 @@ def compile_model(
 
 # -- the trainer ----------------------------------------------------------------------------------
 
-#: TrainConfig fields that change what a run computes (a resumed run must match them); the
-#: others say how it runs (threads and device change float order only, not the run)
-RESULT_SETTINGS = (
-    "epochs", "batch_size", "lr", "patience", "monitor", "lr_decay", "decay_patience", "seed",
-    "ftrl_beta", "ftrl_l1", "ftrl_l2", "precision", "embedding_updates", "lr_scaling",
-)  # fmt: skip
+#: TrainConfig fields that change what a run computes (a resumed run must match them): those
+#: marked neither :data:`NOT_IN_RESULT` nor :data:`PER_INVOCATION` (a new field is one unless
+#: marked)
+RESULT_SETTINGS = tuple(f.name for f in fields(TrainConfig) if not f.metadata)
 _FINGERPRINT_ROWS = 256
 
 
