@@ -112,6 +112,14 @@ def study_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     )
 
 
+def _run_options(
+    args: argparse.Namespace, model: dict[str, Any], train: dict[str, Any]
+) -> dict[str, Any]:
+    """What every study passes on to its runs: the model and trainer overrides of the flags
+    (:func:`study_overrides`, after the study's own checks) and whether to show progress."""
+    return {"model_overrides": model, "train_overrides": train, "progress": not args.quiet}
+
+
 def _seeds(args: argparse.Namespace, count: int) -> list[int]:
     _positive(count, "--seeds", MOST_RUNS)
     base = args.seed or 0
@@ -142,13 +150,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     models = parse_models(args.models, TABLE_IV_MODELS)
     seeds = _seeds(args, args.seeds)
     config, model, train = _settings(args)
-    options: dict[str, Any] = {
-        "models": models,
-        "seeds": seeds,
-        "model_overrides": model,
-        "train_overrides": train,
-        "progress": not args.quiet,
-    }
+    options: dict[str, Any] = {"models": models, "seeds": seeds, **_run_options(args, model, train)}
     if args.criteo:
         # each protocol has its Table III preset unless a preset or config is given
         given = args.preset or args.config
@@ -187,9 +189,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
         epochs=epochs,
         repeats=args.repeats,
         seed=args.seed or 0,
-        model_overrides=model,
-        train_overrides=train,
-        progress=not args.quiet,
+        **_run_options(args, model, train),
     )
     print(f"\n{summary['about']}\n")
     print(markdown_table(*efficiency_table(summary)))
@@ -219,9 +219,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         width=args.width,
         depth=args.depth,
         total=args.total,
-        model_overrides=model,
-        train_overrides=train,
-        progress=not args.quiet,
+        **_run_options(args, model, train),
     )
     print(sweep_tables(args.param, entry))
     _finish(args.out, f"sweep.json, sweep.md, sweep.csv, sweep_{args.param}.png")
@@ -249,9 +247,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         seed=args.seed or 0,
         config=config,
-        model_overrides=model,
-        train_overrides=train,
-        progress=not args.quiet,
+        **_run_options(args, model, train),
     )
     best = summary["best"]
     print(
@@ -283,9 +279,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         eval_rows=args.eval_rows,
         seed=args.seed or 0,
-        model_overrides=model,
-        train_overrides=train,
-        progress=not args.quiet,
+        **_run_options(args, model, train),
     )
     rows = [
         [label, r["world"], f"{r['lr']:.5g}", r["steps"],
