@@ -758,7 +758,9 @@ class TrainState:
     train_seconds: float = 0.0
     train_samples: int = 0
 
-    def observe(self, epoch: int, score: float, metrics: dict[str, float], model: nn.Module):
+    def observe(
+        self, epoch: int, score: float, metrics: dict[str, float], model: nn.Module
+    ) -> None:
         """Count a validation ``score``: a new best keeps a copy of the weights."""
         if score > self.best_score:
             self.best_score, self.stale = score, 0
@@ -768,14 +770,15 @@ class TrainState:
             self.stale += 1
 
     def next_epoch(self, record: dict[str, float]) -> None:
+        """Close the epoch of ``record`` (its history line): the next starts at its step 0."""
         self.history.append(record)
         self.epoch, self.step, self.loss_sum = int(record["epoch"]) + 1, 0, 0.0
         self.epoch_generator = None
 
     def result_fields(self) -> dict[str, Any]:
-        """The FitResult fields the state keeps (saved as ``result`` in checkpoints)."""
-        names = ("history", "best_epoch", "best_valid", "train_seconds", "train_samples")
-        return {name: getattr(self, name) for name in names}
+        """The fields the state shares with FitResult (saved as ``result`` in checkpoints)."""
+        own = {f.name for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(FitResult) if f.name in own}
 
     def save(self, directory: str, session: _Session, dist: Distributed, header: dict) -> None:
         """Write a checkpoint of step ``global_step`` (every rank its RNG file, rank 0 the
