@@ -85,6 +85,12 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         default=4096,
         help="most rows merged into one forward pass (a request is never split; 1: no merging)",
     )
+    serve.add_argument(
+        "--http",
+        choices=("httptools", "h11"),
+        default=None,
+        help="HTTP parser: httptools (the default when installed: less CPU per request) or h11",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     export = sub.add_parser(
@@ -146,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         batch_wait_ms=args.batch_wait_ms,
         max_batch_rows=args.max_batch_rows,
+        http=args.http,
     )
     serve(settings)
     return 0

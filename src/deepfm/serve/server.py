@@ -97,11 +97,18 @@ class ServeSettings:
     body_timeout: float = 30.0
     batch_wait_ms: float = 0.0
     max_batch_rows: int = 4096
+    http: str | None = None  # the HTTP parser: httptools when installed, else h11
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
         if self.runtime is None:
             self.runtime = default_runtime()
+        if self.http is None:
+            self.http = default_http()
+        if self.http not in HTTP_PARSERS:
+            raise ConfigError(f"--http must be one of {', '.join(HTTP_PARSERS)}")
+        if self.http != default_http() and self.http == "httptools":
+            raise ConfigError("--http httptools needs httptools: pip install 'deepfm[serve]'")
         if not (is_finite_number(self.batch_wait_ms) and 0 <= self.batch_wait_ms <= 1000):
             raise ConfigError("--batch-wait-ms must be in [0, 1000]")
         if self.max_batch_rows < 1:
@@ -699,17 +706,63 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def timed_protocol(header_timeout: float, body_timeout: float) -> type:
-    """uvicorn's h11 protocol with read deadlines: a connection that has not sent a request's
-    headers within ``header_timeout`` seconds of starting it (or of connecting), or its body
-    within ``body_timeout`` seconds after the headers, is closed. uvicorn only limits idle
-    keep-alive time, so a client trickling bytes would otherwise hold a connection forever."""
+#: how the connection's requests are read: httptools (a C parser, less CPU per request) when it
+#: is installed, else h11 (pure Python, a dependency of uvicorn)
+HTTP_PARSERS = ("httptools", "h11")
+
+
+#: the most bytes of a request line and headers (h11's default)
+MAX_HEAD_BYTES = 16 << 10
+
+
+def default_http() -> str:
+    import importlib.util
+
+    return "httptools" if importlib.util.find_spec("httptools") else "h11"
+
+
+class _ReadDeadlines:
+    """Read deadlines of a uvicorn HTTP protocol (mixed in before it): a connection that has not
+    sent a request's headers within ``header_timeout`` seconds of starting to wait for them (on
+    connecting, or once the previous answer is sent), or its body within ``body_timeout``
+    seconds after the headers, is closed. uvicorn only limits idle keep-alive time, so a client
+    trickling bytes would otherwise hold a connection forever. Each protocol says which part of
+    a request it is reading (:meth:`_arm`)."""
+
+    header_timeout: float
+    body_timeout: float
+    _deadline: asyncio.TimerHandle | None = None
+    _phase: object = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._arm(None, None)
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _arm(self, phase, seconds: float | None) -> None:
+        """Start the deadline of ``phase`` (None: none runs), unless it already runs."""
+        if phase is not None and phase is self._phase:
+            return  # still reading the same part: its deadline stands
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._phase = phase
+        if phase is not None and seconds is not None:
+            self._deadline = self.loop.call_later(seconds, self._timed_out)  # type: ignore[attr-defined]
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        transport = self.transport  # type: ignore[attr-defined]
+        if not transport.is_closing():
+            transport.close()  # the app sees a disconnect, not an error
+
+
+def _timed_h11() -> type:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class TimedH11Protocol(H11Protocol):
-        _deadline: asyncio.TimerHandle | None = None
-        _phase: object = None
+    class TimedH11Protocol(_ReadDeadlines, H11Protocol):
+        """h11's protocol; the part being read is h11's state of the connection after each
+        event."""
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -723,37 +776,76 @@ def timed_protocol(header_timeout: float, body_timeout: float) -> type:
             super().on_response_complete()
             self._watch()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._arm(None, None)
-            super().connection_lost(exc)
-
         def _watch(self) -> None:
-            """(Re)arm the deadline of the part of the request being read."""
             state = self.conn.their_state
             if state is h11.IDLE:  # waiting for a request line and headers
-                phase = h11.IDLE if self.conn.our_state is h11.IDLE else None
-                self._arm(phase, header_timeout)
+                phase = _HEAD if self.conn.our_state is h11.IDLE else None
+                self._arm(phase, self.header_timeout)
             elif state is h11.SEND_BODY:
-                self._arm(h11.SEND_BODY, body_timeout)
+                self._arm(_BODY, self.body_timeout)
             else:  # the request is read: the app answers, keep-alive is uvicorn's
                 self._arm(None, None)
 
-        def _arm(self, phase, seconds: float | None) -> None:
-            if phase is not None and phase is self._phase:
-                return  # still reading the same part: its deadline stands
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-            self._phase = phase
-            if phase is not None and seconds is not None:
-                self._deadline = self.loop.call_later(seconds, self._timed_out)
-
-        def _timed_out(self) -> None:
-            self._deadline = None
-            if not self.transport.is_closing():
-                self.transport.close()  # the app sees a disconnect, not an error
-
     return TimedH11Protocol
+
+
+def _timed_httptools() -> type:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class TimedHttpToolsProtocol(_ReadDeadlines, HttpToolsProtocol):
+        """httptools' protocol; the part being read follows the parser's callbacks. httptools
+        itself takes headers of any length: past :data:`MAX_HEAD_BYTES` they are refused (400)
+        here, as h11 refuses them."""
+
+        _head_bytes = 0
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm(_HEAD, self.header_timeout)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+
+        def on_url(self, url: bytes) -> None:
+            self._count(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(value, len(name) + 4)
+            super().on_header(name, value)
+
+        def _count(self, part: bytes, extra: int = 0) -> None:
+            self._head_bytes += len(part) + extra
+            if self._head_bytes > MAX_HEAD_BYTES:  # raised out of the parser: uvicorn answers 400
+                raise ValueError(f"request line and headers over {MAX_HEAD_BYTES} bytes")
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._arm(_BODY, self.body_timeout)
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._arm(None, None)  # the request is read: the app answers
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # nothing read is left to answer: the next request's headers are awaited
+            if self.cycle.response_complete and not self.transport.is_closing():
+                self._arm(_HEAD, self.header_timeout)
+
+    return TimedHttpToolsProtocol
+
+
+_HEAD, _BODY = "headers", "body"
+
+
+def timed_protocol(header_timeout: float, body_timeout: float, http: str | None = None) -> type:
+    """uvicorn's protocol for ``http`` (one of :data:`HTTP_PARSERS`; None:
+    :func:`default_http`) with the read deadlines of :class:`_ReadDeadlines`."""
+    protocol = _timed_httptools() if (http or default_http()) == "httptools" else _timed_h11()
+    protocol.header_timeout, protocol.body_timeout = header_timeout, body_timeout
+    return protocol
 
 
 def build_server(settings: ServeSettings, app: FastAPI | None = None):
@@ -765,7 +857,8 @@ def build_server(settings: ServeSettings, app: FastAPI | None = None):
     sock = bind_socket(settings.host, settings.port)
     config = uvicorn.Config(
         app,
-        http=timed_protocol(settings.header_timeout, settings.body_timeout),
+        http=timed_protocol(settings.header_timeout, settings.body_timeout, settings.http),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         log_level="warning",
         access_log=False,
         lifespan="on",
