@@ -22,8 +22,7 @@ from deepfm.models import model_names
 from deepfm.models.registry import ModelConfig, build_model
 from deepfm.nn import InputLayout
 from deepfm.serve.bundle import load_bundle, save_bundle
-from deepfm.serve.commands import random_encoded
-from deepfm.serve.onnx_export import NOT_EXPORTABLE, OnnxScorer, export_onnx
+from deepfm.serve.onnx_export import NOT_EXPORTABLE, OnnxScorer, export_onnx, random_encoded
 from deepfm.serve.predictor import Predictor
 from serve_helpers import criteo_bundle
 
@@ -192,3 +191,85 @@ def test_export_leaves_the_callers_model_where_and_as_it_was(criteo_path, tmp_pa
     copy = onnx_export.cpu_model(bundle)
     assert copy is not model
     assert all(torch.equal(before[k], v) for k, v in copy.state_dict().items())
+
+
+# -- model.onnx in the bundle -----------------------------------------------------------------
+
+
+def _bundle_copy(source, target):
+    """A copy of the bundle directory ``source`` at ``target``."""
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def _rehash(bundle, name: str, *, drop: bool = False) -> None:
+    """Record the current sha256 of ``bundle/name`` in bundle.json, or (``drop``) remove the
+    file and its entry: a bundle written before model.onnx."""
+    import json
+
+    from deepfm.common import file_sha256
+
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    if drop:
+        (bundle / name).unlink()
+        del manifest["files"][name]
+    else:
+        manifest["files"][name] = file_sha256(bundle / name)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+
+
+def test_a_saved_bundle_holds_its_model_as_onnx_and_the_onnx_runtime_loads_it(
+    criteo_path, criteo_encoded, monkeypatch
+):
+    from deepfm.serve import onnx_export
+
+    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16))
+    bundle = load_bundle(directory)
+    assert "model.onnx" in bundle.info["files"]  # hashed with the other files
+    meta = OnnxScorer(directory / "model.onnx").metadata
+    assert meta["deepfm.feature_map_sha256"] == bundle.info["feature_map_sha256"]
+    assert meta["deepfm.bundle_created"] == bundle.info["created"]
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was exported at load")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", never)
+    predictor = Predictor(bundle, runtime="onnx")
+    np.testing.assert_allclose(
+        predictor.predict_encoded(criteo_encoded),
+        Predictor(bundle).predict_encoded(criteo_encoded),
+        rtol=0,
+        atol=PARITY,
+    )
+
+
+def test_a_bundle_without_model_onnx_is_exported_at_load_and_scores_the_same(
+    criteo_path, criteo_encoded, tmp_path
+):
+    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16))
+    old = _bundle_copy(directory, tmp_path / "old")
+    _rehash(old, "model.onnx", drop=True)  # as a bundle saved before model.onnx
+    stored = Predictor.load(directory, runtime="onnx").predict_encoded(criteo_encoded)
+    exported = Predictor.load(old, runtime="onnx").predict_encoded(criteo_encoded)
+    np.testing.assert_array_equal(stored, exported)  # the same graph: the same numbers
+
+
+def test_a_model_onnx_of_other_weights_is_not_used(criteo_path, criteo_encoded, tmp_path, caplog):
+    from deepfm.errors import BundleError
+
+    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16))
+    other = criteo_bundle(str(criteo_path), "deepfm", (16, 16), seed=1)  # same map, other weights
+    mixed = _bundle_copy(directory, tmp_path / "mixed")
+    (mixed / "model.onnx").write_bytes((other / "model.onnx").read_bytes())
+    with pytest.raises(BundleError, match=r"model\.onnx does not match"):
+        load_bundle(mixed)  # not rehashed: the manifest catches it
+    _rehash(mixed, "model.onnx")  # rehashed: the scores catch it
+    with caplog.at_level("WARNING", logger="deepfm.serve"):
+        predictor = Predictor.load(mixed, runtime="onnx")
+    assert "scores differently from the bundle's weights" in caplog.text
+    torch_ctr = Predictor.load(mixed).predict_encoded(criteo_encoded)
+    np.testing.assert_allclose(
+        predictor.predict_encoded(criteo_encoded), torch_ctr, rtol=0, atol=PARITY
+    )

@@ -11,6 +11,8 @@
                           calibration of the logits (beta: ``a``, ``b``, ``c``) when there is one
       metrics.json        validation / test metrics of the training run
       optimizer.safetensors  the optimiser's state (optional: a warm start continues from it)
+      model.onnx          the model as ONNX, written when the exporter is installed (optional:
+                          the ONNX runtime loads it instead of exporting the model)
       bundle.json         deepfm version, creation time, sha256 of every file above, lineage
 
 A bundle's own sha256 is that of its ``bundle.json`` (which holds the hash of every other file).
@@ -68,6 +70,7 @@ FEATURE_MAP = "feature_map.json"
 MODEL = "model.json"
 METRICS = "metrics.json"
 OPTIMIZER = "optimizer.safetensors"
+ONNX = "model.onnx"
 MANIFEST = "bundle.json"
 HASHED = (WEIGHTS, FEATURE_MAP, MODEL, METRICS)  # and every vocabulary file
 
@@ -154,7 +157,8 @@ def save_bundle(
     bundle with ``overwrite`` (see :func:`deepfm.outputs.claim_directory`; ``inputs`` are never
     overwritten). A failure leaves the previous bundle, or nothing, in place. The bundle holds
     its ``lineage`` (:func:`lineage_of`) and, if given, the optimiser's state (named tensors,
-    :meth:`~deepfm.train.trainer.Optimizers.named_state`) for the next warm start.
+    :meth:`~deepfm.train.trainer.Optimizers.named_state`) for the next warm start, and the
+    model as ONNX when the exporter is installed (:mod:`deepfm.serve.onnx_export`).
 
     A calibrated ``model`` (:class:`~deepfm.nn.calibration.BetaCalibration`) is stored as the
     weights of the model under it and its calibration in ``model.json``."""
@@ -180,11 +184,17 @@ def save_bundle(
         if optimizer_state:
             tensors = {k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}
             save_file(tensors, str(tmp / OPTIMIZER))
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        digest = feature_map.digest()
+        from deepfm.serve.onnx_export import write_bundle_onnx  # it imports this module
+
+        info = {"created": created, "feature_map_sha256": digest}
+        write_bundle_onnx(tmp / ONNX, Bundle(model, config, feature_map, data_format, info=info))
         manifest = {
             "deepfm_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": created,
             "model": config.name,
-            "feature_map_sha256": feature_map.digest(),
+            "feature_map_sha256": digest,
             "files": {name: file_sha256(tmp / name) for name in bundle_files(tmp)},
             "lineage": lineage or {},
         }

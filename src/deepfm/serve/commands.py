@@ -187,12 +187,9 @@ def port_number(text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from deepfm.outputs import claim_file
     from deepfm.serve.bundle import load_bundle
-    from deepfm.serve.onnx_export import OnnxScorer, export_onnx
-    from deepfm.serve.predictor import Predictor
+    from deepfm.serve.onnx_export import TOLERANCE, OnnxScorer, export_onnx, onnx_gap
 
     if args.check_rows < 0:
         raise ConfigError(f"--check-rows must be >= 0, got {args.check_rows}")
@@ -202,35 +199,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     size = out.stat().st_size
     print(f"wrote {out} ({size / 2**20:.1f} MiB, model {bundle.config.name})", file=sys.stderr)
     if args.check_rows > 0:
-        encoded = random_encoded(bundle.feature_map, args.check_rows, seed=0)
-        torch_ctr = Predictor(bundle).predict_encoded(encoded)
-        onnx_ctr = OnnxScorer(out)(encoded.ids, encoded.values).astype(np.float64)
-        gap = float(np.max(np.abs(torch_ctr - onnx_ctr)))
+        gap = onnx_gap(bundle, OnnxScorer(out), args.check_rows)
         print(
             f"ONNX Runtime vs PyTorch on {args.check_rows} random rows: max |difference| {gap:.2e}",
             file=sys.stderr,
         )
-        if not gap <= 1e-5:
+        if not gap <= TOLERANCE:
             out.unlink()  # never keep a model that scores differently
-            raise ConfigError(f"the exported model differs from PyTorch by {gap:.2e} (> 1e-5)")
+            raise ConfigError(
+                f"the exported model differs from PyTorch by {gap:.2e} (> {TOLERANCE:.0e})"
+            )
     return 0
-
-
-def random_encoded(feature_map, rows: int, seed: int = 0):
-    """Random valid encoded rows (each slot an id of its field; bag values as encoding makes)."""
-    import numpy as np
-
-    from deepfm.data.encoded import EncodedArrays
-
-    rng = np.random.default_rng(seed)
-    columns, values = [], []
-    for info in feature_map.fields:
-        for _ in range(info.slots):
-            columns.append(info.offset + rng.integers(0, info.size, rows))
-            values.append(rng.uniform(0.0, 1.0, rows) if info.spec.is_value else np.ones(rows))
-    ids = np.stack(columns, axis=1).astype(np.int32)
-    vals = np.stack(values, axis=1).astype(np.float32) if feature_map.needs_values else None
-    return EncodedArrays(ids, vals, None, np.arange(1, rows + 1))
 
 
 # -- rank --------------------------------------------------------------------------------------

@@ -16,11 +16,17 @@ fields need only the key and the bucket count). The graph's metadata (``deepfm.m
 Every model of the registry exports with PyTorch's ``torch.export``-based exporter (embedding
 lookups become ``Gather``, multi-valued pooling's ``index_add`` a ``ScatterND`` with addition);
 ``NOT_EXPORTABLE`` lists a model that cannot, with the reason, and is empty today.
+
+A bundle holds its model as ONNX (``model.onnx``, hashed with its other files) when the exporter
+was installed where it was saved: the ONNX runtime then loads it in a fraction of a second
+instead of exporting the model again (seconds). An older bundle, or one whose ``model.onnx`` does
+not match its weights, is exported at load as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -34,17 +40,27 @@ import torch
 from torch import nn
 
 from deepfm import __version__
+from deepfm.common import sigmoid
+from deepfm.data.encoded import EncodedArrays
+from deepfm.data.featuremap import FeatureMap
 from deepfm.errors import ConfigError
 from deepfm.models import build_model
 from deepfm.nn import InputLayout
 from deepfm.nn.calibration import calibrated, calibration_of, uncalibrated
 from deepfm.outputs import make_dirs
-from deepfm.serve.bundle import Bundle
+from deepfm.serve.bundle import ONNX, Bundle
+
+log = logging.getLogger("deepfm.serve")
 
 #: registry name → why the model cannot be expressed in ONNX (none so far)
 NOT_EXPORTABLE: dict[str, str] = {}
 #: example batch for tracing; any size > 1 (torch.export specialises sizes 0 and 1)
 _TRACE_BATCH = 4
+#: most |difference| of a click probability between ONNX Runtime and PyTorch (the same float32
+#: arithmetic, in another order: ~1e-7 in practice)
+TOLERANCE = 1e-5
+#: random rows on which a bundle's stored model.onnx is compared with its weights at load
+_LOAD_CHECK_ROWS = 64
 
 
 class ScoringModule(nn.Module):
@@ -63,14 +79,13 @@ def input_names(bundle: Bundle) -> list[str]:
     return ["ids", "values"] if bundle.feature_map.needs_values else ["ids"]
 
 
+def exporter_installed() -> bool:
+    return all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
+
+
 def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "ONNX export needs the serve extra: pip install 'deepfm[serve]'"
-        ) from None
+    if not exporter_installed():
+        raise ConfigError("ONNX export needs the serve extra: pip install 'deepfm[serve]'")
 
 
 @contextlib.contextmanager
@@ -180,6 +195,46 @@ def export_onnx(bundle: Bundle, path: str | Path) -> Path:
     return path
 
 
+def write_bundle_onnx(path: Path, bundle: Bundle) -> bool:
+    """Write the model of a bundle being saved as ONNX to ``path``; False, writing nothing, when
+    the exporter is not installed or cannot export the model (a warning says why): serving then
+    exports it at load, as for a bundle older than ``model.onnx``."""
+    if not exporter_installed():
+        return False
+    try:
+        export_onnx(bundle, path)
+    except ConfigError as exc:
+        warnings.warn(f"the bundle is saved without {ONNX}: {exc}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def random_encoded(feature_map: FeatureMap, rows: int, seed: int = 0) -> EncodedArrays:
+    """Random valid encoded rows (each slot an id of its field; bag values as encoding makes)."""
+    rng = np.random.default_rng(seed)
+    columns, values = [], []
+    for info in feature_map.fields:
+        for _ in range(info.slots):
+            columns.append(info.offset + rng.integers(0, info.size, rows))
+            values.append(rng.uniform(0.0, 1.0, rows) if info.spec.is_value else np.ones(rows))
+    ids = np.stack(columns, axis=1).astype(np.int32)
+    vals = np.stack(values, axis=1).astype(np.float32) if feature_map.needs_values else None
+    return EncodedArrays(ids, vals, None, np.arange(1, rows + 1))
+
+
+@torch.inference_mode()
+def onnx_gap(bundle: Bundle, scorer: OnnxScorer, rows: int, seed: int = 0) -> float:
+    """The largest |difference| of click probabilities between ``scorer`` and the bundle's
+    PyTorch model on ``rows`` random valid encoded rows."""
+    encoded = random_encoded(bundle.feature_map, rows, seed)
+    device = device_of(bundle.model)
+    ids = torch.from_numpy(encoded.ids).to(device)
+    values = None if encoded.values is None else torch.from_numpy(encoded.values).to(device)
+    expected = sigmoid(bundle.model(ids, values).cpu().numpy())
+    got = scorer(encoded.ids, encoded.values).astype(np.float64)
+    return float(np.max(np.abs(expected - got)))
+
+
 class OnnxScorer:
     """An ONNX Runtime session over an exported model: ``(ids, values) -> ctr`` as NumPy."""
 
@@ -206,9 +261,35 @@ class OnnxScorer:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, *, threads: int | None = None) -> OnnxScorer:
-        """Export the bundle's model to a temporary file and open a session on it."""
+        """A session on the bundle's own ``model.onnx`` when it holds one that matches it;
+        otherwise on the model exported now, to a temporary file."""
+        stored = bundle.path / ONNX if bundle.path is not None else None
+        if stored is not None and ONNX in bundle.info.get("files", {}):
+            scorer = cls(stored, threads=threads)
+            problem = scorer.mismatch(bundle)
+            if problem is None:
+                return scorer
+            log.warning("%s %s: exporting the model again", stored, problem)
         with tempfile.TemporaryDirectory(prefix="deepfm-onnx-") as tmp:
-            return cls(export_onnx(bundle, Path(tmp) / "model.onnx"), threads=threads)
+            return cls(export_onnx(bundle, Path(tmp) / ONNX), threads=threads)
+
+    def mismatch(self, bundle: Bundle) -> str | None:
+        """Why this model is not ``bundle``'s (None: it is). Its file was verified with the
+        bundle's other files, so this catches a file written by another version of the exporter
+        or copied from another bundle: its inputs, the model and feature map it says it comes
+        from, and its scores on a few random rows."""
+        made_for = (
+            self.metadata.get("deepfm.model"),
+            self.metadata.get("deepfm.feature_map_sha256"),
+        )
+        if made_for != (bundle.config.name, bundle.info.get("feature_map_sha256")):
+            return "was exported from another model or feature map"
+        if self.inputs != input_names(bundle):
+            return f"takes the inputs {self.inputs}, not {input_names(bundle)}"
+        gap = onnx_gap(bundle, self, _LOAD_CHECK_ROWS)
+        if not gap <= TOLERANCE:
+            return f"scores differently from the bundle's weights (by up to {gap:.2e})"
+        return None
 
     def __call__(self, ids: np.ndarray, values: np.ndarray | None) -> np.ndarray:
         """``ids [B, S]`` int32, ``values [B, S]`` float32 or None → ``ctr [B]`` float32."""
