@@ -107,7 +107,7 @@ class ServeSettings:
             self.http = default_http()
         if self.http not in HTTP_PARSERS:
             raise ConfigError(f"--http must be one of {', '.join(HTTP_PARSERS)}")
-        if self.http != default_http() and self.http == "httptools":
+        if self.http == "httptools" and default_http() != "httptools":
             raise ConfigError("--http httptools needs httptools: pip install 'deepfm[serve]'")
         if not (is_finite_number(self.batch_wait_ms) and 0 <= self.batch_wait_ms <= 1000):
             raise ConfigError("--batch-wait-ms must be in [0, 1000]")
@@ -709,10 +709,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 #: how the connection's requests are read: httptools (a C parser, less CPU per request) when it
 #: is installed, else h11 (pure Python, a dependency of uvicorn)
 HTTP_PARSERS = ("httptools", "h11")
-
-
 #: the most bytes of a request line and headers (h11's default)
 MAX_HEAD_BYTES = 16 << 10
+#: the parts of a request that have a read deadline
+_HEAD, _BODY = "headers", "body"
 
 
 def default_http() -> str:
@@ -835,9 +835,6 @@ def _timed_httptools() -> type:
                 self._arm(_HEAD, self.header_timeout)
 
     return TimedHttpToolsProtocol
-
-
-_HEAD, _BODY = "headers", "body"
 
 
 def timed_protocol(header_timeout: float, body_timeout: float, http: str | None = None) -> type:
