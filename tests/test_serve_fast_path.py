@@ -102,6 +102,26 @@ def test_the_fast_path_takes_plain_bodies():
     assert server._plain_request(PredictRequest, {"records": [[]]}) is None
 
 
+@given(st.lists(st.sampled_from(['{"a":1}', '"{:}"', '"x\\":{"', "[]", "{}"]), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_the_structure_check_counts_only_braces_and_colons_outside_strings(parts):
+    """The check counts the bytes first and blanks the strings only when that count is too
+    high: whatever the limits, it refuses exactly the bodies the exact count refuses."""
+    body = ("[" + ",".join(parts) + "]").encode()
+    bare = server._JSON_STRING.sub(b'""', body)
+    exact = bare.count(b"{"), bare.count(b":")
+    for limits in ((0, 0), (2, 2), (5, 3), (exact[0], exact[1]), (100, 100)):
+        try:
+            server.check_structure(body, *limits)
+            refused = False
+        except HTTPProblem as exc:
+            refused = True
+            assert (
+                exc.status == 413 and f"holds {exact[0]} objects and {exact[1]} keys" in exc.message
+            )
+        assert refused == (exact[0] > limits[0] or exact[1] > limits[1]), (body, limits)
+
+
 # -- batching --------------------------------------------------------------------------------
 
 
