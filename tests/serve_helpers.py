@@ -38,7 +38,11 @@ def _criteo_dataset(path: str):
 
 @functools.cache
 def criteo_bundle(
-    path: str, model: str = "deepfm", hidden: tuple[int, ...] = (32, 32), seed: int = 0
+    path: str,
+    model: str = "deepfm",
+    hidden: tuple[int, ...] = (32, 32),
+    seed: int = 0,
+    onnx: bool = False,
 ) -> Path:
     """A bundle of ``model`` trained one epoch on the Criteo sample at ``path`` (cached)."""
     dataset = _criteo_dataset(path)
@@ -47,10 +51,10 @@ def criteo_bundle(
         ModelConfig(name=model, hidden=hidden),
         TrainConfig(epochs=1, patience=0, seed=seed, threads=2, progress=False),
     )
-    out = _WORK / f"{model}-{'-'.join(map(str, hidden))}-{seed}"
+    out = _WORK / f"{model}-{'-'.join(map(str, hidden))}-{seed}{'-onnx' * onnx}"
     return save_bundle(
         out, trained.model, trained.config, dataset.feature_map, data_format="criteo",
-        metrics=trained.metrics,
+        metrics=trained.metrics, onnx=onnx,
     )  # fmt: skip
 
 

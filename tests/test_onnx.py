@@ -225,7 +225,7 @@ def test_a_saved_bundle_holds_its_model_as_onnx_and_the_onnx_runtime_loads_it(
 ):
     from deepfm.serve import onnx_export
 
-    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16))
+    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16), onnx=True)
     bundle = load_bundle(directory)
     assert "model.onnx" in bundle.info["files"]  # hashed with the other files
     meta = OnnxScorer(directory / "model.onnx").metadata
@@ -245,10 +245,19 @@ def test_a_saved_bundle_holds_its_model_as_onnx_and_the_onnx_runtime_loads_it(
     )
 
 
+def test_train_stores_model_onnx_only_when_asked(criteo_path, tmp_path):
+    common = ["train", "--data", str(criteo_path), "--format", "criteo", "--epochs", "1"]
+    common += ["--hidden", "8", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "with"), "--onnx"]) == 0
+    assert not (tmp_path / "plain" / "model.onnx").exists()
+    assert "model.onnx" in load_bundle(tmp_path / "with").info["files"]
+
+
 def test_a_bundle_without_model_onnx_is_exported_at_load_and_scores_the_same(
     criteo_path, criteo_encoded, tmp_path
 ):
-    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16))
+    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16), onnx=True)
     old = _bundle_copy(directory, tmp_path / "old")
     _rehash(old, "model.onnx", drop=True)  # as a bundle saved before model.onnx
     stored = Predictor.load(directory, runtime="onnx").predict_encoded(criteo_encoded)
@@ -259,8 +268,9 @@ def test_a_bundle_without_model_onnx_is_exported_at_load_and_scores_the_same(
 def test_a_model_onnx_of_other_weights_is_not_used(criteo_path, criteo_encoded, tmp_path, caplog):
     from deepfm.errors import BundleError
 
-    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16))
-    other = criteo_bundle(str(criteo_path), "deepfm", (16, 16), seed=1)  # same map, other weights
+    directory = criteo_bundle(str(criteo_path), "deepfm", (16, 16), onnx=True)
+    # the same map, other weights
+    other = criteo_bundle(str(criteo_path), "deepfm", (16, 16), seed=1, onnx=True)
     mixed = _bundle_copy(directory, tmp_path / "mixed")
     (mixed / "model.onnx").write_bytes((other / "model.onnx").read_bytes())
     with pytest.raises(BundleError, match=r"model\.onnx does not match"):

@@ -550,6 +550,7 @@ def _train(args, model_config, train_config, context) -> int:
         inputs=input_paths(args),
         lineage=lineage_of(seen, parent.bundle if parent else None, **extra),
         optimizer_state=None if args.no_optimizer_state else trained.fit.optimizer_state,
+        onnx=args.onnx,
     )
     summary = {k: metrics[k] for k in ("valid", "test", "rows", "growth") if k in metrics}
     speed = metrics["train_samples_per_s"]
@@ -767,6 +768,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave the optimiser's state out of the bundle (smaller; a warm start from it "
         "starts a fresh optimiser)",
+    )
+    train.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also store the model as ONNX in the bundle (model.onnx): serve and the ONNX "
+        "runtime then load it instead of exporting the model at start; costs the export's "
+        "seconds and about the weights' size again",
     )
     train.set_defaults(handler=cmd_train, model=None)  # None: deepfm, or the parent's
 

@@ -11,8 +11,8 @@
                           calibration of the logits (beta: ``a``, ``b``, ``c``) when there is one
       metrics.json        validation / test metrics of the training run
       optimizer.safetensors  the optimiser's state (optional: a warm start continues from it)
-      model.onnx          the model as ONNX, written when the exporter is installed (optional:
-                          the ONNX runtime loads it instead of exporting the model)
+      model.onnx          the model as ONNX (optional, ``train --onnx``: the ONNX runtime loads it
+                          instead of exporting the model at start)
       bundle.json         deepfm version, creation time, sha256 of every file above, lineage
 
 A bundle's own sha256 is that of its ``bundle.json`` (which holds the hash of every other file).
@@ -152,13 +152,15 @@ def save_bundle(
     inputs: Iterable[str | Path] = (),
     lineage: dict[str, Any] | None = None,
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    onnx: bool = False,
 ) -> Path:
     """Write a bundle atomically to ``directory``: a new or empty directory, or an existing
     bundle with ``overwrite`` (see :func:`deepfm.outputs.claim_directory`; ``inputs`` are never
     overwritten). A failure leaves the previous bundle, or nothing, in place. The bundle holds
     its ``lineage`` (:func:`lineage_of`) and, if given, the optimiser's state (named tensors,
-    :meth:`~deepfm.train.trainer.Optimizers.named_state`) for the next warm start, and the
-    model as ONNX when the exporter is installed (:mod:`deepfm.serve.onnx_export`).
+    :meth:`~deepfm.train.trainer.Optimizers.named_state`) for the next warm start, and with
+    ``onnx`` the model as ONNX when the exporter is installed (:mod:`deepfm.serve.onnx_export`;
+    not by default: the export adds seconds to every save and about the weights' size again).
 
     A calibrated ``model`` (:class:`~deepfm.nn.calibration.BetaCalibration`) is stored as the
     weights of the model under it and its calibration in ``model.json``."""
@@ -188,8 +190,10 @@ def save_bundle(
         digest = feature_map.digest()
         from deepfm.serve.onnx_export import write_bundle_onnx  # it imports this module
 
-        info = {"created": created, "feature_map_sha256": digest}
-        write_bundle_onnx(tmp / ONNX, Bundle(model, config, feature_map, data_format, info=info))
+        if onnx:
+            info = {"created": created, "feature_map_sha256": digest}
+            bundle = Bundle(model, config, feature_map, data_format, info=info)
+            write_bundle_onnx(tmp / ONNX, bundle)
         manifest = {
             "deepfm_version": __version__,
             "created": created,
