@@ -10,16 +10,12 @@ Each sample of ``$DEEPFM_SHARED_DATA`` (default ``../shared/data``) is split onc
 20% of its rows are held out as the test set, which nothing reads until the end (no setting
 was chosen on it); 10% of the rest is the validation set, the only rows that early stopping
 and calibration see. Per model seed (initialisation, batch order, dropout), DeepFM-D trains
-twice:
+with the defaults as they are (``after``; ``after-raw``: the same model without its
+calibration, so AUC is equal and only Logloss moves), and each of ``--references`` (default LR
+with FTRL and FM) with the defaults too. ``--table OLD.json NEW.json`` prints the before/after
+table of two result files (before: OLD's ``after``, measured on the code of its date).
 
-- ``before``: the previous defaults, early stopping on validation AUC − Logloss, no
-  calibration (and, the same model calibrated, ``before+calibration``);
-- ``after``: the new defaults, early stopping on validation AUC, beta calibration fitted on the
-  validation rows (and ``after-raw``: the same model without its calibration, so AUC must be
-  equal and only Logloss moves).
-
-``--references`` (default LR with FTRL, the new defaults) are trained once per seed as the
-floor. On the app market
+On the app market
 (``deepfm demo``'s generator, ``--market-rows`` impressions, 9:1 split) the script reports each
 of ``--market-models`` beside the oracle's AUC (the true click probabilities) and the Table V
 sign of each DeepFM model against its deep component. One torch thread per run; test AUC and
@@ -57,10 +53,6 @@ SAMPLES = {
     "movielens": ("movielens-100k", "movielens_100k"),
     "ipinyou": ("ipinyou", "ipinyou/train.fm.txt"),
 }
-#: the previous defaults; trained with a calibration so that ``before+calibration`` is measured on
-#: the same model (``before`` is its raw score)
-BEFORE = {"monitor": "auc-logloss"}
-AFTER: dict[str, Any] = {}  # the defaults as they are now
 #: each DeepFM model's deep component (Table V)
 DEEP_PART = {"deepfm": "dnn", "deepfm_ip": "ipnn", "deepfm_op": "opnn", "deepfm_star": "pnn_star"}
 
@@ -84,11 +76,11 @@ def train_config(seed: int, **changes: Any) -> TrainConfig:
     return TrainConfig(seed=seed, threads=1, progress=False, **changes)
 
 
-def scored(dataset: Dataset, model_name: str, seed: int, **changes: Any) -> dict[str, Any]:
-    """Train ``model_name`` with the defaults (and ``changes``); test metrics of the model as
-    trained (``raw``) and calibrated (``calibrated``: the same as raw without a calibration)."""
+def scored(dataset: Dataset, model_name: str, seed: int) -> dict[str, Any]:
+    """Train ``model_name`` with the defaults; test metrics of the model as trained (``raw``)
+    and calibrated (``calibrated``: the same as raw without a calibration)."""
     started = time.perf_counter()
-    trained = fit_and_evaluate(dataset, ModelConfig(name=model_name), train_config(seed, **changes))
+    trained = fit_and_evaluate(dataset, ModelConfig(name=model_name), train_config(seed))
     assert dataset.test is not None
     raw = evaluate(uncalibrated(trained.model), Batches(dataset.test))
     return {
@@ -112,16 +104,12 @@ def samples_part(names: list[str], seeds: list[int], references: list[str], save
     out: dict[str, Any] = {}
     for name in names:
         dataset = sample_dataset(name)
-        runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+        runs: dict[str, list[dict[str, Any]]] = {"after": []}
         for reference in references:
             runs[reference] = []
         for seed in seeds:
-            for policy, model, changes in (
-                ("before", "deepfm", BEFORE),
-                ("after", "deepfm", AFTER),
-                *((reference, reference, AFTER) for reference in references),
-            ):
-                runs[policy].append(scored(dataset, model, seed, **changes))
+            for policy, model in (("after", "deepfm"), *((r, r) for r in references)):
+                runs[policy].append(scored(dataset, model, seed))
                 run = runs[policy][-1]
                 save({**out, name: {**runs, "rows": dataset.rows()}})  # no means yet
                 print(
@@ -132,8 +120,6 @@ def samples_part(names: list[str], seeds: list[int], references: list[str], save
                     flush=True,
                 )
         variants = [
-            ("before", "before", "raw"),  # trained with BEFORE: raw = no calibration
-            ("before+calibration", "before", "calibrated"),
             ("after-raw", "after", "raw"),
             ("after", "after", "calibrated"),
             *((reference, reference, "calibrated") for reference in references),
@@ -168,7 +154,7 @@ def market_part(rows: int, models: list[str], seeds: list[int]) -> dict[str, Any
         dataset, p_true = market_dataset(rows, seed)
         entry: dict[str, Any] = {"seed": seed, "oracle": oracle_metrics(dataset, p_true)}
         for name in models:
-            entry[name] = scored(dataset, name, seed, **AFTER)
+            entry[name] = scored(dataset, name, seed)
             print(
                 f"  market seed {seed} {name}: AUC {entry[name]['calibrated']['auc']:.4f} "
                 f"(oracle {entry['oracle']['auc']:.4f})",
@@ -193,42 +179,50 @@ def market_part(rows: int, models: list[str], seeds: list[int]) -> dict[str, Any
     return {"rows": rows, "runs": per_seed, "mean": means, "table_v_auc_gain": table_v}
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    """The before/after table (test means over the seeds) of one or more result files."""
+def markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The before/after table (test means over the seeds) of two result files: DeepFM-D's
+    ``after`` in each, and ``after``'s references."""
     lines = [
-        "| sample (train/valid/test rows) | before AUC | before Logloss | after AUC "
-        "| after Logloss | ΔAUC | ΔLogloss | epochs before → after | LR AUC / Logloss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sample (train/valid/test rows) | before AUC / Logloss | after AUC / Logloss "
+        "| ΔAUC | ΔLogloss | epochs before → after | LR AUC / Logloss | FM AUC / Logloss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for result in results:
-        for name, sample in result.get("samples", {}).items():
-            m, rows = sample["mean"], sample["rows"]
-            lr = f"{m['lr']['auc']:.4f} / {m['lr']['logloss']:.4f}" if "lr" in m else "–"
-            lines.append(
-                f"| {name} ({rows['train']}/{rows['valid']}/{rows['test']}) "
-                f"| {m['before']['auc']:.4f} | {m['before']['logloss']:.4f} "
-                f"| {m['after']['auc']:.4f} | {m['after']['logloss']:.4f} "
-                f"| {m['after']['auc'] - m['before']['auc']:+.4f} "
-                f"| {m['after']['logloss'] - m['before']['logloss']:+.4f} "
-                f"| {m['before']['epochs_run']:.1f} → {m['after']['epochs_run']:.1f} | {lr} |"
-            )
+
+    def pair(m: dict[str, Any], key: str) -> str:
+        return f"{m[key]['auc']:.4f} / {m[key]['logloss']:.4f}" if key in m else "–"
+
+    for name, sample in after.get("samples", {}).items():
+        m, rows = sample["mean"], sample["rows"]
+        old = before.get("samples", {}).get(name, {}).get("mean", {})
+        if "after" not in old:
+            continue
+        lines.append(
+            f"| {name} ({rows['train']}/{rows['valid']}/{rows['test']}) "
+            f"| {pair(old, 'after')} | {pair(m, 'after')} "
+            f"| {m['after']['auc'] - old['after']['auc']:+.4f} "
+            f"| {m['after']['logloss'] - old['after']['logloss']:+.4f} "
+            f"| {old['after']['epochs_run']:.1f} → {m['after']['epochs_run']:.1f} "
+            f"| {pair(m, 'lr')} | {pair(m, 'fm')} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of results")
+    parser.add_argument(
+        "--table", nargs=2, metavar=("OLD", "NEW"), help="print the before/after table"
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--datasets", default=",".join(SAMPLES))
     parser.add_argument(
-        "--references", default="lr", help="models trained with the defaults beside DeepFM-D"
+        "--references", default="lr,fm", help="models trained with the defaults beside DeepFM-D"
     )
     parser.add_argument("--market-rows", type=int, default=40_000)
     parser.add_argument("--market-models", default="deepfm,dnn")
     parser.add_argument("--out", default="benchmarks/results/accuracy_defaults.json")
     args = parser.parse_args()
     if args.table:
-        print(markdown([json.loads(Path(p).read_text()) for p in args.table]))
+        print(markdown(*(json.loads(Path(p).read_text()) for p in args.table)))
         return
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -240,7 +234,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "load_average_start": os.getloadavg(),
-        "policies": {"before": BEFORE, "after": TrainConfig().to_dict()},
+        "defaults": TrainConfig().to_dict(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from deepfm.errors import ConfigError
 from deepfm.models import ModelConfig, build_model, get_entry
 from deepfm.nn import InputLayout
 from deepfm.train import trainer as trainer_module
+from deepfm.train.metrics import auc_logloss, standard_errors
 from deepfm.train.trainer import (
     Batches,
     TrainConfig,
@@ -74,6 +75,26 @@ def test_monitor_scores_by_hand():
     assert monitor_score({"auc": float("nan"), "logloss": 0.5}, "auc") == -0.5  # one class
     with pytest.raises(ConfigError, match="monitor"):
         TrainConfig(monitor="accuracy")
+
+
+def test_standard_errors_match_the_spread_over_repeated_splits():
+    # 300 validation splits of 1,000 rows (20% clicks) scored by one fixed model: the spread
+    # of their AUC and Logloss against the formulas on one split. Hanley-McNeil assumes
+    # exponential score distributions and overstates a binormal model's by about 10%; 300
+    # draws measure a standard deviation to within about 4% (one standard error)
+    rng = np.random.default_rng(0)
+    aucs, loglosses = [], []
+    for _ in range(300):
+        labels = (rng.random(1000) < 0.2).astype(np.float64)
+        p = 1 / (1 + np.exp(1.5 - rng.normal(size=1000) - 0.8 * labels))
+        metrics = auc_logloss(labels, p)
+        aucs.append(metrics["auc"])
+        loglosses.append(metrics["logloss"])
+    errors = standard_errors(labels, p)
+    assert 0.95 < errors["auc"] / np.std(aucs) < 1.3
+    assert 0.85 < errors["logloss"] / np.std(loglosses) < 1.15
+    single = standard_errors(np.zeros(10), np.full(10, 0.1))  # one class: no AUC
+    assert np.isnan(single["auc"]) and single["logloss"] == 0.0
 
 
 def test_the_restored_epoch_is_the_best_by_the_monitored_score():

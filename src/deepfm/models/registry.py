@@ -1,8 +1,10 @@
 """Models by name: each entry builds an ``nn.Module`` mapping ``(ids, values)`` to logits ``[B]``.
 
 A model knows nothing about training; the trainer reads the entry's ``optimizer`` (Adam, or FTRL
-for LR) and its ``pretrain`` field: the registry name of a model to train first, whose weights then
-initialise this one (FNN: ``pretrain="fm"``; see :func:`build_pretrain_model`).
+for LR), its ``pretrain`` field: the registry name of a model to train first, whose weights then
+initialise this one (FNN: ``pretrain="fm"``; see :func:`build_pretrain_model`), and its
+``fallback`` field: the registry name of a model nested in this one, trained first and kept
+instead when this one does not beat it on validation (DeepFM: ``fallback="lr"``).
 """
 
 from __future__ import annotations
@@ -121,6 +123,14 @@ class ModelEntry:
     pretrain: str | None = None
     #: whether the model takes chosen field crosses (``ModelConfig.crosses``: LR)
     crosses: bool = False
+    #: registry name of a model nested in this one (DeepFM: "lr", its order-1 part), trained
+    #: before it and kept, copied into this model, when this one does not beat it on validation
+    fallback: str | None = None
+
+    @property
+    def teacher(self) -> str | None:
+        """The model trained before this one (to initialise it, or as its fallback)."""
+        return self.pretrain or self.fallback
 
     def check(self, config: ModelConfig) -> None:
         """Refuse settings this model cannot use (a ConfigError naming them)."""
@@ -148,12 +158,13 @@ def register(
     optimizer: Literal["adam", "ftrl"] = "adam",
     pretrain: str | None = None,
     crosses: bool = False,
+    fallback: str | None = None,
 ) -> Callable[[Builder], Builder]:
     """Class decorator: ``@register("fm", "factorization machine")``."""
 
     def wrap(builder: Builder) -> Builder:
         _REGISTRY[name] = ModelEntry(
-            name, builder, description, embed, optimizer, pretrain, crosses
+            name, builder, description, embed, optimizer, pretrain, crosses, fallback
         )
         return builder
 
@@ -161,7 +172,7 @@ def register(
 
 
 class Pretrained(Protocol):
-    """What a model whose entry names ``pretrain`` provides (FNN)."""
+    """What a model whose entry names ``pretrain`` or ``fallback`` provides (FNN, DeepFM)."""
 
     layout: InputLayout
 
@@ -175,13 +186,13 @@ class Pretrained(Protocol):
 
 
 def build_pretrain_model(model: nn.Module, entry: ModelEntry) -> tuple[nn.Module, ModelEntry]:
-    """The untrained model that ``entry.pretrain`` names, shaped to initialise ``model``.
+    """The untrained model that ``entry.teacher`` names, shaped to initialise ``model``.
 
     The trainer fits it first, then calls ``model.init_from_pretrained(teacher)``.
     """
-    assert entry.pretrain is not None, f"{entry.name} has no pre-training"
-    teacher_entry = get_entry(entry.pretrain)
-    config = model.pretrain_config(entry.pretrain)  # type: ignore[operator]
+    assert entry.teacher is not None, f"{entry.name} has no pre-training"
+    teacher_entry = get_entry(entry.teacher)
+    config = model.pretrain_config(entry.teacher)  # type: ignore[operator]
     return build_model(model.layout, config), teacher_entry  # type: ignore[arg-type]
 
 
