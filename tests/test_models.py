@@ -242,6 +242,7 @@ def test_deepfm_falls_back_to_its_lr_unless_it_beats_it_beyond_the_noise(pairs):
     result = Trainer(config).fit(model, get_entry("deepfm"), train, valid)
     assert len(result.history) == 4  # 4 trained epochs either way (patience 4)
     best_auc = max(h["valid_auc"] for h in result.history)
+    assert result.setup["fallback"]["kept"] is not pairs  # said in metrics.json and the CLI
     if pairs:
         assert result.best_epoch >= 1
         assert result.best_valid["auc"] == best_auc

@@ -553,6 +553,8 @@ def _train(args, model_config, train_config, context) -> int:
         onnx=args.onnx,
     )
     summary = {k: metrics[k] for k in ("valid", "test", "rows", "growth") if k in metrics}
+    if "fallback" in metrics["setup"]:  # DeepFM kept its LR on too few validation rows
+        summary["fallback_kept"] = metrics["setup"]["fallback"]["kept"]
     speed = metrics["train_samples_per_s"]
     summary["train_samples_per_s"] = round(speed) if math.isfinite(speed) else None
     print_json(summary)

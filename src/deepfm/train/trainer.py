@@ -1217,9 +1217,17 @@ class Trainer:
         """The best epoch's weights back in the model (the last epoch's without validation;
         the ``fallback``'s, as epoch 0, when no epoch cleared its bar), the calibration fitted
         on the validation rows, and what training produced."""
-        if fallback is not None and not state.best_score > fallback.bar:
-            state.best_weights, state.best_epoch = fallback.state, 0
-            state.best_valid = fallback.metrics
+        if fallback is not None:
+            kept = not state.best_score > fallback.bar
+            setup["fallback"] = {"kept": kept, "bar": fallback.bar, "valid": fallback.metrics}
+            if kept:
+                state.best_weights, state.best_epoch = fallback.state, 0
+                state.best_valid = fallback.metrics
+            if kept and self.config.progress and self.dist.is_main:
+                tqdm.write(
+                    f"kept the fallback (the model's LR, fitted first): no epoch beat its "
+                    f"validation {self.config.monitor} by one standard error ({fallback.bar:.5f})"
+                )
         optimizer_state = session.optimizer.named_state(session.model)
         result = FitResult(**state.result_fields(), setup=setup, optimizer_state=optimizer_state)
         for table in embedding_tables(session.model):
