@@ -928,9 +928,10 @@ class Trainer:
             device, resumed = self._begin(job, identity)
             spent: tuple[float, int] = (0.0, 0)
             fresh = None  # a fallback's: the model's own initial weights, trained from
-            # a fallback is fitted on resume too (the same LR again); FNN's start is in the
-            # checkpoint
-            if entry.teacher is not None and pretrain and (resumed is None or entry.fallback):
+            # FNN's start (a resumed run's is in its checkpoint); DeepFM's LR, fitted again on
+            # resume, and only when a validation split can choose it
+            start = entry.pretrain is not None and resumed is None
+            if pretrain and (start or (entry.fallback is not None and valid is not None)):
                 spent, fresh = self._pretrain(job, device)
             if resumed is not None:
                 optimizer_state = None  # the checkpoint's optimiser state wins
@@ -983,7 +984,8 @@ class Trainer:
     ) -> tuple[tuple[float, int], dict[str, torch.Tensor] | None]:
         """Fit the model the entry names first and copy it in: FNN's FM, its initialisation;
         DeepFM's LR, its fallback (:meth:`_fallback`). Returns the seconds and samples spent,
-        which count in this model's training, and for a fallback the model's own initial
+        which count in this model's training (a fallback's seconds only: the samples/s
+        reported are the model's own steps), and for a fallback the model's own initial
         weights, which it trains from."""
         config = self.config
         teacher, teacher_entry = build_pretrain_model(job.model, job.entry)
@@ -1000,7 +1002,8 @@ class Trainer:
         job.model.init_from_pretrained(teacher.to(device))
         seconds = pre.train_seconds + time.perf_counter() - started
         torch.manual_seed(config.seed + self.dist.rank)
-        return (seconds, pre.train_samples), fresh
+        samples = 0 if job.entry.fallback is not None else pre.train_samples
+        return (seconds, samples), fresh
 
     def _set_up(
         self,
