@@ -596,7 +596,7 @@ def prepare_store(
         pool = _Pool(workers, state)
         try:
             read = _read_blocks(data_format, paths, pool, bad_rows, block_bytes, say)
-            infos, total, labeled, rows_by_source, hashed, names = read
+            infos, total, labeled, names = read.infos, read.total, read.labeled, read.names
             parsed = time.perf_counter()
             say(f"read {total:,} rows in {parsed - started:.1f} s; counting the training rows")
             stats = _count_all(schema, infos, total, pool, budget, work)
@@ -617,28 +617,16 @@ def prepare_store(
                 progress.tick(f"encoded {encoded:,} of {total:,} rows")
             pool.close(wait=False)  # the workers exit while the store is committed
             writer.remove(_WORK)
-            digests = hashed()  # the input files' hashing may still be running
+            digests = read.digests()  # the input files' hashing may still be running
             seconds = time.perf_counter() - started
-            rows = {s: arrays[s]["ids"]["shape"][0] for s in SPLITS}
-            manifest = _manifest(
-                data_format,
-                schema,
-                paths,
-                feature_map,
-                arrays,
-                rows,
-                total,
-                labeled,
-                rows_by_source,
-                bad_rows,
-                digests,
-                split,
-                valid_fraction,
-                seed,
-                seconds,
-                parsed - started,
-                workers,
-            )
+            manifest = _manifest(data_format, paths, feature_map, arrays, read, digests, bad_rows)
+            manifest["split"] = _split_entry(split, valid_fraction, seed)
+            manifest |= {
+                "workers": workers,
+                "seconds": round(seconds, 3),
+                "read_seconds": round(parsed - started, 3),
+                "rows_per_s": round(total / seconds) if seconds > 0 else None,
+            }
             path = writer.commit(manifest)
         finally:
             pool.close()
@@ -654,10 +642,24 @@ def _in_the_background() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
-def _read_blocks(data_format, paths, pool: _Pool, bad_rows: BadRows, block_bytes: int, say):
-    """Phase 1: every block parsed by the pool, taken in file order. Returns, among the rest,
-    ``digests()``: the sha256 of every input file, waiting for the plain files' hashing, which
-    runs beside everything else."""
+@dataclass
+class _Read:
+    """What phase 1 found: the parsed blocks, their good rows, whether they are labeled, rows
+    per input file, the most frequent long values per field, and ``digests()``: the sha256 of
+    every input file, waiting for the plain files' hashing, which runs beside everything else."""
+
+    infos: list[BlockInfo]
+    total: int
+    labeled: bool
+    rows_by_source: dict[str, int]
+    names: dict[str, dict]
+    digests: Callable[[], dict[str, str]]
+
+
+def _read_blocks(
+    data_format, paths, pool: _Pool, bad_rows: BadRows, block_bytes: int, say
+) -> _Read:
+    """Phase 1: every block parsed by the pool, taken in file order."""
     hashing = ThreadPoolExecutor(max_workers=1, initializer=_in_the_background)
     plain = [p for p in data_format.source_files(paths) if not is_compressed(p)]
     futures = {
@@ -728,7 +730,7 @@ def _read_blocks(data_format, paths, pool: _Pool, bad_rows: BadRows, block_bytes
     for name in names:  # keep the most frequent ones only
         best = sorted(names[name].items(), key=lambda item: -item[1][0])
         names[name] = dict(best[: FieldStats.NAMES_KEPT])
-    return infos, total, bool(labeled), rows_by_source, digests, names
+    return _Read(infos, total, bool(labeled), rows_by_source, names, digests)
 
 
 def _finish_file(path: str | None, saw_data: bool, bad_rows: BadRows) -> None:
@@ -823,25 +825,31 @@ def _allocate(store: Path, infos, feature_map: FeatureMap, labeled: bool, shards
     return arrays
 
 
+def _split_entry(split: SplitSpec, valid_fraction: float, seed: int) -> dict[str, Any]:
+    """The manifest's description of how rows were split."""
+    return {
+        "spec": str(split),
+        "valid_fraction": valid_fraction,
+        "seed": seed,
+        "rule": (
+            "sequential: by ordinal among good rows, first share train (its last "
+            "valid_fraction validates), rest test"
+            if split.kind == "sequential"
+            else "by a seeded hash of the row's ordinal among good rows (splits.assign)"
+        ),
+    }
+
+
 def _manifest(
-    data_format,
-    schema,
-    paths,
-    feature_map,
-    arrays,
-    rows,
-    total,
-    labeled,
-    rows_by_source,
-    bad_rows,
-    digests,
-    split,
-    valid_fraction,
-    seed,
-    seconds,
-    read_seconds,
-    workers,
+    data_format: DataFormat,
+    paths: list[str],
+    feature_map: FeatureMap,
+    arrays: dict[str, dict],
+    read: _Read,
+    digests: dict[str, str],
+    bad_rows: BadRows,
 ) -> dict[str, Any]:
+    """The store's manifest, but for its split and timings (the caller adds them)."""
     sources = []
     for path in data_format.source_files(paths):
         key = str(path)
@@ -850,9 +858,10 @@ def _manifest(
                 "path": str(Path(path).resolve()),
                 "bytes": Path(path).stat().st_size,
                 "sha256": digests.get(key) or data_format.file_sha256(path),
-                "rows": rows_by_source.get(key, 0),
+                "rows": read.rows_by_source.get(key, 0),
             }
         )
+    rows = {split: arrays[split]["ids"]["shape"][0] for split in SPLITS}
     summaries = {codec.name: codec.to_dict() for codec in feature_map.fields}
     return {
         "format": STORE_FORMAT,
@@ -860,20 +869,10 @@ def _manifest(
         "deepfm_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "data_format": data_format.name,
-        "labeled": bool(labeled),
+        "labeled": read.labeled,
         "sources": sources,
-        "split": {
-            "spec": str(split),
-            "valid_fraction": valid_fraction,
-            "seed": seed,
-            "rule": (
-                "sequential: by ordinal among good rows, first share train (its last "
-                "valid_fraction validates), rest test"
-                if split.kind == "sequential"
-                else "by a seeded hash of the row's ordinal among good rows (splits.assign)"
-            ),
-        },
-        "rows": {**rows, "total": total, "bad": bad_rows.total},
+        "split": {},
+        "rows": {**rows, "total": read.total, "bad": bad_rows.total},
         "bad_rows": bad_rows.to_dict(),
         "num_features": feature_map.num_features,
         "num_slots": feature_map.num_slots,
@@ -887,10 +886,6 @@ def _manifest(
         },
         "shards": len(next(iter(arrays["train"].values()))["files"]),
         "arrays": arrays,
-        "workers": workers,
-        "seconds": round(seconds, 3),
-        "read_seconds": round(read_seconds, 3),
-        "rows_per_s": round(total / seconds) if seconds > 0 else None,
         "feature_map": feature_map.to_dict(),
     }
 
