@@ -59,22 +59,28 @@ def read_until_closed(sock: socket.socket, limit: float = 5) -> tuple[bytes, flo
     return reply, time.monotonic() - started
 
 
-def read_answer(sock: socket.socket) -> bytes:
-    """One answer (status line, headers and a content-length body) on a kept-alive ``sock``."""
-    data = b""
+def read_answers(sock: socket.socket, count: int = 1) -> list[bytes]:
+    """``count`` answers (status line, headers and a content-length body) on a kept-alive
+    ``sock``, in order. One read may hold the end of an answer and the next ones (pipelined
+    answers are often sent together): nothing read is dropped."""
+    data, answers = b"", []
 
     def more() -> bytes:
         chunk = sock.recv(65536)
         assert chunk, f"the server closed the connection mid-answer, after {data!r}"
         return chunk
 
-    while b"\r\n\r\n" not in data:
-        data += more()
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-    while len(body) < length:
-        body += more()
-    return head + b"\r\n\r\n" + body
+    while len(answers) < count:
+        while b"\r\n\r\n" not in data:
+            data += more()
+        head, rest = data.split(b"\r\n\r\n", 1)
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(rest) < length:
+            rest += more()
+        answers.append(head + b"\r\n\r\n" + rest[:length])
+        data = rest[length:]
+    assert not data, f"more than {count} answers: {data!r}"
+    return answers
 
 
 def test_the_chosen_parser_is_used(server):
@@ -122,7 +128,7 @@ def test_the_header_deadline_restarts_after_each_answer(server):
     with connect(server) as sock:
         for _ in range(3):  # each request within the deadline: all served on one connection
             sock.sendall(REQUEST)
-            assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
+            assert read_answers(sock)[0].startswith(b"HTTP/1.1 200 ")
             time.sleep(0.3)
         sock.sendall(b"POST /predict HTTP/1.1\r\n")  # then a request that stops half-way
         reply, seconds = read_until_closed(sock)
@@ -132,7 +138,7 @@ def test_the_header_deadline_restarts_after_each_answer(server):
 def test_pipelined_requests_are_all_answered_in_order(server):
     with connect(server) as sock:
         sock.sendall(REQUEST * 3 + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        answers = [read_answer(sock) for _ in range(4)]
+        answers = read_answers(sock, 4)
     assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
     assert [json.loads(a.split(b"\r\n\r\n", 1)[1]).keys() for a in answers] == [
         {"ctr"},
@@ -157,7 +163,7 @@ def test_a_head_larger_than_the_limit_is_refused_with_400(server):
     with connect(server) as sock:  # just under it: served
         padding = b"a" * (MAX_HEAD_BYTES - 200)
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + padding + b"\r\n\r\n")
-        assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
+        assert read_answers(sock)[0].startswith(b"HTTP/1.1 200 ")
 
 
 def test_scored_routes_take_only_post_and_stay_documented(server):
