@@ -504,3 +504,16 @@ def test_training_reads_a_sharded_store(tmp_path):
     assert main(["train", "--store", str(store), "--out", str(tmp_path / "b"), *fast]) == 0
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["rows"]["train"] == Store.open(store).rows("train")
+
+
+def test_hashing_an_input_stops_when_its_preparation_gives_up(tmp_path):
+    import threading
+
+    from deepfm.common import file_sha256
+
+    path = tmp_path / "input.txt"
+    path.write_bytes(b"x" * 1000)
+    stop = threading.Event()
+    assert file_sha256(path, stop) == hashlib.sha256(b"x" * 1000).hexdigest()
+    stop.set()  # a later phase failed: the digest is not needed, the file is not read on
+    assert file_sha256(path, stop) == ""

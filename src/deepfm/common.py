@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,14 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
-def file_sha256(path: str | Path) -> str:
-    """The hex sha256 of a file's bytes, read in blocks."""
+def file_sha256(path: str | Path, stop: threading.Event | None = None) -> str:
+    """The hex sha256 of a file's bytes, read in blocks; "" if ``stop`` is set before the end
+    (its caller gave up, e.g. on an error elsewhere: a large file is not read on for nothing)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(HASH_BLOCK):
+            if stop is not None and stop.is_set():
+                return ""
             digest.update(block)
     return digest.hexdigest()
 

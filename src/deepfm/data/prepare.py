@@ -594,6 +594,7 @@ def prepare_store(
             "seed": seed,
         }
         pool = _Pool(workers, state)
+        read: _Read | None = None
         try:
             read = _read_blocks(data_format, paths, pool, bad_rows, block_bytes, say)
             infos, total, labeled, names = read.infos, read.total, read.labeled, read.names
@@ -628,6 +629,10 @@ def prepare_store(
                 "rows_per_s": round(total / seconds) if seconds > 0 else None,
             }
             path = writer.commit(manifest)
+        except BaseException:
+            if read is not None:  # a later phase failed: the input's hashing is not needed
+                read.stop_hashing.set()
+            raise
         finally:
             pool.close()
     return PrepareResult(manifest, path)
@@ -654,6 +659,7 @@ class _Read:
     rows_by_source: dict[str, int]
     names: dict[str, dict]
     digests: Callable[[], dict[str, str]]
+    stop_hashing: threading.Event
 
 
 def _read_blocks(
@@ -661,9 +667,10 @@ def _read_blocks(
 ) -> _Read:
     """Phase 1: every block parsed by the pool, taken in file order."""
     hashing = ThreadPoolExecutor(max_workers=1, initializer=_in_the_background)
+    stop = threading.Event()  # set when the preparation fails: no reading on for nothing
     plain = [p for p in data_format.source_files(paths) if not is_compressed(p)]
     futures = {
-        str(p): hashing.submit(data_format.file_sha256, p) for p in plain if Path(p).is_file()
+        str(p): hashing.submit(data_format.file_sha256, p, stop) for p in plain if Path(p).is_file()
     }
     hashers: dict[str, Any] = {}
 
@@ -719,6 +726,7 @@ def _read_blocks(
             where = str(paths[0]) if paths else None
             raise DataError("the input holds no usable rows", path=where)
     except BaseException:
+        stop.set()
         hashing.shutdown(wait=False, cancel_futures=True)
         raise
     hashing.shutdown(wait=False)  # the queued files are still hashed
@@ -730,7 +738,7 @@ def _read_blocks(
     for name in names:  # keep the most frequent ones only
         best = sorted(names[name].items(), key=lambda item: -item[1][0])
         names[name] = dict(best[: FieldStats.NAMES_KEPT])
-    return _Read(infos, total, bool(labeled), rows_by_source, names, digests)
+    return _Read(infos, total, bool(labeled), rows_by_source, names, digests, stop)
 
 
 def _finish_file(path: str | None, saw_data: bool, bad_rows: BadRows) -> None:
