@@ -186,3 +186,104 @@ def test_records_encode_as_files_do_on_a_sample_of_every_format(fmt, generated_c
         np.testing.assert_array_equal(got.ids, expected.ids)
         if expected.values is not None:
             np.testing.assert_array_equal(got.values, expected.values)
+
+
+# -- the value memo: what it returns is what the codecs give, whatever was seen before ---------
+
+FLAT_SCHEMA = Schema(
+    fields=(
+        FieldSpec("cat", min_count=2),
+        FieldSpec("num", kind="numeric"),
+        FieldSpec("val", kind="numeric", numeric="value"),
+        FieldSpec("hash", kind="hashed", buckets=97),
+    ),
+    label=None,
+)
+
+
+def flat_map() -> FeatureMap:
+    """A feature map of single-slot fields only (bags keep the codecs' path)."""
+    rng = np.random.default_rng(1)
+    n = 300
+    table = pa.table(
+        {
+            "cat": pa.array([str(v) for v in rng.choice([*TOKENS, "1", "0", "rare"], n)]),
+            "num": pa.array(np.round(rng.exponential(20, n)) - 1),
+            "val": pa.array(rng.normal(3.0, 2.0, n)),
+            "hash": pa.array([str(v) for v in rng.choice(TOKENS, n)]),
+        }
+    )
+    builder = FeatureMapBuilder(FLAT_SCHEMA)
+    builder.update(table_chunk(table))
+    return builder.build()
+
+
+FLAT_MAP = flat_map()
+# one memo kept across every example below, small enough to be emptied often: stale or
+# colliding entries from earlier examples would show as a difference
+MEMO_ENCODER = RecordColumns(FLAT_MAP, memo_values=64)
+PLAIN_ENCODER = RecordColumns(FLAT_MAP, memo_values=0)
+flat_records = st.lists(
+    st.dictionaries(st.sampled_from(FLAT_SCHEMA.names), scalars, max_size=4), min_size=1, max_size=8
+)
+
+
+def _outcome(encode):
+    try:
+        got = encode()
+    except DataError as exc:
+        return str(exc)
+    return got.ids.tolist(), None if got.values is None else got.values.tolist()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    flat_records,
+    st.dictionaries(st.sampled_from(FLAT_SCHEMA.names), scalars, max_size=4),
+    st.integers(1, 3),
+)
+def test_memo_encodes_as_the_codecs_do(rows, shared, repeats):
+    assert MEMO_ENCODER._memo is not None and PLAIN_ENCODER._memo is None
+    expected = _outcome(lambda: PLAIN_ENCODER.encode(rows, shared))
+    for _ in range(repeats):  # the first call fills the memo, the next ones read it
+        assert _outcome(lambda: MEMO_ENCODER.encode(rows, shared)) == expected
+
+
+def test_memo_keeps_true_apart_from_one_in_categorical_fields():
+    encoder = RecordColumns(FLAT_MAP)
+    cat = {f.name: f for f in FLAT_MAP.fields}["cat"]
+    one, true = cat.offset + cat.local_id("1"), cat.offset + cat.local_id("true")
+    assert one != true  # both in the vocabulary: a shared entry would give a wrong id
+    for value, expected in ((1, one), (True, true), (1.0, one), ("1", one), (True, true)):
+        assert encoder.encode([{"cat": value}]).ids[0, 0] == expected, value
+    num = {f.name: f for f in FLAT_MAP.fields}["num"]
+    # numeric fields read True as 1: one entry serves both
+    assert encoder.encode([{"num": True}]).ids[0, 1] == encoder.encode([{"num": 1}]).ids[0, 1]
+    assert encoder.encode([{"num": 1}]).ids[0, 1] >= num.offset
+
+
+def test_memo_refuses_bad_values_with_their_place_after_good_ones():
+    encoder = RecordColumns(FLAT_MAP)
+    encoder.encode([{"val": 1.0, "cat": "a"}] * 3)  # remembered
+    with pytest.raises(DataError, match=r"candidates\[2\], field 'val': NaN or infinite"):
+        encoder.encode([{"val": 1.0}, {"val": 1.0}, {"val": float("nan")}], where="candidates")
+    with pytest.raises(DataError, match=r"records\[1\], field 'cat': expected a string"):
+        encoder.encode([{"cat": "a"}, {"cat": ["a"]}])
+    with pytest.raises(DataError, match=r"user/context, field 'val': number too large"):
+        encoder.encode([{"cat": "a"}, {"cat": "b"}], {"val": 1e300})
+
+
+def test_memo_stays_within_its_bound():
+    limit = 40  # 10 per field
+    encoder = RecordColumns(FLAT_MAP, memo_values=limit)
+    for start in range(0, 200, 7):
+        rows = [
+            {"cat": f"v{i}", "num": i, "val": i / 7, "hash": f"h{i}"}
+            for i in range(start, start + 7)
+        ]
+        encoder.encode(rows)
+        assert all(len(ids) <= limit // 4 for ids in encoder._memo.ids)
+        assert all(len(v) <= limit // 4 for v in encoder._memo.values)
+    # and the values read back are still the codecs'
+    rows = [{"cat": "a", "num": 3, "val": 0.5, "hash": "x"}] * 2
+    assert _outcome(lambda: encoder.encode(rows)) == _outcome(lambda: PLAIN_ENCODER.encode(rows))

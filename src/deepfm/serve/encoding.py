@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any
 
@@ -34,10 +34,13 @@ import pyarrow as pa
 
 from deepfm.data.codecs import Codec
 from deepfm.data.encoded import EncodedArrays
-from deepfm.data.featuremap import FeatureMap
+from deepfm.data.featuremap import ROW_KEYS_UP_TO, FeatureMap
 from deepfm.errors import DataError
 
 Record = Mapping[str, Any]
+
+#: raw values a :class:`ValueMemo` holds, all fields together (about 100 bytes each)
+MEMO_VALUES = 1 << 18
 
 
 def text_of(value: Any) -> str | None:
@@ -112,7 +115,7 @@ class RecordColumns:
     ``EncodedArrays`` (``ids [n, S]`` int32, ``values [n, S]`` float32 or None) through the
     codecs. Safe to use from several threads (it only reads the feature map)."""
 
-    def __init__(self, feature_map: FeatureMap) -> None:
+    def __init__(self, feature_map: FeatureMap, memo_values: int = MEMO_VALUES) -> None:
         self.feature_map = feature_map
         self.fields: list[Codec] = list(feature_map.fields)
         self.names: frozenset[str] = frozenset(f.name for f in self.fields)
@@ -121,6 +124,8 @@ class RecordColumns:
             kind: [f.name for f in self.fields if _group(f) == kind]
             for kind in ("category", "numeric")
         }
+        one_slot = all(f.slots == 1 for f in self.fields)  # a bag's slots: the codecs only
+        self._memo = ValueMemo(self.fields, memo_values) if memo_values and one_slot else None
 
     def check_keys(
         self, records: Sequence[Record], where: str, extra: frozenset[str] = frozenset()
@@ -150,6 +155,14 @@ class RecordColumns:
     ) -> dict[str, pa.Array | np.ndarray]:
         """One raw column per field: ``len(records)`` rows for the fields some record carries,
         one row (``shared``'s value, broadcast when encoding) for the others."""
+        raws, present = self._raws(records, shared, where)
+        return self._convert(raws, present, where)
+
+    def _raws(
+        self, records: Sequence[Record], shared: Record | None, where: str
+    ) -> tuple[dict[str, Sequence[Any]], set[str]]:
+        """Each field's raw values, as given: one per record, or one (``shared``'s value,
+        broadcast when encoding) for a field no record carries; and the fields carried."""
         shared = shared or {}
         if not all(type(r) is dict for r in records):
             for i, record in enumerate(records):
@@ -158,7 +171,6 @@ class RecordColumns:
                         f"expected an object, got {_kind(record)}", path=f"{where}[{i}]"
                     )
         present: set[str] = set().union(*records) if records else set()
-        # each field's raw values: one per record, or one (shared's) broadcast to every record
         raws: dict[str, Sequence[Any]] = {}
         carried = [name for name in self._order if name in present]
         if len(carried) > 1:
@@ -173,6 +185,12 @@ class RecordColumns:
                 raws[name] = (
                     [r.get(name, default) for r in records] if name in present else [default]
                 )
+        return raws, present
+
+    def _convert(
+        self, raws: dict[str, Sequence[Any]], present: set[str], where: str
+    ) -> dict[str, pa.Array | np.ndarray]:
+        """The raw columns a file reader would give for ``raws`` (see :meth:`columns`)."""
         out = {}
         # the usual case first: all the categorical fields' values in one Arrow conversion,
         # all the numeric fields' in one NumPy conversion, sliced back into columns
@@ -201,9 +219,22 @@ class RecordColumns:
         """Encode ``records``; a field a record lacks takes its value from ``shared``.
 
         ``where`` names the records in error messages (``records[3], field 'I5': ...``).
+        Values seen by recent calls are encoded from the memo (:class:`ValueMemo`); the others,
+        and every call holding a bad value, by the codecs.
         """
         n = len(records)
-        columns = self.columns(records, shared, where=where)
+        raws, present = self._raws(records, shared, where)
+        found = None
+        if self._memo is not None and n <= ROW_KEYS_UP_TO:
+            found = self._memo.encode([raws[name] for name in self._order], n, self._encode_unseen)
+        ids, values = found or self._encode_raws(raws, present, n, where)
+        return EncodedArrays(ids, values, None, np.arange(1, n + 1, dtype=np.int64))
+
+    def _encode_raws(
+        self, raws: dict[str, Sequence[Any]], present: set[str], n: int, where: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``ids [n, S]`` and ``values`` of ``raws`` by the codecs."""
+        columns = self._convert(raws, present, where)
         ids, values = self.feature_map.encode_columns(columns, n)
         if values is not None and not np.isfinite(values).all():
             # a value field standardised past float32: the record is refused, not scored inf
@@ -213,7 +244,126 @@ class RecordColumns:
             ]
             place = f"{where}[{row}]" if len(columns[codec.name]) == n else "user/context"
             raise DataError("number too large for a float32 value", path=place, field=codec.name)
-        return EncodedArrays(ids, values, None, np.arange(1, n + 1, dtype=np.int64))
+        return ids, values
+
+    def _encode_unseen(
+        self, raws: list[Sequence[Any]], n: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The memo's misses (each field's values, in field order) encoded by the codecs."""
+        by_name = dict(zip(self._order, raws, strict=True))
+        return self._encode_raws(by_name, set(), n, "records")
+
+
+class ValueMemo:
+    """Each single-slot field's recently encoded raw values → their global id (and value, for
+    a value field), so that the values a request shares with recent ones (the same items
+    ranked for user after user) are encoded by dictionary lookups in C instead of the codecs'
+    passes.
+
+    A value's encoding depends only on its field and the value, so the memo gives exactly what
+    the codecs gave. Two values that Python finds equal must encode alike to share an entry:
+    ``1 == 1.0`` (both ``"1"``) and ``True == 1`` (a number: 1.0 either way) do, but a
+    categorical ``True`` is ``"true"``, not ``"1"``. So a categorical field never remembers a
+    bool or a number equal to 0 or 1: those values always miss and go to the codecs. A value
+    that cannot be a key (a list, an object) sends the whole call to the codecs, which refuse
+    it with its place; so does any value the codecs refuse.
+
+    Bounded: a field's entries are dropped together when it would hold more than its share of
+    ``limit``. Safe to share between threads (a race costs a miss, never a wrong id).
+    """
+
+    def __init__(self, fields: Sequence[Codec], limit: int = MEMO_VALUES) -> None:
+        self.ids: list[dict] = [{} for _ in fields]
+        self.values: list[dict] = [{} for _ in fields]
+        self.textual = [_group(codec) == "category" for codec in fields]
+        self.with_values = [j for j, codec in enumerate(fields) if codec.needs_values]
+        self.per_field = max(1, limit // max(1, len(fields)))
+        self._layouts: dict[tuple[int, ...], np.ndarray] = {}
+
+    def encode(
+        self, raws: list[Sequence[Any]], rows: int, encode_unseen
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """``ids [rows, F]`` and ``values`` of each field's raw values ``raws`` (``rows`` values,
+        or one broadcast), the misses encoded by ``encode_unseen(raws, rows)`` and remembered;
+        None where the codecs must take the whole call (a bad value, say)."""
+        counts = tuple(len(raw) for raw in raws)
+        flat = list(chain.from_iterable(raws))
+        owners = list(chain.from_iterable(map(repeat, self.ids, counts)))
+        try:  # None (a value not remembered) stops the conversion with a TypeError
+            found = np.fromiter(map(dict.get, owners, flat), np.int32, len(flat))
+        except TypeError:
+            try:
+                missed = list(map(dict.get, owners, flat))
+            except TypeError:  # an unhashable value: the codecs name it
+                return None
+            if not self._learn(raws, missed, counts, encode_unseen):
+                return None
+            try:
+                found = np.fromiter(map(dict.get, owners, flat), np.int32, len(flat))
+            except TypeError:  # dropped meanwhile by another thread, or a value never kept
+                return None
+        layout = self._layout(counts, rows)
+        ids = found[layout]
+        if not self.with_values:
+            return ids, None
+        values = np.ones(ids.shape, np.float32)
+        for j in self.with_values:
+            got = list(map(self.values[j].get, raws[j]))
+            if None in got:
+                return None
+            values[:, j] = got
+        return ids, values
+
+    def _layout(self, counts: tuple[int, ...], rows: int) -> np.ndarray:
+        """Positions ``[rows, F]`` in the flat values of each row's value of each field."""
+        layout = self._layouts.get(counts)
+        if layout is None or len(layout) != rows:
+            sizes = np.array(counts)
+            starts = np.cumsum(sizes) - sizes
+            layout = starts + np.arange(rows)[:, None] * (sizes > 1)
+            if len(self._layouts) > 64:  # a few shapes recur (records × shared fields)
+                self._layouts.clear()
+            self._layouts[counts] = layout
+        return layout
+
+    def _learn(self, raws, found, counts, encode_unseen) -> bool:
+        """Encode the values ``found`` missed and remember them; False if the codecs refuse
+        one of them (the caller then encodes the whole call, naming the bad value's place)."""
+        unseen: list[list] = []
+        start = 0
+        for raw, count in zip(raws, counts, strict=True):
+            got = found[start : start + count]
+            start += count
+            unseen.append(
+                [v for v, g in zip(raw, got, strict=True) if g is None] if None in got else []
+            )
+        rows = max(len(values) for values in unseen)
+        padded = [values + [None] * (rows - len(values)) if values else [None] for values in unseen]
+        try:
+            ids, values = encode_unseen(padded, rows)
+        except DataError:
+            return False
+        for j, keys in enumerate(unseen):
+            if not keys:
+                continue
+            column = ids[: len(keys), j].tolist()
+            numbers = values[: len(keys), j].tolist() if j in self.with_values else None
+            if self.textual[j]:  # see the class docs: bools and 0/1 numbers are not kept
+                kept = [
+                    i
+                    for i, v in enumerate(keys)
+                    if type(v) is str or v is None or (v != 0 and v != 1)
+                ]
+                keys = [keys[i] for i in kept]
+                column = [column[i] for i in kept]
+            memo = self.ids[j]
+            if len(memo) + len(keys) > self.per_field:
+                memo.clear()
+                self.values[j].clear()
+            if numbers is not None:
+                self.values[j].update(zip(keys, numbers, strict=True))
+            memo.update(zip(keys, column, strict=True))
+        return True
 
 
 def _shared_place(_row: int) -> str:
