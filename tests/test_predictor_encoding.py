@@ -228,6 +228,14 @@ flat_records = st.lists(
 )
 
 
+# records that all carry the same fields (a ranking's candidates): remembered whole
+uniform_records = st.sets(st.sampled_from(FLAT_SCHEMA.names), min_size=2).flatmap(
+    lambda keys: st.lists(
+        st.fixed_dictionaries({key: scalars for key in sorted(keys)}), min_size=1, max_size=8
+    )
+)
+
+
 def _outcome(encode):
     try:
         got = encode()
@@ -238,7 +246,7 @@ def _outcome(encode):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    flat_records,
+    st.one_of(flat_records, uniform_records),
     st.dictionaries(st.sampled_from(FLAT_SCHEMA.names), scalars, max_size=4),
     st.integers(1, 3),
 )
@@ -256,6 +264,9 @@ def test_memo_keeps_true_apart_from_one_in_categorical_fields():
     assert one != true  # both in the vocabulary: a shared entry would give a wrong id
     for value, expected in ((1, one), (True, true), (1.0, one), ("1", one), (True, true)):
         assert encoder.encode([{"cat": value}]).ids[0, 0] == expected, value
+        # and as part of whole records remembered (two fields carried)
+        rows = encoder.encode([{"cat": value, "hash": "a"}] * 2).ids
+        assert (rows[:, 0] == expected).all(), value
     num = {f.name: f for f in FLAT_MAP.fields}["num"]
     # numeric fields read True as 1: one entry serves both
     assert encoder.encode([{"num": True}]).ids[0, 1] == encoder.encode([{"num": 1}]).ids[0, 1]

@@ -202,3 +202,62 @@ def test_a_failed_pass_fails_each_of_its_requests_and_the_batcher_goes_on():
         batcher.close()
     assert all(isinstance(f, ValueError) for f in failed)
     np.testing.assert_array_equal(after, [5.0, 6.0])
+
+
+class _ThreadModel(_SlowModel):
+    """Records the thread each pass ran on."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.0)
+        self.threads: list[int] = []
+
+    def forward(self, ids, values):
+        self.threads.append(threading.get_ident())
+        return super().forward(ids, values)
+
+
+def test_a_lone_request_at_a_low_load_is_scored_on_the_loop_and_workers_take_the_rest():
+    model = _ThreadModel()
+    batcher = ForwardBatcher(workers=1, inline_below=0.5)
+
+    async def one():
+        return threading.get_ident(), await batcher.score(model, *_rows(3, 2))
+
+    try:
+        loop_thread, got = asyncio.run(one())
+        np.testing.assert_array_equal(got, [3.0, 4.0])
+        assert model.threads == [loop_thread]  # no hand-off to a worker
+        assert 0 < batcher.load() < 0.5  # the pass counts in the load (it took under a second)
+        # passes that took 90% of the last moments: the loop must keep reading, workers score
+        batcher._busy, batcher._since = 0.9, time.monotonic()
+        loop_thread, got = asyncio.run(one())
+        np.testing.assert_array_equal(got, [3.0, 4.0])
+        assert model.threads[-1] != loop_thread
+        # three time constants later the share has decayed below the bar: on the loop again
+        batcher._busy, batcher._since = 0.9, time.monotonic() - 3.0
+        loop_thread, _ = asyncio.run(one())
+        assert model.threads[-1] == loop_thread
+    finally:
+        batcher.close()
+
+
+def test_without_inline_every_pass_runs_in_a_worker():
+    model = _ThreadModel()
+    batcher = ForwardBatcher(workers=1)
+
+    async def one():
+        return threading.get_ident(), await batcher.score(model, *_rows(0, 1))
+
+    try:
+        loop_thread, _ = asyncio.run(one())
+    finally:
+        batcher.close()
+    assert model.threads and model.threads[0] != loop_thread
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (3, 2), (5, 4), (64, 4)])
+def test_default_concurrency_leaves_a_core_to_the_event_loop(monkeypatch, cores, workers):
+    monkeypatch.setattr(
+        server.os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False
+    )
+    assert server.default_concurrency() == workers

@@ -54,8 +54,9 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--concurrency",
         type=int,
-        default=2,
-        help="forward passes run at once, each in a worker thread (default 2)",
+        default=None,
+        help="forward passes run at once, each in a worker thread (default: one per core but "
+        "one, 1 to 4)",
     )
     serve.add_argument(
         "--header-timeout",

@@ -24,6 +24,7 @@ that does not carry the field itself.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from itertools import chain, repeat
 from operator import itemgetter
@@ -219,15 +220,20 @@ class RecordColumns:
         """Encode ``records``; a field a record lacks takes its value from ``shared``.
 
         ``where`` names the records in error messages (``records[3], field 'I5': ...``).
-        Values seen by recent calls are encoded from the memo (:class:`ValueMemo`); the others,
-        and every call holding a bad value, by the codecs.
+        Records and values seen by recent calls are encoded from the memo (:class:`ValueMemo`);
+        the others, and every call holding a bad value, by the codecs.
         """
         n = len(records)
-        raws, present = self._raws(records, shared, where)
         found = None
-        if self._memo is not None and n <= ROW_KEYS_UP_TO:
-            found = self._memo.encode([raws[name] for name in self._order], n, self._encode_unseen)
-        ids, values = found or self._encode_raws(raws, present, n, where)
+        memo = self._memo if n <= ROW_KEYS_UP_TO else None
+        if memo is not None:
+            found = memo.encode_records(records, shared or {}, self._encode_unseen)
+        if found is None:
+            raws, present = self._raws(records, shared, where)
+            if memo is not None:
+                found = memo.encode([raws[name] for name in self._order], n, self._encode_unseen)
+            found = found or self._encode_raws(raws, present, n, where)
+        ids, values = found
         return EncodedArrays(ids, values, None, np.arange(1, n + 1, dtype=np.int64))
 
     def _encode_raws(
@@ -268,11 +274,19 @@ class ValueMemo:
     that cannot be a key (a list, an object) sends the whole call to the codecs, which refuse
     it with its place; so does any value the codecs refuse.
 
+    Records that carry the same fields are remembered whole as well (:class:`_RowMemo`): one
+    lookup of a record's values instead of one per value. A record holding a value a
+    categorical field cannot share is never remembered.
+
     Bounded: a field's entries are dropped together when it would hold more than its share of
-    ``limit``. Safe to share between threads (a race costs a miss, never a wrong id).
+    ``limit``; a row memo starts again empty when it holds ``limit // 8`` records. Safe to
+    share between threads (a race costs a miss, never a wrong id).
     """
 
     def __init__(self, fields: Sequence[Codec], limit: int = MEMO_VALUES) -> None:
+        self.names = [codec.name for codec in fields]
+        self.row_limit = max(1, limit // 8)
+        self._rows: dict[tuple[int, ...], _RowMemo] = {}
         self.ids: list[dict] = [{} for _ in fields]
         self.values: list[dict] = [{} for _ in fields]
         self.textual = [_group(codec) == "category" for codec in fields]
@@ -314,6 +328,47 @@ class ValueMemo:
             values[:, j] = got
         return ids, values
 
+    def encode_records(
+        self, records: Sequence[Record], shared: Record, encode_unseen
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """``ids [n, F]`` and ``values`` of ``records`` that all carry the same fields (at least
+        two), ``shared`` giving the others: each record's values looked up whole; None where
+        this does not apply or the codecs must take the call."""
+        if not all(type(r) is dict for r in records):
+            return None
+        present = set().union(*records)
+        carried = tuple(j for j, name in enumerate(self.names) if name in present)  # positions
+        if len(carried) < 2:
+            return None
+        memo = self._rows.get(carried)
+        if memo is None:
+            if len(self._rows) >= 8:  # a few sets of fields recur; more are not remembered
+                self._rows.clear()
+            memo = _RowMemo([self.names[j] for j in carried], self, self.row_limit)
+            self._rows[carried] = memo
+        try:  # a record lacking one of the fields: KeyError, left to the per-value path
+            rows = list(map(memo.values_of, records))
+        except KeyError:
+            return None
+        found = memo.find(rows, carried, encode_unseen)
+        if found is None:
+            return None
+        inside = set(carried)
+        others = [
+            [None] if j in inside else [shared.get(name)] for j, name in enumerate(self.names)
+        ]
+        common = self.encode(others, 1, encode_unseen)
+        if common is None:
+            return None
+        ids = np.repeat(common[0], len(records), axis=0)
+        ids[:, carried] = found[0]
+        values = None
+        if common[1] is not None:
+            values = np.repeat(common[1], len(records), axis=0)
+            if found[1] is not None:  # else no carried field has values: the ones stand
+                values[:, carried] = found[1]
+        return ids, values
+
     def _layout(self, counts: tuple[int, ...], rows: int) -> np.ndarray:
         """Positions ``[rows, F]`` in the flat values of each row's value of each field."""
         layout = self._layouts.get(counts)
@@ -349,11 +404,7 @@ class ValueMemo:
             column = ids[: len(keys), j].tolist()
             numbers = values[: len(keys), j].tolist() if j in self.with_values else None
             if self.textual[j]:  # see the class docs: bools and 0/1 numbers are not kept
-                kept = [
-                    i
-                    for i, v in enumerate(keys)
-                    if type(v) is str or v is None or (v != 0 and v != 1)
-                ]
+                kept = [i for i, v in enumerate(keys) if _shareable(v)]
                 keys = [keys[i] for i in kept]
                 column = [column[i] for i in kept]
             memo = self.ids[j]
@@ -364,6 +415,86 @@ class ValueMemo:
                 self.values[j].update(zip(keys, numbers, strict=True))
             memo.update(zip(keys, column, strict=True))
         return True
+
+
+class _RowMemo:
+    """Records' values of the fields ``names`` (a tuple per record, in field order) → their ids
+    and values rows; part of :class:`ValueMemo`, whose rules it follows."""
+
+    def __init__(self, names: list[str], values: ValueMemo, limit: int) -> None:
+        self.values_of = itemgetter(*names)
+        self.width, self.limit = len(names), limit
+        self._lock = threading.Lock()
+        self._textual = [
+            k for k, name in enumerate(names) if values.textual[values.names.index(name)]
+        ]
+        self._with_values = any(values.names[j] in names for j in values.with_values)
+        self._fields = len(values.names)
+        self._state = self._empty()
+
+    def _empty(self) -> tuple[dict, np.ndarray, np.ndarray | None, list[int]]:
+        """(index: values → row, ids, values, [rows filled]): replaced whole when full, so a
+        reader holding the old one never sees a row rewritten."""
+        ids = np.zeros((self.limit, self.width), np.int32)
+        values = np.ones((self.limit, self.width), np.float32) if self._with_values else None
+        return {}, ids, values, [0]
+
+    def find(
+        self, rows: list[tuple], carried: tuple[int, ...], encode_unseen
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """``ids [n, width]`` and ``values`` of ``rows``; the missed ones encoded by
+        ``encode_unseen`` (``carried``: the fields' positions) and remembered."""
+        index, ids, values, _ = state = self._state
+        try:  # None (a record not remembered) stops the conversion with a TypeError
+            at = np.fromiter(map(index.get, rows), np.int64, len(rows))
+        except TypeError:
+            try:
+                at_or_none = list(map(index.get, rows))
+            except TypeError:  # an unhashable value: the codecs name it
+                return None
+            state = self._learn(state, rows, at_or_none, carried, encode_unseen)
+            if state is None:
+                return None
+            index, ids, values, _ = state
+            try:
+                at = np.fromiter(map(index.get, rows), np.int64, len(rows))
+            except TypeError:  # a record with a value never kept
+                return None
+        return ids[at], None if values is None else values[at]
+
+    def _learn(self, state, rows, at_or_none, carried, encode_unseen):
+        """Encode the records ``at_or_none`` missed and remember those that may be; the state
+        they are in, or None if the codecs refuse one of them."""
+        unseen = list({row: None for row, at in zip(rows, at_or_none, strict=True) if at is None})
+        raws: list[Sequence[Any]] = [[None]] * self._fields
+        for k, j in enumerate(carried):
+            raws[j] = [row[k] for row in unseen]
+        try:
+            ids, values = encode_unseen(raws, len(unseen))
+        except DataError:
+            return None
+        kept = [i for i, row in enumerate(unseen) if all(_shareable(row[k]) for k in self._textual)]
+        with self._lock:
+            state = self._state
+            if state[3][0] + len(kept) > self.limit:
+                state = self._state = self._empty()
+            index, memo_ids, memo_values, filled = state
+            start = filled[0]
+            end = start + len(kept)
+            if end > self.limit:  # more new records than the memo holds: not remembered
+                return state
+            memo_ids[start:end] = ids[kept][:, carried]
+            if memo_values is not None and values is not None:
+                memo_values[start:end] = values[kept][:, carried]
+            filled[0] = end
+            index.update(zip((unseen[i] for i in kept), range(start, end), strict=True))
+        return state
+
+
+def _shareable(value: Any) -> bool:
+    """Whether a categorical value may share a memo entry with the values equal to it (see
+    :class:`ValueMemo`): not a bool, nor a number equal to 0 or 1."""
+    return type(value) is str or value is None or (value != 0 and value != 1)
 
 
 def _shared_place(_row: int) -> str:

@@ -28,6 +28,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -56,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from deepfm.errors import ConfigError, DataError, DeepFMError, is_finite_number
 from deepfm.outputs import to_json
-from deepfm.serve.batching import ForwardBatcher
+from deepfm.serve.batching import INLINE_BELOW, ForwardBatcher
 from deepfm.serve.predictor import Predictor, Runtime, check_finite, default_runtime
 from deepfm.train.trainer import MAX_THREADS
 
@@ -82,7 +83,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
 @dataclass
 class ServeSettings:
     """What ``deepfm serve`` was asked for. ``threads``: torch / ONNX Runtime intra-op threads
-    per forward pass; ``concurrency``: forward passes run at once (each in a worker thread);
+    per forward pass; ``concurrency``: forward passes run at once (each in a worker thread; by
+    default one per core the process may use, less the event loop's, from 1 to 4);
     ``batch_wait_ms`` and ``max_batch_rows``: dynamic batching (:mod:`deepfm.serve.batching`)."""
 
     model_dir: Path
@@ -93,7 +95,7 @@ class ServeSettings:
     max_records: int = 1000
     max_body_bytes: int = 8 << 20
     threads: int = 1
-    concurrency: int = 2
+    concurrency: int | None = None
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     batch_wait_ms: float = 0.0
@@ -106,6 +108,8 @@ class ServeSettings:
             self.runtime = default_runtime()
         if self.http is None:
             self.http = default_http()
+        if self.concurrency is None:
+            self.concurrency = default_concurrency()
         if self.http not in HTTP_PARSERS:
             raise ConfigError(f"--http must be one of {', '.join(HTTP_PARSERS)}")
         if self.http == "httptools" and default_http() != "httptools":
@@ -560,6 +564,8 @@ def create_app(settings: ServeSettings, holder: ModelHolder | None = None) -> Fa
         window=settings.batch_wait_ms / 1e3,
         max_rows=settings.max_batch_rows,
         on_pass=lambda requests, _rows: metrics.batch.observe(requests),
+        # a batching window asks for merged passes: none then runs alone on the loop
+        inline_below=INLINE_BELOW if settings.batch_wait_ms == 0 else 0.0,
     )
 
     async def reload_model(source: str) -> tuple[bool, str]:
@@ -734,6 +740,14 @@ HTTP_PARSERS = ("httptools", "h11")
 MAX_HEAD_BYTES = 16 << 10
 #: the parts of a request that have a read deadline
 _HEAD, _BODY = "headers", "body"
+
+
+def default_concurrency() -> int:
+    """Worker threads for forward passes: one per usable core but the event loop's, 1 to 4
+    (on 2 cores, two workers and the loop contend for the cores and each request costs more
+    CPU)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, (cores or 1) - 1))
 
 
 def default_http() -> str:
