@@ -196,18 +196,20 @@ class FeatureMap:
         self, columns: dict[str, pa.Array | pa.ChunkedArray], rows: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """``ids [rows, slots]`` int32 and ``values`` float32 (None if not needed) of raw
-        ``columns`` by field name; a column of length 1 is broadcast to every row.
+        ``columns`` by field name; a column of length 1 is broadcast to every row. Fields
+        without a column are left at id 0 and value 1 (a caller encoding a few fields).
 
         Up to ``ROW_KEYS_UP_TO`` rows (a request), the values of all string fields are keyed in
         one pass and those of all bucketised fields in another, each row's key looked up as it
         is (no per-field distinct values: their cost is per call, not per value); larger
         inputs go field by field through the distinct values. Both apply each codec's
         ``ids_of_keys``."""
-        ids = np.empty((rows, self.num_slots), dtype=np.int32)
+        partial = len(columns) < len(self.fields)
+        ids = (np.zeros if partial else np.empty)((rows, self.num_slots), dtype=np.int32)
         values = np.ones((rows, self.num_slots), dtype=np.float32) if self.needs_values else None
         keyed = self._encode_row_keys(columns, ids) if rows <= ROW_KEYS_UP_TO else set()
         for codec, slot in zip(self.fields, self._slot, strict=False):
-            if codec.name in keyed:
+            if codec.name in keyed or codec.name not in columns:
                 continue
             field_ids, field_values = codec.encode(columns[codec.name])
             ids[:, slot : slot + codec.slots] = field_ids
@@ -234,15 +236,17 @@ class FeatureMap:
         codec's ``ids_of_keys``."""
         plan = self._row_plan
         rows = len(ids)
+        strings = [j for j, c in enumerate(plan.strings) if c.name in columns]
+        numbers = [len(plan.strings) + j for j, c in enumerate(plan.numbers) if c.name in columns]
         keys, missing, lengths = [], [], []
-        if plan.strings:
-            parts = [_plain_strings(columns[c.name]) for c in plan.strings]
+        if strings:
+            parts = [_plain_strings(columns[plan.codecs[j].name]) for j in strings]
             joined = pc.fill_null(pa.concat_arrays(parts), "")
             keys.append(string_keys(joined)[0])
             missing.append(pc.binary_length(joined).to_numpy(zero_copy_only=False) == 0)
             lengths += [len(p) for p in parts]
-        if plan.numbers:
-            parts = [numbers_of(columns[c.name]) for c in plan.numbers]
+        if numbers:
+            parts = [numbers_of(columns[plan.codecs[j].name]) for j in numbers]
             x = np.concatenate(parts)
             nan = np.isnan(x)
             keys.append(int_keys(bucketize(np.where(nan, 0.0, x))))
@@ -252,9 +256,10 @@ class FeatureMap:
             return set()
         # every column holds a value per row, or one value broadcast to every row: its values
         # are looked up once, then spread over the rows
+        done = np.array(strings + numbers)  # the plan's columns given, in key order
         flat_keys, flat_missing = np.concatenate(keys), np.concatenate(missing)
         counts = np.array(lengths)
-        column = np.repeat(np.arange(len(counts)), counts)
+        column = np.repeat(done, counts)
         starts = np.cumsum(counts) - counts
         local = np.empty(len(flat_keys), np.int32)
         if plan.all_joint:
@@ -262,12 +267,13 @@ class FeatureMap:
         else:
             joint = plan.joint_field[column] >= 0
             local[joint] = plan.joint.lookup(flat_keys[joint], plan.joint_field[column[joint]])
-            for j in plan.own_columns:
-                part = slice(starts[j], starts[j] + counts[j])
-                local[part] = plan.codecs[j].ids_of_keys(flat_keys[part])
+            for k, j in enumerate(done.tolist()):
+                if j in plan.own_columns:
+                    part = slice(starts[k], starts[k] + counts[k])
+                    local[part] = plan.codecs[j].ids_of_keys(flat_keys[part])
         flat_ids = np.where(flat_missing, np.int32(MISSING), local) + plan.offsets[column]
-        ids[:, plan.slots] = flat_ids[starts + np.arange(rows)[:, None] * (counts > 1)]
-        return plan.names
+        ids[:, plan.slots[done]] = flat_ids[starts + np.arange(rows)[:, None] * (counts > 1)]
+        return {plan.codecs[j].name for j in done.tolist()}
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -400,7 +406,6 @@ class _RowPlan:
         self.strings = [c for c in keyed if c.key_kind == "string"]
         self.numbers = [c for c in keyed if c.key_kind == "int"]
         self.codecs: list[Codec] = [*self.strings, *self.numbers]
-        self.names = {c.name for c in self.codecs}
         self.slots = np.array([slot_of[c.name] for c in self.codecs], dtype=np.int64)
         self.offsets = np.array([c.offset for c in self.codecs], dtype=np.int32)
         with_vocabulary = sorted(

@@ -196,7 +196,7 @@ class RecordColumns:
         # the usual case first: all the categorical fields' values in one Arrow conversion,
         # all the numeric fields' in one NumPy conversion, sliced back into columns
         for kind, joined in (("category", _strings), ("numeric", _plain_numbers)):
-            group = self._groups[kind]
+            group = [name for name in self._groups[kind] if name in raws]
             flat = list(chain.from_iterable(raws[name] for name in group))
             column = joined(flat) if len(group) > 1 else None
             if column is not None:
@@ -207,7 +207,7 @@ class RecordColumns:
         try:  # the others, and those of a group holding a value to convert or refuse
             for codec in self.fields:
                 name = codec.name
-                if name not in out:
+                if name not in out and name in raws:
                     place = (lambda i: f"{where}[{i}]") if name in present else _shared_place
                     out[name] = _column(codec, raws[name], place)
         except _BadValue as bad:
@@ -231,7 +231,9 @@ class RecordColumns:
         if found is None:
             raws, present = self._raws(records, shared, where)
             if memo is not None:
-                found = memo.encode([raws[name] for name in self._order], n, self._encode_unseen)
+                found = memo.encode(
+                    dict(enumerate(raws[name] for name in self._order)), n, self._encode_unseen
+                )
             found = found or self._encode_raws(raws, present, n, where)
         ids, values = found
         return EncodedArrays(ids, values, None, np.arange(1, n + 1, dtype=np.int64))
@@ -253,10 +255,11 @@ class RecordColumns:
         return ids, values
 
     def _encode_unseen(
-        self, raws: list[Sequence[Any]], n: int
+        self, raws: dict[int, Sequence[Any]], n: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The memo's misses (each field's values, in field order) encoded by the codecs."""
-        by_name = dict(zip(self._order, raws, strict=True))
+        """The memo's misses (values by field position: only the fields named) encoded by the
+        codecs, ``ids [n, S]`` and ``values`` (the other fields' columns unset)."""
+        by_name = {self._order[j]: raw for j, raw in raws.items()}
         return self._encode_raws(by_name, set(), n, "records")
 
 
@@ -295,14 +298,16 @@ class ValueMemo:
         self._layouts: dict[tuple[int, ...], np.ndarray] = {}
 
     def encode(
-        self, raws: list[Sequence[Any]], rows: int, encode_unseen
+        self, raws: dict[int, Sequence[Any]], rows: int, encode_unseen
     ) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """``ids [rows, F]`` and ``values`` of each field's raw values ``raws`` (``rows`` values,
-        or one broadcast), the misses encoded by ``encode_unseen(raws, rows)`` and remembered;
-        None where the codecs must take the whole call (a bad value, say)."""
-        counts = tuple(len(raw) for raw in raws)
-        flat = list(chain.from_iterable(raws))
-        owners = list(chain.from_iterable(map(repeat, self.ids, counts)))
+        """``ids [rows, F]`` and ``values`` of the raw values ``raws`` of some fields (by
+        position: ``rows`` values each, or one broadcast; the other fields' columns are 0 and
+        1), the misses encoded by ``encode_unseen(raws, rows)`` and remembered; None where the
+        codecs must take the whole call (a bad value, say)."""
+        fields = list(raws)
+        counts = tuple(map(len, raws.values()))
+        flat = list(chain.from_iterable(raws.values()))
+        owners = list(chain.from_iterable(map(repeat, map(self.ids.__getitem__, fields), counts)))
         try:  # None (a value not remembered) stops the conversion with a TypeError
             found = np.fromiter(map(dict.get, owners, flat), np.int32, len(flat))
         except TypeError:
@@ -317,15 +322,21 @@ class ValueMemo:
             except TypeError:  # dropped meanwhile by another thread, or a value never kept
                 return None
         layout = self._layout(counts, rows)
-        ids = found[layout]
+        if len(fields) == len(self.names):
+            ids = found[layout]
+        else:
+            ids = np.zeros((rows, len(self.names)), np.int32)
+            if fields:
+                ids[:, fields] = found[layout]
         if not self.with_values:
             return ids, None
         values = np.ones(ids.shape, np.float32)
         for j in self.with_values:
-            got = list(map(self.values[j].get, raws[j]))
-            if None in got:
-                return None
-            values[:, j] = got
+            if j in raws:
+                got = list(map(self.values[j].get, raws[j]))
+                if None in got:
+                    return None
+                values[:, j] = got
         return ids, values
 
     def encode_records(
@@ -354,9 +365,7 @@ class ValueMemo:
         if found is None:
             return None
         inside = set(carried)
-        others = [
-            [None] if j in inside else [shared.get(name)] for j, name in enumerate(self.names)
-        ]
+        others = {j: [shared.get(n)] for j, n in enumerate(self.names) if j not in inside}
         common = self.encode(others, 1, encode_unseen)
         if common is None:
             return None
@@ -384,26 +393,24 @@ class ValueMemo:
     def _learn(self, raws, found, counts, encode_unseen) -> bool:
         """Encode the values ``found`` missed and remember them; False if the codecs refuse
         one of them (the caller then encodes the whole call, naming the bad value's place)."""
-        unseen: list[list] = []
+        unseen: dict[int, list] = {}
         start = 0
-        for raw, count in zip(raws, counts, strict=True):
+        for (j, raw), count in zip(raws.items(), counts, strict=True):
             got = found[start : start + count]
             start += count
-            unseen.append(
-                [v for v, g in zip(raw, got, strict=True) if g is None] if None in got else []
-            )
-        rows = max(len(values) for values in unseen)
-        padded = [values + [None] * (rows - len(values)) if values else [None] for values in unseen]
+            if None in got:
+                unseen[j] = [v for v, g in zip(raw, got, strict=True) if g is None]
+        rows = max(map(len, unseen.values()))
+        padded = {j: values + [None] * (rows - len(values)) for j, values in unseen.items()}
         try:
             ids, values = encode_unseen(padded, rows)
         except DataError:
             return False
-        for j, keys in enumerate(unseen):
-            if not keys:
-                continue
+        for j, keys in unseen.items():
             column = ids[: len(keys), j].tolist()
             numbers = values[: len(keys), j].tolist() if j in self.with_values else None
-            if self.textual[j]:  # see the class docs: bools and 0/1 numbers are not kept
+            # see the class docs: bools and 0/1 numbers are not kept (strings: checked in C)
+            if self.textual[j] and not _TEXTS.issuperset(map(type, keys)):
                 kept = [i for i, v in enumerate(keys) if _shareable(v)]
                 keys = [keys[i] for i in kept]
                 column = [column[i] for i in kept]
@@ -423,13 +430,13 @@ class _RowMemo:
 
     def __init__(self, names: list[str], values: ValueMemo, limit: int) -> None:
         self.values_of = itemgetter(*names)
+        self._values = values
         self.width, self.limit = len(names), limit
         self._lock = threading.Lock()
-        self._textual = [
-            k for k, name in enumerate(names) if values.textual[values.names.index(name)]
-        ]
+        textual = [k for k, name in enumerate(names) if values.textual[values.names.index(name)]]
+        # a row's categorical values as a tuple (the first twice: itemgetter of one is no tuple)
+        self._pick_textual = itemgetter(*textual, *textual[:1]) if textual else lambda _row: ()
         self._with_values = any(values.names[j] in names for j in values.with_values)
-        self._fields = len(values.names)
         self._state = self._empty()
 
     def _empty(self) -> tuple[dict, np.ndarray, np.ndarray | None, list[int]]:
@@ -466,29 +473,38 @@ class _RowMemo:
         """Encode the records ``at_or_none`` missed and remember those that may be; the state
         they are in, or None if the codecs refuse one of them."""
         unseen = list({row: None for row, at in zip(rows, at_or_none, strict=True) if at is None})
-        raws: list[Sequence[Any]] = [[None]] * self._fields
-        for k, j in enumerate(carried):
-            raws[j] = [row[k] for row in unseen]
-        try:
-            ids, values = encode_unseen(raws, len(unseen))
-        except DataError:
+        # their values through the value memo: a new record mostly holds values seen before
+        raws = dict(zip(carried, zip(*unseen, strict=True), strict=True))
+        found = self._values.encode(raws, len(unseen), encode_unseen)
+        if found is None:
             return None
-        kept = [i for i, row in enumerate(unseen) if all(_shareable(row[k]) for k in self._textual)]
+        ids, values = found
+        textual = list(map(self._pick_textual, unseen))
+        kept: slice | list[int] = slice(None)
+        keys = unseen
+        if not _TEXTS.issuperset(map(type, chain.from_iterable(textual))):  # checked in C
+            kept = [i for i, values in enumerate(textual) if all(map(_shareable, values))]
+            keys = [unseen[i] for i in kept]
+        columns = list(carried)
         with self._lock:
             state = self._state
-            if state[3][0] + len(kept) > self.limit:
+            if state[3][0] + len(keys) > self.limit:
                 state = self._state = self._empty()
             index, memo_ids, memo_values, filled = state
             start = filled[0]
-            end = start + len(kept)
+            end = start + len(keys)
             if end > self.limit:  # more new records than the memo holds: not remembered
                 return state
-            memo_ids[start:end] = ids[kept][:, carried]
+            memo_ids[start:end] = ids[kept][:, columns]
             if memo_values is not None and values is not None:
-                memo_values[start:end] = values[kept][:, carried]
+                memo_values[start:end] = values[kept][:, columns]
             filled[0] = end
-            index.update(zip((unseen[i] for i in kept), range(start, end), strict=True))
+            index.update(zip(keys, range(start, end), strict=True))
         return state
+
+
+#: the types of values a categorical memo entry may always hold
+_TEXTS = frozenset((str, type(None)))
 
 
 def _shareable(value: Any) -> bool:
