@@ -83,8 +83,11 @@ def criteo_rows(path: Path) -> list[dict]:
     return rows
 
 
-def rank_bodies(rows: list[dict], candidates: int, count: int, seed: int = 0) -> list[bytes]:
-    """``count`` serialised /rank requests of ``candidates`` real rows each, with bids."""
+def rank_bodies(
+    rows: list[dict], candidates: int, count: int, seed: int = 0, fresh_users: bool = False
+) -> list[bytes]:
+    """``count`` serialised /rank requests of ``candidates`` real rows each, with bids;
+    ``fresh_users``: each request's context carries a user id (``C1``) no request had before."""
     rng = np.random.default_rng(seed)
     bodies = []
     for k in range(count):
@@ -92,6 +95,8 @@ def rank_bodies(rows: list[dict], candidates: int, count: int, seed: int = 0) ->
         chunk = rows[start : start + candidates]
         user = {f"I{i}": chunk[0][f"I{i}"] for i in range(1, 14)}
         context = {f"C{i}": chunk[0][f"C{i}"] for i in range(1, 7)}
+        if fresh_users:
+            context["C1"] = f"u{k:07x}"
         items = [
             {**{f"C{i}": r[f"C{i}"] for i in range(7, 27)}, "bid": round(float(b), 4)}
             for r, b in zip(chunk, rng.lognormal(0.0, 1.0, len(chunk)), strict=True)
@@ -261,6 +266,12 @@ async def drive(
     slots = (RawSlots if client == "raw" else HttpxSlots)(url, bodies, clients)
     if isinstance(slots, RawSlots):
         await slots.open()
+    sent = 0  # bodies are taken in turn across the phases (with --traffic fresh, none twice)
+
+    def next_body() -> int:
+        nonlocal sent
+        sent += 1
+        return (sent - 1) % len(bodies)
 
     async def saturated(total: int) -> dict:
         latencies: list[float] = []
@@ -269,7 +280,7 @@ async def drive(
         async def worker(slot: int) -> None:
             nonlocal issued, failures
             while issued < total:
-                body = issued % len(bodies)
+                body = next_body()
                 issued += 1
                 start = time.perf_counter()
                 status = await slots.send(slot, body)
@@ -303,7 +314,7 @@ async def drive(
             if delay > 0:
                 await asyncio.sleep(delay)
             slot = await free.get()  # all connections busy: this request starts late
-            tasks.append(asyncio.create_task(one(slot, i % len(bodies), due)))
+            tasks.append(asyncio.create_task(one(slot, next_body(), due)))
         await asyncio.gather(*tasks)
         result = summary(latencies, failures, time.perf_counter() - began)
         result["offered_per_s"] = rate
@@ -448,6 +459,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"Bare ONNX Runtime forward of {results['candidates']} rows: {bare:.3f} ms CPU per call.",
         f"One /rank in-process, thread CPU ms (least of 300): {steps}.",
+        f"Traffic: {results['traffic']} (see --traffic).",
         "",
         f"| runtime, server options | requests/s ({results['clients']} clients, closed loop) | "
         f"p50 / p99 ms there | p50 / p99 ms at {rate:.0f} req/s | server CPU ms / request "
@@ -483,6 +495,13 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=1024, help="predict_proba batch size")
     parser.add_argument(
+        "--traffic",
+        choices=("repeat", "fresh"),
+        default="repeat",
+        help="repeat: 32 request bodies in turn; fresh: every request a user never seen "
+        "(its own C1), its candidates in turn from the sample's rows (a catalog of ~11k)",
+    )
+    parser.add_argument(
         "--forward-calls", type=int, default=2000, help="timed calls of the bare forward pass"
     )
     parser.add_argument(
@@ -512,7 +531,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="deepfm-serve-bench-"))
     try:
         model = args.bundle or train_bundle(args.data, work / "bundle", threads)
-        bodies = rank_bodies(rows, args.candidates, count=32)
+        if args.traffic == "fresh":  # every request its own user; candidates from the sample
+            count = args.warmup + 2 * args.requests
+            bodies = rank_bodies(rows, args.candidates, count=count, fresh_users=True)
+        else:
+            bodies = rank_bodies(rows, args.candidates, count=32)
         variants = args.server_args or [""]
         results = {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S +0000"),
@@ -521,6 +544,7 @@ def main() -> None:
             "load_average_before": os.getloadavg(),
             "model": json.loads((Path(model) / "model.json").read_text())["model"],
             "clients": args.clients,
+            "traffic": args.traffic,
             "client": args.client,
             "candidates": args.candidates,
             "rate": args.rate,

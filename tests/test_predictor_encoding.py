@@ -293,8 +293,13 @@ def test_memo_stays_within_its_bound():
             for i in range(start, start + 7)
         ]
         encoder.encode(rows)
-        assert all(len(ids) <= limit // 4 for ids in encoder._memo.ids)
-        assert all(len(v) <= limit // 4 for v in encoder._memo.values)
+        memo = encoder._memo
+        assert all(len(ids) <= limit // 4 for ids in memo.ids)
+        assert all(len(v) <= limit // 4 for v in memo.values)
+        # whole records: at most two sets of fields, each within an eighth of the limit
+        assert len(memo._rows) <= 2
+        assert all(len(rows._state[0]) <= limit // 8 for rows in memo._rows.values())
+        encoder.encode([{"cat": f"v{start}", "num": start}])  # another set of fields
     # and the values read back are still the codecs'
     rows = [{"cat": "a", "num": 3, "val": 0.5, "hash": "x"}] * 2
     assert _outcome(lambda: encoder.encode(rows)) == _outcome(lambda: PLAIN_ENCODER.encode(rows))

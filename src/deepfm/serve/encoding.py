@@ -40,7 +40,9 @@ from deepfm.errors import DataError
 
 Record = Mapping[str, Any]
 
-#: raw values a :class:`ValueMemo` holds, all fields together (about 100 bytes each)
+#: raw values a :class:`ValueMemo` holds, all fields together (about 100 bytes each), and
+#: an eighth as many whole records for each of at most two sets of fields (about 1.4 kB each
+#: at 20 string fields): about 120 MB at most
 MEMO_VALUES = 1 << 18
 
 
@@ -353,7 +355,7 @@ class ValueMemo:
             return None
         memo = self._rows.get(carried)
         if memo is None:
-            if len(self._rows) >= 8:  # a few sets of fields recur; more are not remembered
+            if len(self._rows) >= 2:  # candidates mostly carry one set of fields
                 self._rows.clear()
             memo = _RowMemo([self.names[j] for j in carried], self, self.row_limit)
             self._rows[carried] = memo
