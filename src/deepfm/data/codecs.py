@@ -81,7 +81,7 @@ def mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _offsets(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def string_offsets(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets int64 [n + 1], data bytes) of a string array."""
     large = pa.types.is_large_string(values.type)
     buffers = values.buffers()
@@ -102,7 +102,7 @@ def string_keys(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     checks = np.zeros(n, np.uint32)
     if n == 0:
         return keys, checks
-    offsets, data = _offsets(values)
+    offsets, data = string_offsets(values)
     starts, lengths = offsets[:-1], np.diff(offsets)
     width = int(lengths[0])
     if width <= 8 and (lengths == width).all():
@@ -255,7 +255,7 @@ def _row_tokens(strings: pa.Array, keep_values: bool) -> Tokens:
     valid = np.asarray(strings.is_valid())
     present = strings if valid.all() else strings.filter(pa.array(valid))
     keys, checks = string_keys(present)  # contiguous values: the fixed-width path applies
-    offsets, _ = _offsets(present)
+    offsets, _ = string_offsets(present)
     rows = np.flatnonzero(valid)
     nonempty = np.diff(offsets) > 0
     if not nonempty.all():  # an empty string is missing, as a null is

@@ -50,6 +50,7 @@ from deepfm.data.codecs import (
     int_keys,
     numbers_of,
     string_keys,
+    string_offsets,
 )
 from deepfm.data.encoded import EncodedArrays
 from deepfm.data.reader import RawChunk
@@ -131,6 +132,7 @@ class FeatureMap:
         self.fields = fields
         self.fitted_rows = fitted_rows
         self._slot = np.cumsum([0, *(f.slots for f in fields)]).tolist()
+        self._names = [f.name for f in fields]
 
     @classmethod
     def laid_out(cls, schema: Schema, codecs: list[Codec], fitted_rows: int = 0) -> FeatureMap:
@@ -159,9 +161,9 @@ class FeatureMap:
 
     @property
     def num_slots(self) -> int:
-        return sum(self.field_slots)
+        return self._slot[-1]
 
-    @property
+    @functools.cached_property
     def needs_values(self) -> bool:
         """Whether encoded samples carry values (a value field or a padded bag exists)."""
         return any(f.needs_values for f in self.fields)
@@ -208,8 +210,8 @@ class FeatureMap:
         ids = (np.zeros if partial else np.empty)((rows, self.num_slots), dtype=np.int32)
         values = np.ones((rows, self.num_slots), dtype=np.float32) if self.needs_values else None
         keyed = self._encode_row_keys(columns, ids) if rows <= ROW_KEYS_UP_TO else set()
-        for codec, slot in zip(self.fields, self._slot, strict=False):
-            if codec.name in keyed or codec.name not in columns:
+        for codec, name, slot in zip(self.fields, self._names, self._slot, strict=False):
+            if name in keyed or name not in columns:
                 continue
             field_ids, field_values = codec.encode(columns[codec.name])
             ids[:, slot : slot + codec.slots] = field_ids
@@ -236,17 +238,21 @@ class FeatureMap:
         codec's ``ids_of_keys``."""
         plan = self._row_plan
         rows = len(ids)
-        strings = [j for j, c in enumerate(plan.strings) if c.name in columns]
-        numbers = [len(plan.strings) + j for j, c in enumerate(plan.numbers) if c.name in columns]
+        given = [j for j, name in enumerate(plan.names) if name in columns]
+        strings = [j for j in given if j < len(plan.strings)]
+        numbers = [j for j in given if j >= len(plan.strings)]
         keys, missing, lengths = [], [], []
         if strings:
-            parts = [_plain_strings(columns[plan.codecs[j].name]) for j in strings]
-            joined = pc.fill_null(pa.concat_arrays(parts), "")
+            parts = [_plain_strings(columns[plan.names[j]]) for j in strings]
+            joined = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+            if joined.null_count:  # (each Arrow compute call costs ~10 µs: a request's share)
+                joined = pc.fill_null(joined, "")
             keys.append(string_keys(joined)[0])
-            missing.append(pc.binary_length(joined).to_numpy(zero_copy_only=False) == 0)
+            offsets, _ = string_offsets(joined)
+            missing.append(offsets[1:] == offsets[:-1])  # "" (and null): the field's missing id
             lengths += [len(p) for p in parts]
         if numbers:
-            parts = [numbers_of(columns[plan.codecs[j].name]) for j in numbers]
+            parts = [numbers_of(columns[plan.names[j]]) for j in numbers]
             x = np.concatenate(parts)
             nan = np.isnan(x)
             keys.append(int_keys(bucketize(np.where(nan, 0.0, x))))
@@ -273,7 +279,7 @@ class FeatureMap:
                     local[part] = plan.codecs[j].ids_of_keys(flat_keys[part])
         flat_ids = np.where(flat_missing, np.int32(MISSING), local) + plan.offsets[column]
         ids[:, plan.slots[done]] = flat_ids[starts + np.arange(rows)[:, None] * (counts > 1)]
-        return {plan.codecs[j].name for j in done.tolist()}
+        return {plan.names[j] for j in done.tolist()}
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -406,6 +412,7 @@ class _RowPlan:
         self.strings = [c for c in keyed if c.key_kind == "string"]
         self.numbers = [c for c in keyed if c.key_kind == "int"]
         self.codecs: list[Codec] = [*self.strings, *self.numbers]
+        self.names = [c.name for c in self.codecs]
         self.slots = np.array([slot_of[c.name] for c in self.codecs], dtype=np.int64)
         self.offsets = np.array([c.offset for c in self.codecs], dtype=np.int32)
         with_vocabulary = sorted(

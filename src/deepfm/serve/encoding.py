@@ -40,6 +40,9 @@ from deepfm.errors import DataError
 
 Record = Mapping[str, Any]
 
+#: ``PLAIN_DICTS.issuperset(map(type, records))``: every record a plain dict, checked in C
+PLAIN_DICTS = frozenset((dict,))
+
 #: raw values a :class:`ValueMemo` holds, all fields together (about 100 bytes each), and
 #: an eighth as many whole records for each of at most two sets of fields (about 1.4 kB each
 #: at 20 string fields): about 120 MB at most
@@ -136,7 +139,7 @@ class RecordColumns:
         """Raise :class:`DataError` naming the first record (``where[i]``) that holds a key which
         is neither a field of the model nor in ``extra``, or that is not an object."""
         allowed = self.names | extra
-        if all(type(r) is dict for r in records) and allowed.issuperset(set().union(*records)):
+        if PLAIN_DICTS.issuperset(map(type, records)) and allowed.issuperset(set().union(*records)):
             return  # the usual case, checked at once; otherwise find the first culprit
         for i, record in enumerate(records):
             self.check_mapping(record, f"{where}[{i}]", allowed)
@@ -167,7 +170,7 @@ class RecordColumns:
         """Each field's raw values, as given: one per record, or one (``shared``'s value,
         broadcast when encoding) for a field no record carries; and the fields carried."""
         shared = shared or {}
-        if not all(type(r) is dict for r in records):
+        if not PLAIN_DICTS.issuperset(map(type, records)):
             for i, record in enumerate(records):
                 if not isinstance(record, Mapping):
                     raise DataError(
@@ -347,7 +350,7 @@ class ValueMemo:
         """``ids [n, F]`` and ``values`` of ``records`` that all carry the same fields (at least
         two), ``shared`` giving the others: each record's values looked up whole; None where
         this does not apply or the codecs must take the call."""
-        if not all(type(r) is dict for r in records):
+        if not PLAIN_DICTS.issuperset(map(type, records)):
             return None
         present = set().union(*records)
         carried = tuple(j for j, name in enumerate(self.names) if name in present)  # positions

@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from deepfm.errors import ConfigError, DataError, DeepFMError, is_finite_number
 from deepfm.outputs import to_json
 from deepfm.serve.batching import INLINE_BELOW, ForwardBatcher
+from deepfm.serve.encoding import PLAIN_DICTS
 from deepfm.serve.predictor import Predictor, Runtime, check_finite, default_runtime
 from deepfm.train.trainer import MAX_THREADS
 
@@ -211,7 +212,7 @@ def _plain_request(model: type[BaseModel], data: Any) -> BaseModel | None:
         return None
     if model is PredictRequest:
         records = data.get("records")
-        if type(records) is not list or not all(type(r) is dict for r in records):
+        if type(records) is not list or not PLAIN_DICTS.issuperset(map(type, records)):
             return None
         return PredictRequest.model_construct(records=records)
     candidates = data.get("candidates")
@@ -219,7 +220,7 @@ def _plain_request(model: type[BaseModel], data: Any) -> BaseModel | None:
     top, by = data.get("top", 10), data.get("by", "ctr")
     if (
         type(candidates) is not list
-        or not all(type(c) is dict for c in candidates)
+        or not PLAIN_DICTS.issuperset(map(type, candidates))
         or type(user) is not dict
         or type(context) is not dict
         or type(top) is not int
