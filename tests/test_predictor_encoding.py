@@ -4,6 +4,8 @@ on every kind of field, for any JSON-like value: same ids, same values, or both 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -255,6 +257,10 @@ def test_memo_encodes_as_the_codecs_do(rows, shared, repeats):
     expected = _outcome(lambda: PLAIN_ENCODER.encode(rows, shared))
     for _ in range(repeats):  # the first call fills the memo, the next ones read it
         assert _outcome(lambda: MEMO_ENCODER.encode(rows, shared)) == expected
+        keys = MEMO_ENCODER.check_keys(rows, "records")  # the keys a strict caller has
+        assert keys == set().union(*rows)
+        with_keys = functools.partial(MEMO_ENCODER.encode, rows, shared, keys=keys)
+        assert _outcome(with_keys) == expected
 
 
 def test_memo_keeps_true_apart_from_one_in_categorical_fields():

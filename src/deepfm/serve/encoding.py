@@ -135,14 +135,18 @@ class RecordColumns:
 
     def check_keys(
         self, records: Sequence[Record], where: str, extra: frozenset[str] = frozenset()
-    ) -> None:
+    ) -> set[str] | None:
         """Raise :class:`DataError` naming the first record (``where[i]``) that holds a key which
-        is neither a field of the model nor in ``extra``, or that is not an object."""
+        is neither a field of the model nor in ``extra``, or that is not an object. Returns the
+        records' keys when they are all plain dicts (for :meth:`encode`'s ``keys``)."""
         allowed = self.names | extra
-        if PLAIN_DICTS.issuperset(map(type, records)) and allowed.issuperset(set().union(*records)):
-            return  # the usual case, checked at once; otherwise find the first culprit
+        if PLAIN_DICTS.issuperset(map(type, records)):
+            keys = set().union(*records)
+            if allowed.issuperset(keys):
+                return keys  # the usual case, checked at once; otherwise find the first culprit
         for i, record in enumerate(records):
             self.check_mapping(record, f"{where}[{i}]", allowed)
+        return None
 
     def check_mapping(self, record: Any, where: str, allowed: frozenset[str] | None = None) -> None:
         """``record`` must be a mapping; with ``allowed``, of those keys only."""
@@ -210,8 +214,7 @@ class RecordColumns:
                     out[name] = column[start : start + len(raws[name])]
                     start += len(raws[name])
         try:  # the others, and those of a group holding a value to convert or refuse
-            for codec in self.fields:
-                name = codec.name
+            for codec, name in zip(self.fields, self._order, strict=True):
                 if name not in out and name in raws:
                     place = (lambda i: f"{where}[{i}]") if name in present else _shared_place
                     out[name] = _column(codec, raws[name], place)
@@ -220,11 +223,17 @@ class RecordColumns:
         return out
 
     def encode(
-        self, records: Sequence[Record], shared: Record | None = None, *, where: str = "records"
+        self,
+        records: Sequence[Record],
+        shared: Record | None = None,
+        *,
+        where: str = "records",
+        keys: set[str] | None = None,
     ) -> EncodedArrays:
         """Encode ``records``; a field a record lacks takes its value from ``shared``.
 
-        ``where`` names the records in error messages (``records[3], field 'I5': ...``).
+        ``where`` names the records in error messages (``records[3], field 'I5': ...``);
+        ``keys``: every key the records hold, when the caller has them (:meth:`check_keys`).
         Records and values seen by recent calls are encoded from the memo (:class:`ValueMemo`);
         the others, and every call holding a bad value, by the codecs.
         """
@@ -232,7 +241,7 @@ class RecordColumns:
         found = None
         memo = self._memo if n <= ROW_KEYS_UP_TO else None
         if memo is not None:
-            found = memo.encode_records(records, shared or {}, self._encode_unseen)
+            found = memo.encode_records(records, shared or {}, self._encode_unseen, keys)
         if found is None:
             raws, present = self._raws(records, shared, where)
             if memo is not None:
@@ -345,15 +354,17 @@ class ValueMemo:
         return ids, values
 
     def encode_records(
-        self, records: Sequence[Record], shared: Record, encode_unseen
+        self, records: Sequence[Record], shared: Record, encode_unseen, keys: set[str] | None
     ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """``ids [n, F]`` and ``values`` of ``records`` that all carry the same fields (at least
         two), ``shared`` giving the others: each record's values looked up whole; None where
-        this does not apply or the codecs must take the call."""
-        if not PLAIN_DICTS.issuperset(map(type, records)):
-            return None
-        present = set().union(*records)
-        carried = tuple(j for j, name in enumerate(self.names) if name in present)  # positions
+        this does not apply or the codecs must take the call. ``keys``: every key of the
+        records, when known."""
+        if keys is None:
+            if not PLAIN_DICTS.issuperset(map(type, records)):
+                return None
+            keys = set().union(*records)
+        carried = tuple(j for j, name in enumerate(self.names) if name in keys)  # positions
         if len(carried) < 2:
             return None
         memo = self._rows.get(carried)

@@ -117,9 +117,8 @@ class Predictor:
         if isinstance(records, pa.Table):
             lines = np.arange(1, records.num_rows + 1, dtype=np.int64)
             return self.feature_map.encode(RawChunk(records, lines, "<records>"))
-        if strict:
-            self.encoder.check_keys(records, "records")
-        return self.encoder.encode(records, where="records")
+        keys = self.encoder.check_keys(records, "records") if strict else None
+        return self.encoder.encode(records, where="records", keys=keys)
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -182,9 +181,8 @@ class Predictor:
         encoder = self.encoder
         encoder.check_mapping(user, "user", encoder.names if strict else None)
         encoder.check_mapping(context, "context", encoder.names if strict else None)
-        if strict:
-            encoder.check_keys(candidates, "candidates", frozenset((BID,)))
-        return encoder.encode(candidates, {**user, **context}, where="candidates")
+        keys = encoder.check_keys(candidates, "candidates", frozenset((BID,))) if strict else None
+        return encoder.encode(candidates, {**user, **context}, where="candidates", keys=keys)
 
     @staticmethod
     def ranked(
