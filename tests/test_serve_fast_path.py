@@ -261,3 +261,44 @@ def test_default_concurrency_leaves_a_core_to_the_event_loop(monkeypatch, cores,
         server.os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False
     )
     assert server.default_concurrency() == workers
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str):
+        return f"info:{name}"
+
+
+def test_an_answer_head_leaves_with_its_body_in_one_write():
+    async def run():
+        loop = asyncio.get_running_loop()
+        transport = _Transport()
+        coalesced = server._OneWritePerTurn(transport, loop)
+        coalesced.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        assert transport.writes == []  # held for the body
+        coalesced.write(b"{}")
+        assert transport.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+        coalesced.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # alone: sent at the turn's end
+        await asyncio.sleep(0)
+        assert transport.writes[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        coalesced.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        coalesced.close()  # what is held goes first
+        assert transport.writes[-1] == b"HTTP/1.1 400 Bad Request\r\n\r\n" and transport.closed
+        await asyncio.sleep(0)  # the scheduled flush finds nothing held
+        assert len(transport.writes) == 3
+        assert coalesced.get_extra_info("peername") == "info:peername"
+
+    asyncio.run(run())

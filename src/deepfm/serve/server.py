@@ -793,24 +793,29 @@ class _ReadDeadlines:
 
 
 class _OneWritePerTurn:
-    """A transport whose writes within one turn of the event loop leave in one ``write`` at the
-    end of the turn: one system call and one TCP segment per answer, where uvicorn writes the
-    status line and headers, then the body, each at once (two sends, and two reads for the
-    client). Closing writes what is pending first."""
+    """A transport that sends an answer's head with its body: uvicorn writes the status line
+    and headers, then the body, each at once (two sends and two TCP segments, and two reads
+    for the client). A write is held until the next one, which leaves with it, or until the end
+    of the loop's turn; closing sends what is held first."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport, self._loop = transport, loop
-        self._pending: list[bytes] = []
+        self._held: bytes | None = None
 
     def write(self, data: bytes) -> None:
-        if not self._pending:
+        if not data:
+            return
+        if self._held is None:
+            self._held = data
             self._loop.call_soon(self._flush)
-        self._pending.append(data)
+        else:
+            held, self._held = self._held, None
+            self._transport.write(held + data)
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():  # a closed connection: nobody reads
-            self._transport.write(b"".join(pending))
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():  # closed: nobody reads
+            self._transport.write(held)
 
     def close(self) -> None:
         self._flush()
