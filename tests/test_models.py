@@ -238,7 +238,9 @@ def test_deepfm_falls_back_to_its_lr_unless_it_beats_it_beyond_the_noise(pairs):
     torch.manual_seed(0)
     model = build_model(layout, ModelConfig(name="deepfm", hidden=(16,), dropout=0.0))
     train, valid = toy_arrays(4000, 0, pairs), toy_arrays(500, 1, pairs)
-    config = TrainConfig(epochs=4, batch_size=256, patience=4, progress=False, seed=0)
+    # the fallback rule alone: no id prior, which slows the first epochs (its own tests:
+    # test_id_prior.py)
+    config = TrainConfig(epochs=4, batch_size=256, patience=4, progress=False, seed=0, id_prior=0)
     result = Trainer(config).fit(model, get_entry("deepfm"), train, valid)
     assert len(result.history) == 4  # 4 trained epochs either way (patience 4)
     best_auc = max(h["valid_auc"] for h in result.history)

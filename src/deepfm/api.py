@@ -114,6 +114,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         ftrl_beta: float | None = None,
         ftrl_l1: float | None = None,
         ftrl_l2: float | None = None,
+        id_prior: float | None = None,
         device: str | None = None,
         precision: str | None = None,
         compile: bool | None = None,
@@ -149,6 +150,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         self.ftrl_beta = ftrl_beta
         self.ftrl_l1 = ftrl_l1
         self.ftrl_l2 = ftrl_l2
+        self.id_prior = id_prior
         self.device = device
         self.precision = precision
         self.compile = compile

@@ -179,6 +179,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     from deepfm.train.distributed import LR_SCALINGS
     from deepfm.train.trainer import (
         CALIBRATIONS,
+        DEEP_ID_PRIOR,
         EMBEDDING_UPDATES,
         MONITORS,
         PRECISIONS,
@@ -214,6 +215,16 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         "b*softplus(s) - a*softplus(-s) + c) on the validation rows, kept in the bundle and "
         "applied by every scoring path; none: the raw model",
         choices=CALIBRATIONS,
+    )
+    add_field_flag(
+        group,
+        default,
+        "id_prior",
+        "L2 on each id's embedding and weight whatever its count (a Gaussian prior: each use "
+        "carries "
+        "ID_PRIOR / the id's count in the training rows; default: "
+        f"{DEEP_ID_PRIOR:g} for a model with a deep component, 0 for the others)",
+        type=float,
     )
     add_flag(group, "--seed", default=default.seed)
     add_flag(group, "--threads", help="torch CPU threads (fix for reproducibility)")

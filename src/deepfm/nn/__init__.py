@@ -7,6 +7,7 @@ from deepfm.nn.embedding import (
     InputLayout,
     Regularized,
     regularization,
+    set_id_prior,
 )
 from deepfm.nn.interaction import FMInteraction
 from deepfm.nn.mlp import MLP, activation
@@ -27,4 +28,5 @@ __all__ = [
     "all_field_pairs",
     "regularization",
     "resolve_crosses",
+    "set_id_prior",
 ]

@@ -201,8 +201,9 @@ class PairCrossLinear(Regularized):
         return {"weight.weight": out}
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
-        w = lookup(self.weight, self.index(ids)).squeeze(-1)  # [B, pairs]
-        self._record(w)
+        index = self.index(ids)
+        w = lookup(self.weight, index).squeeze(-1)  # [B, pairs]
+        self._record(w, index)
         if values is not None:
             w = w * values[:, self.left] * values[:, self.right]
         return w.sum(dim=1)

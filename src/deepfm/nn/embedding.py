@@ -70,25 +70,51 @@ class InputLayout:
 
 
 class Regularized(nn.Module):
-    """A block whose training forward leaves an L2 ``penalty`` behind: per sample, ``l2 ·
-    Σ ||row||²`` over the table rows the sample used (``[B]``).
+    """A block whose training forward leaves an L2 ``penalty`` behind: per sample, ``Σ_s c_s ·
+    ||row_s||²`` over the table rows ``s`` the sample used (``[B]``), with ``c_s = l2 +
+    row_l2[id_s]``.
 
     The batch's penalty is its mean over the samples (:func:`regularization`), so only
     features present in the batch are regularised (the usual practice for sparse CTR tables;
-    a dense weight decay would shrink every row at every step).
+    a dense weight decay would shrink every row at every step). ``l2`` is the same for every
+    use of every row; ``row_l2`` (``[rows]``, set by the trainer on the tables of feature
+    ids, :func:`set_id_prior`) varies per row.
     """
 
     def __init__(self, l2: float) -> None:
         super().__init__()
         self.l2 = float(l2)
+        self.row_l2: torch.Tensor | None = None
         self.penalty: torch.Tensor | None = None
 
-    def _record(self, rows: torch.Tensor) -> None:
-        """``rows [B, *]``: the table rows (or weights) each sample looked up."""
-        if self.training and self.l2 > 0:
-            self.penalty = self.l2 * rows.pow(2).flatten(1).sum(dim=1)
-        else:
+    def _record(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        """``rows [B, S]`` or ``[B, S, dim]``: the table rows (or weights) each sample looked
+        up, at ``ids [B, S]``."""
+        if not self.training or (self.l2 == 0 and self.row_l2 is None):
             self.penalty = None
+            return
+        squares = rows.pow(2).flatten(2).sum(dim=2) if rows.dim() > 2 else rows.pow(2)
+        coefficient = self.l2 if self.row_l2 is None else self.row_l2[ids] + self.l2
+        self.penalty = (coefficient * squares).sum(dim=1)
+
+
+def set_id_prior(model: nn.Module, counts: torch.Tensor | None, strength: float) -> None:
+    """Give every feature id's rows in ``model`` (its :class:`FieldEmbedding` and
+    :class:`FeatureLinear` tables; not hashed crosses, whose rows are no ids) a Gaussian prior
+    of precision ``2 · strength`` (std ``1 / sqrt(2 · strength)`` per coordinate), whatever
+    the id's count in the training rows: each use of id ``i`` carries ``strength /
+    counts[i]``, so that over an epoch the penalties of ``i`` add up to ``strength ·
+    ||row_i||²`` against ``counts[i]`` summed losses.
+
+    An id seen a few times is pulled to zero and one seen often keeps what its rows say: the
+    shrinkage a per-use L2 cannot give (it scales both sides with the count). ``counts [rows]``
+    (ids never trained count as 1); None or a zero strength: remove the prior."""
+    for module in model.modules():
+        if isinstance(module, FieldEmbedding | FeatureLinear):
+            if counts is None or strength == 0:
+                module.row_l2 = None
+            else:
+                module.row_l2 = strength / counts.to(torch.float32).clamp(min=1)
 
 
 def lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -152,7 +178,7 @@ class FieldEmbedding(Regularized):
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         rows = lookup(self.table, ids)  # [B, S, dim]
-        self._record(rows)
+        self._record(rows, ids)
         if values is not None:
             rows = rows * values.unsqueeze(-1)
         if not self.pooled:
@@ -176,7 +202,7 @@ class FeatureLinear(Regularized):
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
         w = lookup(self.weight, ids).squeeze(-1)  # [B, S]
-        self._record(w)
+        self._record(w, ids)
         if values is not None:
             w = w * values
         return w.sum(dim=1) + self.bias

@@ -48,7 +48,7 @@ from deepfm.data.encoded import EncodedArrays
 from deepfm.data.loader import Batch, BatchLoader
 from deepfm.errors import ConfigError, is_finite_number, is_integer
 from deepfm.models.registry import ModelEntry, build_pretrain_model
-from deepfm.nn import regularization
+from deepfm.nn import MLP, FieldEmbedding, regularization, set_id_prior
 from deepfm.train import checkpoint as ckpt
 from deepfm.train.calibration import fit_calibration
 from deepfm.train.distributed import Distributed, lr_scale
@@ -60,6 +60,9 @@ from deepfm.train.optim import FTRL
 # (README, "How the defaults were chosen"), 1e-3 often stalls on the LR-like plateau and stops
 # early on small data, while decay on plateau brings the rate down where more data allows.
 DEFAULT_LR = {"adam": 3e-3, "ftrl": 0.05}
+#: the default ``id_prior`` of a model with a deep component. Chosen on validation rows (README,
+#: "How the defaults were chosen"): the app market's at 500k rows, Frappe's and MovieLens's.
+DEEP_ID_PRIOR = 100.0
 PRECISIONS = ("fp32", "bf16")
 EMBEDDING_UPDATES = ("auto", "dense", "sparse")
 MONITORS = ("auc", "auc-logloss", "logloss")
@@ -105,6 +108,14 @@ class TrainConfig:
     "How the defaults were chosen"). The learning rate is multiplied by ``lr_decay`` after
     ``decay_patience`` epochs without a new best (Adam only). ``time_limit``: seconds after which
     training stops (within a few steps; that epoch is evaluated and the best one kept).
+    ``id_prior``: an L2 on each feature id's rows (embedding and order-1 weight) whatever its
+    count (Adam-trained models): each use of id ``i`` carries ``id_prior / count(i)`` (its
+    count in the training rows), so an epoch's penalties add up to ``id_prior ·
+    ||row_i||²`` per id, a Gaussian prior of precision ``2 · id_prior``
+    (:func:`deepfm.nn.set_id_prior`). An id seen a few times stays near zero, one seen
+    thousands of times keeps what its rows say, and more rows let more ids out. None:
+    :data:`DEEP_ID_PRIOR` for a model with a deep component (an MLP that can memorise the
+    ids it reads), none for the others (README, "How the defaults were chosen").
     ``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``.
     """
 
@@ -122,6 +133,7 @@ class TrainConfig:
     ftrl_beta: float = 1.0
     ftrl_l1: float = 1.0
     ftrl_l2: float = 1.0
+    id_prior: float | None = None
     progress: bool = field(default=True, metadata=PER_INVOCATION)
     device: str = field(default="auto", metadata=NOT_IN_RESULT)
     precision: str = "fp32"
@@ -139,7 +151,7 @@ class TrainConfig:
             value, least = getattr(self, name), 0 if "patience" in name else 1
             if not is_integer(value) or value < least:
                 raise ConfigError(f"{name} must be at least {least} (an integer), got {value!r}")
-        for name in ("lr", "ftrl_beta", "ftrl_l1", "ftrl_l2", "lr_decay"):
+        for name in ("lr", "ftrl_beta", "ftrl_l1", "ftrl_l2", "lr_decay", "id_prior"):
             value = getattr(self, name)
             if value is not None and not is_finite_number(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
@@ -147,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"the learning rate must be positive, got {self.lr}")
         if not 0 < self.lr_decay <= 1 or min(self.ftrl_beta, self.ftrl_l1, self.ftrl_l2) < 0:
             raise ConfigError("lr_decay must be in (0, 1] and the FTRL settings >= 0")
+        if self.id_prior is not None and self.id_prior < 0:
+            raise ConfigError(f"id_prior must be >= 0, got {self.id_prior}")
         if not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"the seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.threads is not None and not (
@@ -533,6 +547,28 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def id_prior(model: nn.Module, entry: ModelEntry, config: TrainConfig) -> float:
+    """The strength of the prior on ``model``'s feature-id rows (``TrainConfig.id_prior``):
+    the configured one, or by default :data:`DEEP_ID_PRIOR` where a deep component (an MLP)
+    reads embeddings and none elsewhere; none for FTRL (its own L1 and L2) and without
+    embeddings."""
+    if entry.optimizer != "adam" or not any(isinstance(m, FieldEmbedding) for m in model.modules()):
+        return 0.0
+    if config.id_prior is not None:
+        return config.id_prior
+    return DEEP_ID_PRIOR if any(isinstance(m, MLP) for m in model.modules()) else 0.0
+
+
+def feature_counts(data: EncodedArrays, num_features: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """How many times each feature id occurs in ``data``'s ids (``[num_features]`` int64),
+    read ``chunk`` rows at a time (a memory-mapped split is never held whole)."""
+    counts = np.zeros(num_features, dtype=np.int64)
+    for start in range(0, len(data), chunk):
+        ids = np.asarray(data.ids[start : start + chunk]).ravel()
+        counts += np.bincount(ids, minlength=num_features)[:num_features]
+    return torch.from_numpy(counts)
 
 
 def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
@@ -1024,6 +1060,11 @@ class Trainer:
             model, entry, config, sparse=sparse, scale=lr_scale(config.lr_scaling, dist.world)
         )
         continued = optimizer.load_named_state(model, optimizer_state) if optimizer_state else 0
+        strength = id_prior(model, entry, config)
+        if strength > 0:
+            # every rank counts the whole split: the prior is the objective's, not a shard's
+            rows = max(t.num_embeddings for t in embedding_tables(model))
+            set_id_prior(model, feature_counts(train, rows).to(device), strength)
         scheduler = make_scheduler(optimizer, entry, config, valid)
         valid_shard = dist.shard(valid) if valid is not None and len(valid) else None
         data, valid_data, batches = self._place(model, shard, valid_shard, device, sparse)
@@ -1235,6 +1276,7 @@ class Trainer:
         result = FitResult(**state.result_fields(), setup=setup, optimizer_state=optimizer_state)
         for table in embedding_tables(session.model):
             table.sparse = False  # a trained model is an ordinary module again
+        set_id_prior(session.model, None, 0.0)
         if state.best_weights is not None:
             session.model.load_state_dict(state.best_weights)
         else:
