@@ -3,8 +3,8 @@ and on the simulated app market.
 
 ``python benchmarks/accuracy_defaults.py [--seeds 0,1,2] [--market-rows 40000]
 [--market-models deepfm,dnn] [--datasets criteo,avazu,frappe,movielens,ipinyou]
-[--out benchmarks/results/accuracy_defaults.json]``; ``--table JSON...`` prints the
-before/after table of result files.
+[--out benchmarks/results/accuracy_defaults.json] [--id-prior 1000]``; ``--table JSON...``
+prints the before/after table of result files.
 
 Each sample of ``$DEEPFM_SHARED_DATA`` (default ``../shared/data``) is split once (seed 0):
 20% of its rows are held out as the test set, which nothing reads until the end (no setting
@@ -76,11 +76,15 @@ def train_config(seed: int, **changes: Any) -> TrainConfig:
     return TrainConfig(seed=seed, threads=1, progress=False, **changes)
 
 
-def scored(dataset: Dataset, model_name: str, seed: int) -> dict[str, Any]:
-    """Train ``model_name`` with the defaults; test metrics of the model as trained (``raw``)
-    and calibrated (``calibrated``: the same as raw without a calibration)."""
+def scored(
+    dataset: Dataset, model_name: str, seed: int, id_prior: float | None = None
+) -> dict[str, Any]:
+    """Train ``model_name`` with the defaults (``id_prior``: another id prior than the
+    default's, None: the default); test metrics of the model as trained (``raw``) and
+    calibrated (``calibrated``: the same as raw without a calibration)."""
     started = time.perf_counter()
-    trained = fit_and_evaluate(dataset, ModelConfig(name=model_name), train_config(seed))
+    config = train_config(seed, id_prior=id_prior)
+    trained = fit_and_evaluate(dataset, ModelConfig(name=model_name), config)
     assert dataset.test is not None
     raw = evaluate(uncalibrated(trained.model), Batches(dataset.test))
     return {
@@ -98,7 +102,9 @@ def mean(runs: list[dict[str, Any]], key: str, metric: str) -> float:
     return statistics.fmean(run[key][metric] for run in runs)
 
 
-def samples_part(names: list[str], seeds: list[int], references: list[str], save) -> dict[str, Any]:
+def samples_part(
+    names: list[str], seeds: list[int], references: list[str], save, id_prior: float | None
+) -> dict[str, Any]:
     """Every sample's runs and means; ``save(out)`` after each sample (long runs keep what
     they measured)."""
     out: dict[str, Any] = {}
@@ -109,7 +115,7 @@ def samples_part(names: list[str], seeds: list[int], references: list[str], save
             runs[reference] = []
         for seed in seeds:
             for policy, model in (("after", "deepfm"), *((r, r) for r in references)):
-                runs[policy].append(scored(dataset, model, seed))
+                runs[policy].append(scored(dataset, model, seed, id_prior))
                 run = runs[policy][-1]
                 save({**out, name: {**runs, "rows": dataset.rows()}})  # no means yet
                 print(
@@ -148,13 +154,15 @@ def samples_part(names: list[str], seeds: list[int], references: list[str], save
     return out
 
 
-def market_part(rows: int, models: list[str], seeds: list[int]) -> dict[str, Any]:
+def market_part(
+    rows: int, models: list[str], seeds: list[int], id_prior: float | None
+) -> dict[str, Any]:
     per_seed = []
     for seed in seeds:
         dataset, p_true = market_dataset(rows, seed)
         entry: dict[str, Any] = {"seed": seed, "oracle": oracle_metrics(dataset, p_true)}
         for name in models:
-            entry[name] = scored(dataset, name, seed)
+            entry[name] = scored(dataset, name, seed, id_prior)
             print(
                 f"  market seed {seed} {name}: AUC {entry[name]['calibrated']['auc']:.4f} "
                 f"(oracle {entry['oracle']['auc']:.4f})",
@@ -220,6 +228,9 @@ def main() -> None:
     parser.add_argument("--market-rows", type=int, default=40_000)
     parser.add_argument("--market-models", default="deepfm,dnn")
     parser.add_argument("--out", default="benchmarks/results/accuracy_defaults.json")
+    parser.add_argument(
+        "--id-prior", type=float, help="TrainConfig.id_prior instead of the default (a sweep)"
+    )
     args = parser.parse_args()
     if args.table:
         print(markdown(*(json.loads(Path(p).read_text()) for p in args.table)))
@@ -246,10 +257,10 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1, default=float) + "\n")
 
     references = [r for r in args.references.split(",") if r]
-    save(samples_part(names, seeds, references, save))
+    save(samples_part(names, seeds, references, save, args.id_prior))
     if args.market_rows > 0:
         market_models = [m for m in args.market_models.split(",") if m]
-        result["market"] = market_part(args.market_rows, market_models, seeds)
+        result["market"] = market_part(args.market_rows, market_models, seeds, args.id_prior)
         print(json.dumps(result["market"]["mean"], indent=1), result["market"]["table_v_auc_gain"])
     save(result["samples"])
     print(f"wrote {out}")
