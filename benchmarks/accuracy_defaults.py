@@ -3,8 +3,10 @@ and on the simulated app market.
 
 ``python benchmarks/accuracy_defaults.py [--seeds 0,1,2] [--market-rows 40000]
 [--market-models deepfm,dnn] [--datasets criteo,avazu,frappe,movielens,ipinyou]
-[--out benchmarks/results/accuracy_defaults.json] [--id-prior 1000]``; ``--table JSON...``
-prints the before/after table of result files.
+[--out benchmarks/results/accuracy_defaults.json] [--set id_prior=1000 --set l2=1e-4]``;
+``--table JSON...`` prints the before/after table of result files. ``--set NAME=VALUE`` changes
+a TrainConfig or ModelConfig field from its default for every model trained (how defaults are
+chosen: on the validation metrics the runs record).
 
 Each sample of ``$DEEPFM_SHARED_DATA`` (default ``../shared/data``) is split once (seed 0):
 20% of its rows are held out as the test set, which nothing reads until the end (no setting
@@ -30,6 +32,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +80,19 @@ def train_config(seed: int, **changes: Any) -> TrainConfig:
 
 
 def scored(
-    dataset: Dataset, model_name: str, seed: int, id_prior: float | None = None
+    dataset: Dataset, model_name: str, seed: int, changes: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Train ``model_name`` with the defaults (``id_prior``: another id prior than the
-    default's, None: the default); test metrics of the model as trained (``raw``) and
-    calibrated (``calibrated``: the same as raw without a calibration)."""
+    """Train ``model_name`` with the defaults, but for ``changes`` (TrainConfig and ModelConfig
+    fields: ``--set``); test metrics of the model as trained (``raw``) and calibrated
+    (``calibrated``: the same as raw without a calibration)."""
     started = time.perf_counter()
-    config = train_config(seed, id_prior=id_prior)
-    trained = fit_and_evaluate(dataset, ModelConfig(name=model_name), config)
+    changes = changes or {}
+    train_fields = {f.name for f in fields(TrainConfig)}
+    model = ModelConfig(
+        name=model_name, **{k: v for k, v in changes.items() if k not in train_fields}
+    )
+    config = train_config(seed, **{k: v for k, v in changes.items() if k in train_fields})
+    trained = fit_and_evaluate(dataset, model, config)
     assert dataset.test is not None
     raw = evaluate(uncalibrated(trained.model), Batches(dataset.test))
     return {
@@ -103,7 +111,7 @@ def mean(runs: list[dict[str, Any]], key: str, metric: str) -> float:
 
 
 def samples_part(
-    names: list[str], seeds: list[int], references: list[str], save, id_prior: float | None
+    names: list[str], seeds: list[int], references: list[str], save, changes: dict[str, Any]
 ) -> dict[str, Any]:
     """Every sample's runs and means; ``save(out)`` after each sample (long runs keep what
     they measured)."""
@@ -115,7 +123,7 @@ def samples_part(
             runs[reference] = []
         for seed in seeds:
             for policy, model in (("after", "deepfm"), *((r, r) for r in references)):
-                runs[policy].append(scored(dataset, model, seed, id_prior))
+                runs[policy].append(scored(dataset, model, seed, changes))
                 run = runs[policy][-1]
                 save({**out, name: {**runs, "rows": dataset.rows()}})  # no means yet
                 print(
@@ -155,14 +163,14 @@ def samples_part(
 
 
 def market_part(
-    rows: int, models: list[str], seeds: list[int], id_prior: float | None
+    rows: int, models: list[str], seeds: list[int], changes: dict[str, Any]
 ) -> dict[str, Any]:
     per_seed = []
     for seed in seeds:
         dataset, p_true = market_dataset(rows, seed)
         entry: dict[str, Any] = {"seed": seed, "oracle": oracle_metrics(dataset, p_true)}
         for name in models:
-            entry[name] = scored(dataset, name, seed, id_prior)
+            entry[name] = scored(dataset, name, seed, changes)
             print(
                 f"  market seed {seed} {name}: AUC {entry[name]['calibrated']['auc']:.4f} "
                 f"(oracle {entry['oracle']['auc']:.4f})",
@@ -229,9 +237,23 @@ def main() -> None:
     parser.add_argument("--market-models", default="deepfm,dnn")
     parser.add_argument("--out", default="benchmarks/results/accuracy_defaults.json")
     parser.add_argument(
-        "--id-prior", type=float, help="TrainConfig.id_prior instead of the default (a sweep)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a TrainConfig or ModelConfig field other than its default (a number)",
     )
     args = parser.parse_args()
+    changes: dict[str, Any] = {}
+    known = {f.name for f in (*fields(TrainConfig), *fields(ModelConfig))} - {"name"}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        try:
+            changes[name] = float(value) if any(c in value for c in ".e") else int(value)
+        except ValueError:
+            parser.error(f"--set {item}: write NAME=NUMBER, e.g. id_prior=1000")
+        if name not in known:
+            parser.error(f"--set {item}: {name!r} is no TrainConfig or ModelConfig field")
     if args.table:
         print(markdown(*(json.loads(Path(p).read_text()) for p in args.table)))
         return
@@ -257,10 +279,10 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1, default=float) + "\n")
 
     references = [r for r in args.references.split(",") if r]
-    save(samples_part(names, seeds, references, save, args.id_prior))
+    save(samples_part(names, seeds, references, save, changes))
     if args.market_rows > 0:
         market_models = [m for m in args.market_models.split(",") if m]
-        result["market"] = market_part(args.market_rows, market_models, seeds, args.id_prior)
+        result["market"] = market_part(args.market_rows, market_models, seeds, changes)
         print(json.dumps(result["market"]["mean"], indent=1), result["market"]["table_v_auc_gain"])
     save(result["samples"])
     print(f"wrote {out}")
