@@ -109,12 +109,13 @@ def set_id_prior(model: nn.Module, counts: torch.Tensor | None, strength: float)
     An id seen a few times is pulled to zero and one seen often keeps what its rows say: the
     shrinkage a per-use L2 cannot give (it scales both sides with the count). ``counts [rows]``
     (ids never trained count as 1); None or a zero strength: remove the prior."""
+    # one tensor for every table (they share the feature ids): 4 bytes per id, not 8
+    coefficients = None
+    if counts is not None and strength != 0:
+        coefficients = strength / counts.to(torch.float32).clamp(min=1)
     for module in model.modules():
         if isinstance(module, FieldEmbedding | FeatureLinear):
-            if counts is None or strength == 0:
-                module.row_l2 = None
-            else:
-                module.row_l2 = strength / counts.to(torch.float32).clamp(min=1)
+            module.row_l2 = coefficients
 
 
 def lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
