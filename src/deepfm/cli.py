@@ -179,7 +179,6 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     from deepfm.train.distributed import LR_SCALINGS
     from deepfm.train.trainer import (
         CALIBRATIONS,
-        DEEP_ID_PRIOR,
         EMBEDDING_UPDATES,
         MONITORS,
         PRECISIONS,
@@ -221,9 +220,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         default,
         "id_prior",
         "L2 on each id's embedding and weight whatever its count (a Gaussian prior: each use "
-        "carries "
-        "ID_PRIOR / the id's count in the training rows; default: "
-        f"{DEEP_ID_PRIOR:g} for a model with a deep component, 0 for the others)",
+        "carries ID_PRIOR / the id's count in the training rows; default 0, off; 100 helps "
+        "large data)",
         type=float,
     )
     add_flag(group, "--seed", default=default.seed)

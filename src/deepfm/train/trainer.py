@@ -48,7 +48,7 @@ from deepfm.data.encoded import EncodedArrays
 from deepfm.data.loader import Batch, BatchLoader
 from deepfm.errors import ConfigError, is_finite_number, is_integer
 from deepfm.models.registry import ModelEntry, build_pretrain_model
-from deepfm.nn import MLP, FieldEmbedding, regularization, set_id_prior
+from deepfm.nn import FieldEmbedding, regularization, set_id_prior
 from deepfm.train import checkpoint as ckpt
 from deepfm.train.calibration import fit_calibration
 from deepfm.train.distributed import Distributed, lr_scale
@@ -60,9 +60,6 @@ from deepfm.train.optim import FTRL
 # (README, "How the defaults were chosen"), 1e-3 often stalls on the LR-like plateau and stops
 # early on small data, while decay on plateau brings the rate down where more data allows.
 DEFAULT_LR = {"adam": 3e-3, "ftrl": 0.05}
-#: the default ``id_prior`` of a model with a deep component. Chosen on validation rows (README,
-#: "How the defaults were chosen"): the app market's at 500k rows, Frappe's and MovieLens's.
-DEEP_ID_PRIOR = 100.0
 PRECISIONS = ("fp32", "bf16")
 EMBEDDING_UPDATES = ("auto", "dense", "sparse")
 MONITORS = ("auc", "auc-logloss", "logloss")
@@ -113,9 +110,9 @@ class TrainConfig:
     count in the training rows), so an epoch's penalties add up to ``id_prior ·
     ||row_i||²`` per id, a Gaussian prior of precision ``2 · id_prior``
     (:func:`deepfm.nn.set_id_prior`). An id seen a few times stays near zero, one seen
-    thousands of times keeps what its rows say, and more rows let more ids out. None:
-    :data:`DEEP_ID_PRIOR` for a model with a deep component (an MLP that can memorise the
-    ids it reads), none for the others (README, "How the defaults were chosen").
+    thousands of times keeps what its rows say, and more rows let more ids out. Off by
+    default: 100 helps large data and Frappe but on a small market (30k rows) it held
+    DeepFM-D at its LR's level on 2 seeds of 4 (README, "How the defaults were chosen").
     ``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``.
     """
 
@@ -133,7 +130,7 @@ class TrainConfig:
     ftrl_beta: float = 1.0
     ftrl_l1: float = 1.0
     ftrl_l2: float = 1.0
-    id_prior: float | None = None
+    id_prior: float = 0.0
     progress: bool = field(default=True, metadata=PER_INVOCATION)
     device: str = field(default="auto", metadata=NOT_IN_RESULT)
     precision: str = "fp32"
@@ -159,7 +156,7 @@ class TrainConfig:
             raise ConfigError(f"the learning rate must be positive, got {self.lr}")
         if not 0 < self.lr_decay <= 1 or min(self.ftrl_beta, self.ftrl_l1, self.ftrl_l2) < 0:
             raise ConfigError("lr_decay must be in (0, 1] and the FTRL settings >= 0")
-        if self.id_prior is not None and self.id_prior < 0:
+        if self.id_prior < 0:
             raise ConfigError(f"id_prior must be >= 0, got {self.id_prior}")
         if not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"the seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
@@ -551,14 +548,10 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def id_prior(model: nn.Module, entry: ModelEntry, config: TrainConfig) -> float:
     """The strength of the prior on ``model``'s feature-id rows (``TrainConfig.id_prior``):
-    the configured one, or by default :data:`DEEP_ID_PRIOR` where a deep component (an MLP)
-    reads embeddings and none elsewhere; none for FTRL (its own L1 and L2) and without
-    embeddings."""
+    none for FTRL (its own L1 and L2) and without embeddings."""
     if entry.optimizer != "adam" or not any(isinstance(m, FieldEmbedding) for m in model.modules()):
         return 0.0
-    if config.id_prior is not None:
-        return config.id_prior
-    return DEEP_ID_PRIOR if any(isinstance(m, MLP) for m in model.modules()) else 0.0
+    return config.id_prior
 
 
 def feature_counts(data: EncodedArrays, num_features: int, chunk: int = 1 << 20) -> torch.Tensor:
