@@ -102,6 +102,7 @@ def scored(
         "calibration": trained.metrics["calibration"],
         "best_epoch": trained.metrics["best_epoch"],
         "epochs_run": trained.metrics["epochs_run"],
+        "prior_from": trained.metrics["prior_from"],
         "seconds": time.perf_counter() - started,
     }
 

@@ -179,6 +179,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     from deepfm.train.distributed import LR_SCALINGS
     from deepfm.train.trainer import (
         CALIBRATIONS,
+        DEEP_ID_PRIOR,
         EMBEDDING_UPDATES,
         MONITORS,
         PRECISIONS,
@@ -220,8 +221,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         default,
         "id_prior",
         "L2 on each id's embedding and weight whatever its count (a Gaussian prior: each use "
-        "carries ID_PRIOR / the id's count in the training rows; default 0, off; 100 helps "
-        "large data)",
+        "carries ID_PRIOR / the id's count in the training rows), trained once early stopping "
+        "would end the run without it, from its best epoch, and kept if validation prefers "
+        f"it; default: {DEEP_ID_PRIOR:g} for a model with a deep component, 0 for the others",
         type=float,
     )
     add_flag(group, "--seed", default=default.seed)

@@ -152,6 +152,7 @@ def fit_and_evaluate(
         bad_rows=dataset.bad_rows.to_dict(),
         best_epoch=fit.best_epoch,
         epochs_run=len(fit.history),
+        prior_from=fit.prior_from,
         train_seconds=fit.train_seconds,
         train_samples=fit.train_samples,
         train_samples_per_s=fit.train_samples_per_s if fit.train_samples else 0.0,

@@ -48,7 +48,7 @@ from deepfm.data.encoded import EncodedArrays
 from deepfm.data.loader import Batch, BatchLoader
 from deepfm.errors import ConfigError, is_finite_number, is_integer
 from deepfm.models.registry import ModelEntry, build_pretrain_model
-from deepfm.nn import FieldEmbedding, regularization, set_id_prior
+from deepfm.nn import MLP, FieldEmbedding, regularization, set_id_prior
 from deepfm.train import checkpoint as ckpt
 from deepfm.train.calibration import fit_calibration
 from deepfm.train.distributed import Distributed, lr_scale
@@ -60,6 +60,11 @@ from deepfm.train.optim import FTRL
 # (README, "How the defaults were chosen"), 1e-3 often stalls on the LR-like plateau and stops
 # early on small data, while decay on plateau brings the rate down where more data allows.
 DEFAULT_LR = {"adam": 3e-3, "ftrl": 0.05}
+#: the default ``id_prior`` of a model with a deep component (an MLP that can memorise the ids it
+#: reads). Chosen on validation rows (README, "How the defaults were chosen"): the app market's at
+#: 500k rows, Frappe's and MovieLens's. It applies only once training without it has stopped
+#: improving (:meth:`Trainer._start_prior`), which is what makes it safe on small data.
+DEEP_ID_PRIOR = 100.0
 PRECISIONS = ("fp32", "bf16")
 EMBEDDING_UPDATES = ("auto", "dense", "sparse")
 MONITORS = ("auc", "auc-logloss", "logloss")
@@ -110,9 +115,17 @@ class TrainConfig:
     count in the training rows), so an epoch's penalties add up to ``id_prior ·
     ||row_i||²`` per id, a Gaussian prior of precision ``2 · id_prior``
     (:func:`deepfm.nn.set_id_prior`). An id seen a few times stays near zero, one seen
-    thousands of times keeps what its rows say, and more rows let more ids out. Off by
-    default: 100 helps large data and Frappe but on a small market (30k rows) it held
-    DeepFM-D at its LR's level on 2 seeds of 4 (README, "How the defaults were chosen").
+    thousands of times keeps what its rows say, and more rows let more ids out. The prior is a
+    second phase of training: the model first trains without it until early stopping would
+    end the run (``patience`` epochs without a new best), then starts again from its best
+    epoch, at the initial learning rate, with the prior on, for the epochs left and a fresh
+    ``patience``; the best epoch of either phase is kept (``FitResult.prior_from``: the first
+    epoch with the prior, 0 if it never started). A prior from the first step can hold the
+    interactions at zero where the data are few (small market, 30k rows: DeepFM-D at its LR's
+    level on 2 seeds of 4); started from the model's own optimum, it is kept only where the
+    validation rows prefer it. Without validation rows there is no second phase and no prior.
+    None: :data:`DEEP_ID_PRIOR` for a model with a deep component, none for the others
+    (README, "How the defaults were chosen").
     ``device``: ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``.
     """
 
@@ -130,7 +143,7 @@ class TrainConfig:
     ftrl_beta: float = 1.0
     ftrl_l1: float = 1.0
     ftrl_l2: float = 1.0
-    id_prior: float = 0.0
+    id_prior: float | None = None
     progress: bool = field(default=True, metadata=PER_INVOCATION)
     device: str = field(default="auto", metadata=NOT_IN_RESULT)
     precision: str = "fp32"
@@ -156,7 +169,7 @@ class TrainConfig:
             raise ConfigError(f"the learning rate must be positive, got {self.lr}")
         if not 0 < self.lr_decay <= 1 or min(self.ftrl_beta, self.ftrl_l1, self.ftrl_l2) < 0:
             raise ConfigError("lr_decay must be in (0, 1] and the FTRL settings >= 0")
-        if self.id_prior < 0:
+        if self.id_prior is not None and self.id_prior < 0:
             raise ConfigError(f"id_prior must be >= 0, got {self.id_prior}")
         if not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"the seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
@@ -212,6 +225,8 @@ class FitResult:
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
     #: ``{"method": "beta", "a", "b", "c"}`` fitted on the validation rows, or None
     calibration: dict[str, Any] | None = None
+    #: the first epoch trained with the id prior (its second phase); 0: none was
+    prior_from: int = 0
 
     @property
     def train_samples_per_s(self) -> float:
@@ -548,10 +563,14 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def id_prior(model: nn.Module, entry: ModelEntry, config: TrainConfig) -> float:
     """The strength of the prior on ``model``'s feature-id rows (``TrainConfig.id_prior``):
-    none for FTRL (its own L1 and L2) and without embeddings."""
+    the configured one, or by default :data:`DEEP_ID_PRIOR` where a deep component (an MLP)
+    reads embeddings and none elsewhere (FM's pairwise term is all it has, and the prior
+    shrinks it: README); none for FTRL (its own L1 and L2) and without embeddings."""
     if entry.optimizer != "adam" or not any(isinstance(m, FieldEmbedding) for m in model.modules()):
         return 0.0
-    return config.id_prior
+    if config.id_prior is not None:
+        return config.id_prior
+    return DEEP_ID_PRIOR if any(isinstance(m, MLP) for m in model.modules()) else 0.0
 
 
 def feature_counts(data: EncodedArrays, num_features: int, chunk: int = 1 << 20) -> torch.Tensor:
@@ -773,6 +792,11 @@ class _Session:
     row_tables: list[torch.Tensor]  # tables with sparse row updates (averaged by hand)
     compiled: bool
     deadline: float | None  # time.perf_counter() at which training stops
+    # the id prior's: each feature id's count in the training rows (None: no prior), the
+    # strength, and the learning rate its phase starts at (the run's initial one)
+    prior_counts: torch.Tensor | None = None
+    prior_strength: float = 0.0
+    initial_lr: float = 0.0
 
 
 @dataclass
@@ -794,6 +818,7 @@ class TrainState:
     best_epoch: int = 0
     best_valid: dict[str, float] = field(default_factory=dict)
     best_weights: dict[str, torch.Tensor] | None = None
+    prior_from: int = 0  # the first epoch with the id prior (0: not started)
     train_seconds: float = 0.0
     train_samples: int = 0
 
@@ -885,6 +910,7 @@ class TrainState:
             else {k: v.to(session.device) for k, v in best.items()},
             train_seconds=float(result["train_seconds"]),
             train_samples=int(result["train_samples"]),
+            prior_from=int(result.get("prior_from", 0)),
         )
 
     @staticmethod
@@ -1054,10 +1080,11 @@ class Trainer:
         )
         continued = optimizer.load_named_state(model, optimizer_state) if optimizer_state else 0
         strength = id_prior(model, entry, config)
+        counts = None
         if strength > 0:
             # every rank counts the whole split: the prior is the objective's, not a shard's
             rows = max(t.num_embeddings for t in embedding_tables(model))
-            set_id_prior(model, feature_counts(train, rows).to(device), strength)
+            counts = feature_counts(train, rows).to(device)
         scheduler = make_scheduler(optimizer, entry, config, valid)
         valid_shard = dist.shard(valid) if valid is not None and len(valid) else None
         data, valid_data, batches = self._place(model, shard, valid_shard, device, sparse)
@@ -1091,6 +1118,9 @@ class Trainer:
             row_tables=row_tables,
             compiled=compiled,
             deadline=deadline,
+            prior_counts=counts,
+            prior_strength=strength,
+            initial_lr=optimizer.lr,
         ), setup
 
     def _place(
@@ -1135,6 +1165,9 @@ class Trainer:
         if state.epoch_generator is not None:
             session.generator.set_state(state.epoch_generator)  # resume: the same permutation
         state.epoch_generator = session.generator.get_state()
+        if session.prior_counts is not None:
+            on = 0 < state.prior_from <= state.epoch  # the second phase (:meth:`_start_prior`)
+            set_id_prior(session.model, session.prior_counts, session.prior_strength * on)
         session.model.train()
         started = time.perf_counter()
         order = torch.randperm(len(session.data), generator=session.generator)[: session.rows]
@@ -1228,7 +1261,27 @@ class Trainer:
         if session.scheduler is not None:
             session.scheduler.step(score)
             session.optimizer.follow_primary_lr()
-        return state.stale >= self.config.patience
+        stop = state.stale >= self.config.patience
+        if stop and session.prior_counts is not None and state.prior_from == 0:
+            self._start_prior(session, state)
+            return False
+        return stop
+
+    def _start_prior(self, session: _Session, state: TrainState) -> None:
+        """The id prior's phase: from the next epoch, from the best epoch's weights, at the
+        initial learning rate, with ``patience`` epochs again to find a new best. Started
+        from the model's own optimum, so the interactions have formed: a prior from the first
+        step pulls every id to zero, where an interaction's gradient (a product of rows) is
+        zero too, and on few data it can hold them there (README, "How the defaults were
+        chosen"). The best epoch of either phase is what the run keeps."""
+        assert state.best_weights is not None
+        state.prior_from, state.stale = state.epoch + 1, 0
+        session.model.load_state_dict(state.best_weights)
+        for group in session.optimizer.primary.param_groups:
+            group["lr"] = session.initial_lr
+        session.optimizer.follow_primary_lr()
+        if session.scheduler is not None:
+            session.scheduler.num_bad_epochs = 0
 
     def _end_epoch(
         self,
