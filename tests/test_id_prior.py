@@ -200,3 +200,47 @@ def test_no_prior_without_validation_rows_or_when_it_is_zero():
     for valid, strength in ((False, None), (True, 0.0)):
         steps, _, start = phases(valid, epochs=4, patience=1, id_prior=strength)
         assert start == 0 and not any(on for _, on in steps)
+
+
+class Abort(Exception):
+    pass
+
+
+@pytest.mark.parametrize("abort_at", [75, 115])
+def test_a_resumed_run_keeps_its_phase(tmp_path, abort_at):
+    """Checkpoints every 7 steps of 10-step epochs; the prior starts at epoch 10 (step 91):
+    stopped at step 75 (after the checkpoint of step 70, in the first phase) or 115 (after
+    that of step 112, in the second), the resumed run ends as the uninterrupted one: the
+    phase is part of the checkpoint."""
+    data, layout, _ = planted(6_000, 0, noise_ids=1500)
+    train, valid = data.take(slice(0, 5_000)), data.take(slice(5_000, None))
+
+    def fit(on_step=None, **options):
+        torch.manual_seed(0)
+        model = build_model(layout, ModelConfig("deepfm", hidden=(16,)))
+        settings = dict(calibration="none", batch_size=500, epochs=30, patience=3)
+        config = TrainConfig(
+            seed=0, threads=1, progress=False, checkpoint_every=7, **settings, **options
+        )
+        result = Trainer(config).fit(model, get_entry("deepfm"), train, valid, on_step=on_step)
+        return model, result
+
+    whole, whole_fit = fit(checkpoint_dir=str(tmp_path / "whole"))
+    assert whole_fit.prior_from == 10
+
+    def stop(step: int) -> None:
+        if step == abort_at:
+            raise Abort
+
+    with pytest.raises(Abort):
+        fit(stop, checkpoint_dir=str(tmp_path / "cut"))
+    resumed, resumed_fit = fit(resume=str(tmp_path / "cut"), checkpoint_dir=str(tmp_path / "cut"))
+    assert resumed_fit.prior_from == 10
+    assert [r["valid_auc"] for r in resumed_fit.history] == pytest.approx(
+        [r["valid_auc"] for r in whole_fit.history], abs=1e-6
+    )
+    assert resumed_fit.best_epoch == whole_fit.best_epoch
+    for (name, x), (_, y) in zip(
+        whole.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
