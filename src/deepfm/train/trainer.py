@@ -1296,6 +1296,12 @@ class Trainer:
         if self.config.progress and self.dist.is_main:
             shown = {k: round(v, 5) for k, v in record.items() if k != "epoch"}
             tqdm.write(f"[{name}] epoch {record['epoch']}: {shown}")
+            if state.prior_from == state.epoch <= self.config.epochs:  # it starts next
+                tqdm.write(
+                    f"[{name}] the id prior from epoch {state.prior_from}, from epoch "
+                    f"{state.best_epoch}'s weights (no new best in {self.config.patience} "
+                    "epochs without it)"
+                )
 
     def _finish(
         self,
