@@ -634,6 +634,8 @@ def main() -> None:
                     and not run["saturated"]["failures"] + run["at_rate"]["failures"]
                 )
                 label = f"{runtime} {options}".strip()
+                if label in results["runs"]:  # the same settings again: a second sample of them
+                    label += f" #{sum(key.split(' #')[0] == label for key in results['runs']) + 1}"
                 results["runs"][label] = run
                 print(f"{label}: {json.dumps(run)}", file=sys.stderr, flush=True)
         results["load_average_after"] = os.getloadavg()
