@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -611,6 +612,11 @@ def main() -> None:
                 for n in sorted({1, threads})
             ]
             for options in variants:
+                # the load generator's heap (the sample's rows, the bodies, torch and ONNX
+                # Runtime loaded above) frozen out of the collector: a full collection of it
+                # mid-phase pauses every client for ~0.3 s, which the latencies would count
+                gc.collect()
+                gc.freeze()
                 server = Server(Path(model), runtime, options.split(), cpus)
                 try:
                     run = asyncio.run(
