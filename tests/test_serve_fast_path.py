@@ -302,3 +302,40 @@ def test_an_answer_head_leaves_with_its_body_in_one_write():
         assert coalesced.get_extra_info("peername") == "info:peername"
 
     asyncio.run(run())
+
+
+# -- the heap --------------------------------------------------------------------------------
+
+
+def test_settle_heap_collects_what_an_earlier_call_froze_then_freezes_what_lives():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.self = cycle  # freed by the cyclic collector only
+    gone = weakref.ref(cycle)
+    try:
+        server.settle_heap()  # the cycle is alive: frozen
+        del cycle
+        gc.collect()
+        assert gone() is not None  # a frozen cycle is out of the collector's reach
+        server.settle_heap()  # so each call collects what the last one froze first
+        assert gone() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this test process goes on as it was
+
+
+def test_a_reload_settles_the_heap_only_where_serve_asked(monkeypatch):
+    settled = []
+    monkeypatch.setattr(server, "settle_heap", lambda: settled.append(True))
+    monkeypatch.setattr(server.ModelHolder, "_load", lambda self: object())
+    holder = server.ModelHolder(settings=None)  # type: ignore[arg-type]
+    holder.reload()
+    assert settled == []  # an app in someone else's process (tests, an embedding) is left alone
+    holder.settle_heap = True
+    holder.reload()
+    assert settled == [True]
